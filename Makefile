@@ -1,0 +1,24 @@
+# The two commands the README promises: `make up` (run envclone) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test lint up clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m ruff check api workers shared tests bench migrations
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check api workers shared tests bench migrations
+
+clean:
+	rm -rf $(VENV) var

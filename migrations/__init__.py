@@ -1,0 +1,1 @@
+"""Alembic migrations for the envclone state database (run via shared.migrate)."""

@@ -1,0 +1,71 @@
+"""One typed settings object, read from ``ENVCLONE_*`` environment variables."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FaultSpec(BaseModel):
+    """Make ``step`` fail ``times`` times for the source node named ``node`` (``*`` = every node)."""
+
+    model_config = {"extra": "forbid"}
+
+    step: str
+    node: str = "*"
+    times: int = Field(default=1, ge=1)
+    kind: Literal["transient", "permanent"] = "transient"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENVCLONE_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str = ""  # empty: SQLite file under data_dir
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = ""  # empty: same as broker_url
+    address_pool: str = "127.80.0.0/16"
+    # Unprivileged account that runs node processes when envclone itself runs as root.
+    node_user: str = "nobody"
+    max_nodes: int = 64
+
+    # Workflow timing.
+    task_time_limit_s: int = 900
+    visibility_timeout_s: int = 3600
+    retry_max: int = 5
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 30.0
+    health_timeout_s: float = 60.0
+    max_downtime_s: float = 120.0
+
+    # Fault injection: off unless enabled; ``faults`` applies to every job,
+    # a job's own ``options.faults`` only when ``fault_injection`` is on.
+    fault_injection: bool = False
+    faults: list[FaultSpec] = []
+
+    @field_validator("faults", mode="before")
+    @classmethod
+    def _parse_faults(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else []
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'envclone.sqlite3').resolve()}"
+
+    @property
+    def resolved_result_backend(self) -> str:
+        return self.result_backend or self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,126 @@
+"""The driver interface. Every operation is idempotent and keyed by stable ids, so a step that runs
+twice (redelivery, retry) finds what the first run made instead of making it again.
+
+A Docker, LXD/Incus or cloud driver implements the same methods: "volume" becomes a disk or
+dataset, "snapshot" a storage snapshot, "address" a NIC/IP assignment."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+ProgressFn = Callable[[int, int], None]  # (bytes_done, bytes_total)
+
+
+class DriverError(Exception):
+    """Base for driver failures; ``transient`` says whether a retry may help."""
+
+    transient = False
+
+
+class TransientDriverError(DriverError):
+    transient = True
+
+
+class PermanentDriverError(DriverError):
+    transient = False
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    stack: str
+    address: str
+    port: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    running: bool
+    healthy: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: str
+    method: str  # "reflink" | "copy" | "delta"
+    size_bytes: int
+    window_ms: int  # time spent inside the quiesce window
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    file: str  # path relative to the node's volume
+    old: str
+    new: str
+    count: int
+
+
+class Driver(ABC):
+    @abstractmethod
+    def create_node(self, spec: NodeSpec) -> None:
+        """Make the node's volume and initialise its stack (not started)."""
+
+    @abstractmethod
+    def start(self, node_id: str) -> None:
+        """Start the node's process if it is not running (does not wait for health)."""
+
+    @abstractmethod
+    def stop(self, node_id: str) -> None:
+        """Stop the node gracefully; no-op if stopped."""
+
+    @abstractmethod
+    def health(self, node_id: str) -> Health: ...
+
+    @abstractmethod
+    def wait_healthy(self, node_id: str, timeout: float) -> None:
+        """Block until healthy; TransientDriverError on timeout."""
+
+    @abstractmethod
+    def prepare_snapshot(self, node_id: str, snapshot_id: str) -> int:
+        """Slow work done while the node still runs (pre-copy). Returns bytes pre-copied."""
+
+    @abstractmethod
+    def quiesce(self, node_id: str) -> None:
+        """Stack-aware consistent stop: flush, then shut down."""
+
+    @abstractmethod
+    def snapshot(self, node_id: str, snapshot_id: str) -> SnapshotInfo:
+        """Capture the stopped node's volume as an immutable snapshot (the cheap in-window part)."""
+
+    @abstractmethod
+    def restart(self, node_id: str, timeout: float) -> None:
+        """Start the node and wait until it is healthy."""
+
+    @abstractmethod
+    def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None) -> int:
+        """Make a new node's volume from a snapshot. Returns bytes copied."""
+
+    @abstractmethod
+    def assign_address(self, node_id: str, address: str, port: int) -> None:
+        """Write the node's own bind address into its launch config."""
+
+    @abstractmethod
+    def rewrite_config(self, node_id: str, address_map: dict[str, str]) -> list[Rewrite]:
+        """Replace every old address by its new one in the config files the node's stack declares."""
+
+    @abstractmethod
+    def destroy_node(self, node_id: str) -> None:
+        """Stop the node and delete its volume; no-op if absent."""
+
+    @abstractmethod
+    def delete_snapshot(self, snapshot_id: str) -> None: ...
+
+    @abstractmethod
+    def node_ids(self) -> set[str]:
+        """Every node volume this driver holds (for reconciliation and leak checks)."""
+
+    @abstractmethod
+    def snapshot_ids(self) -> set[str]: ...
+
+    @abstractmethod
+    def url(self, node_id: str) -> str:
+        """The connection URL clients use for the node."""

@@ -1,0 +1,126 @@
+"""Detached node processes: spawn in their own session, track by pid file, stop with a deadline.
+
+The pid file holds "pid starttime" so a recycled pid is never mistaken for our node."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+@dataclass(frozen=True)
+class RunAs:
+    uid: int
+    gid: int
+    home: str
+
+    @classmethod
+    def for_user(cls, name: str) -> RunAs | None:
+        """The account node processes run as: ``name`` when we are root, else ourselves (None)."""
+        if os.geteuid() != 0:
+            return None
+        entry = pwd.getpwnam(name)
+        return cls(entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+    def can_execute(self, path: str) -> bool:
+        """Whether this account can reach and run ``path`` (every parent searchable, file executable)."""
+        real = Path(os.path.realpath(path))
+        for part in (*reversed(real.parents), real):
+            st = part.stat()
+            bits = 0o001 if st.st_uid != self.uid and st.st_gid != self.gid else (
+                0o100 if st.st_uid == self.uid else 0o010)
+            if not st.st_mode & bits:
+                return False
+        return True
+
+    def chown_tree(self, root: Path) -> None:
+        os.chown(root, self.uid, self.gid)
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                os.chown(os.path.join(dirpath, name), self.uid, self.gid, follow_symlinks=False)
+
+
+def _reap() -> None:
+    # Nodes we started are our children until we exit; collect the ones that ended.
+    for child in list(_children):
+        if child.poll() is not None:
+            _children.remove(child)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # zombie or dead: not running, whoever must reap it
+        return None
+    return fields[19]
+
+
+def spawn(argv: list[str], *, cwd: Path, log_path: Path, pid_path: Path, env: dict[str, str],
+          run_as: RunAs | None) -> int:
+    """Start ``argv`` detached (own session, no controlling terminal) and record its pid file."""
+    _reap()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        kwargs: dict[str, object] = {}
+        if run_as is not None:
+            kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+        child = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, **kwargs,  # type: ignore[arg-type]
+        )
+    _children.append(child)
+    start = _start_time(child.pid) or ""
+    tmp = pid_path.with_suffix(".tmp")
+    tmp.write_text(f"{child.pid} {start}\n")
+    tmp.replace(pid_path)
+    return child.pid
+
+
+def running_pid(pid_path: Path) -> int | None:
+    """The pid recorded in ``pid_path`` if that very process is still alive."""
+    _reap()
+    try:
+        pid_text, _, start = pid_path.read_text().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    current = _start_time(pid)
+    if current is None or (start and current != start):
+        return None
+    return pid
+
+
+def wait_exit(pid_path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_pid(pid_path) is None:
+            return True
+        time.sleep(0.02)  # poll: a process exit of a non-child cannot be waited on
+    return running_pid(pid_path) is None
+
+
+def terminate(pid_path: Path, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Send ``sig``, wait up to ``timeout``, then SIGKILL the whole session. Removes the pid file."""
+    pid = running_pid(pid_path)
+    if pid is not None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        if not wait_exit(pid_path, timeout):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            wait_exit(pid_path, 5.0)
+    pid_path.unlink(missing_ok=True)

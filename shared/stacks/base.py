@@ -1,0 +1,65 @@
+"""What a stack is: how to initialise, launch, health-check, quiesce and address one kind of server.
+Stacks are operator-owned code; API callers only ever pick one by name."""
+
+from __future__ import annotations
+
+import signal
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.drivers.process import RunAs
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """Everything a stack needs to act on one node of the local driver."""
+
+    volume: Path
+    address: str
+    port: int
+    run_as: RunAs | None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.volume / "data"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.volume / "config"
+
+
+class Stack(ABC):
+    name: str
+    default_port: int
+    stop_signal: int = signal.SIGTERM
+    # Config files (relative to the volume) that may hold other nodes' addresses.
+    config_files: tuple[str, ...] = ()
+    # Worth a pre-copy before the window (on filesystems without reflink): many rarely changed files.
+    precopy: bool = True
+    # The server will not run as root (PostgreSQL): it must get the unprivileged node user.
+    refuses_root: bool = False
+
+    def init(self, ctx: NodeContext, config: dict[str, str]) -> None:
+        """Create the stack's files in a fresh volume (runs once, before the first start)."""
+        ctx.data_dir.mkdir(parents=True, exist_ok=True)
+        ctx.config_dir.mkdir(parents=True, exist_ok=True)
+
+    def first_start(self, ctx: NodeContext) -> None:
+        """One-time setup that needs the server running (e.g. create the application database)."""
+
+    @abstractmethod
+    def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
+        """argv and extra environment to launch the server in the foreground."""
+
+    @abstractmethod
+    def check(self, ctx: NodeContext) -> str:
+        """A real protocol check; returns a short detail, raises on failure."""
+
+    def quiesce(self, ctx: NodeContext) -> bool:
+        """Begin a consistent shutdown. True: the server was asked to stop itself (the driver waits
+        for it to exit); False: the driver sends ``stop_signal``."""
+        return False
+
+    @abstractmethod
+    def url(self, ctx: NodeContext) -> str: ...

@@ -1,0 +1,85 @@
+"""Fixtures that start and stop real things: a data root, a fresh PostgreSQL database, the driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.helpers import processes_under, wait_for
+
+PG_ADMIN_URL = os.environ.get("ENVCLONE_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
+
+
+def make_data_root(prefix: str = "envclone-test-") -> Path:
+    # Not pytest's tmp_path: it is 0700 under /tmp/pytest-of-root, and node processes run as an
+    # unprivileged user that must reach its volume.
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    root.chmod(0o755)
+    return root
+
+
+def destroy_everything(root: Path) -> list[tuple[int, str]]:
+    """Destroy every node through the driver, then return (and kill) any process that survived."""
+    from shared.drivers.local import LocalDriver
+
+    driver = LocalDriver(root)
+    for node_id in driver.node_ids():
+        driver.destroy_node(node_id)
+    leftovers = processes_under(root)
+    for pid, _cmd in leftovers:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(root, ignore_errors=True)
+    return leftovers
+
+
+@pytest.fixture
+def data_root() -> Iterator[Path]:
+    root = make_data_root()
+    yield root
+    leftovers = destroy_everything(root)
+    assert not leftovers, f"processes the driver failed to stop: {leftovers}"
+    assert not root.exists()
+
+
+@pytest.fixture
+def driver(data_root: Path):
+    from shared.drivers.local import LocalDriver
+
+    return LocalDriver(data_root)
+
+
+def create_database() -> tuple[str, str]:
+    name = f"envclone_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return name, f"{base.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database; dropped afterwards."""
+    from shared.migrate import upgrade
+
+    name, url = create_database()
+    upgrade(url)
+    yield url
+    drop_database(name)
+
+
+__all__ = ["wait_for"]
