@@ -23,11 +23,18 @@ def make_engine(url: str, **extra: Any) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # Take the write lock up front: a deferred transaction that later writes fails at once
+            # with SQLITE_BUSY when another process wrote meanwhile, instead of waiting its turn.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

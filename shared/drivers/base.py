@@ -122,5 +122,9 @@ class Driver(ABC):
     def snapshot_ids(self) -> set[str]: ...
 
     @abstractmethod
+    def volume_size(self, node_id: str) -> int:
+        """Bytes of data a snapshot of this node would hold (0 if the node does not exist)."""
+
+    @abstractmethod
     def url(self, node_id: str) -> str:
         """The connection URL clients use for the node."""

@@ -332,6 +332,10 @@ class LocalDriver(Driver):
     def running_node_ids(self) -> set[str]:
         return {n for n in self.node_ids() if process.running_pid(self._pid_path(n)) is not None}
 
+    def volume_size(self, node_id: str) -> int:
+        volume = self.volume(node_id)
+        return snapshots.tree_size(volume, _ignore_run) if volume.exists() else 0
+
     def url(self, node_id: str) -> str:
         stack, ctx = self._node(node_id)
         return stack.url(ctx)

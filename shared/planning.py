@@ -1,0 +1,174 @@
+"""Turning a request into rows, in the caller's transaction: environments with their nodes and
+leases; clone jobs with their target environment, nodes, leases and one StepRun per step. The API
+calls this (then commits and enqueues); so do tests. Conflicts are collected, not thrown one by one,
+so a dry run can list them all."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import ipam, templates
+from shared.config import get_settings
+from shared.drivers import get_driver
+from shared.models import (
+    CLONE_STEPS,
+    ENV_RUNNING,
+    JOB_DONE_STATES,
+    CloneJob,
+    Environment,
+    JobNode,
+    Node,
+    StepRun,
+    new_id,
+)
+from shared.stacks import CATALOG
+
+
+@dataclass(frozen=True)
+class Conflict:
+    code: str
+    message: str
+    field: str | None = None
+
+
+class PlanError(Exception):
+    """A request that cannot be carried out; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, conflict: Conflict, status: int = 409) -> None:
+        super().__init__(conflict.message)
+        self.conflict, self.status = conflict, status
+
+
+@dataclass
+class NodeRequest:
+    name: str
+    stack: str
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def find_environment(session: Session, tenant: str, name: str) -> Environment | None:
+    return session.scalar(select(Environment).where(Environment.tenant == tenant, Environment.name == name))
+
+
+def active_job(session: Session, environment_id: str) -> CloneJob | None:
+    """A job still running that reads or writes this environment."""
+    return session.scalar(
+        select(CloneJob).where(
+            (CloneJob.source_environment_id == environment_id) | (CloneJob.target_environment_id == environment_id),
+            CloneJob.state.not_in(JOB_DONE_STATES),
+        ).limit(1)
+    )
+
+
+def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeRequest]) -> Environment:
+    settings = get_settings()
+    if find_environment(session, tenant, name) is not None:
+        raise PlanError(Conflict("name_taken", f"environment {name!r} already exists", "name"))
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise PlanError(Conflict("duplicate_node", "node names must be unique", "nodes"), 422)
+    deps: dict[str, set[str]] = {}
+    for i, node in enumerate(nodes):
+        if node.stack not in CATALOG:
+            raise PlanError(Conflict("unknown_stack", f"unknown stack {node.stack!r}; known: "
+                                     f"{', '.join(sorted(CATALOG))}", f"nodes[{i}].stack"), 422)
+        refs = templates.references(node.config)
+        unknown = refs - set(names)
+        if unknown:
+            raise PlanError(Conflict("unknown_reference", f"config references unknown node(s) "
+                                     f"{', '.join(sorted(unknown))}", f"nodes[{i}].config"), 422)
+        deps[node.name] = refs - {node.name}
+    try:
+        templates.creation_levels(deps)
+    except ValueError as exc:
+        raise PlanError(Conflict("reference_cycle", str(exc), "nodes"), 422) from None
+    env = Environment(tenant=tenant, name=name)
+    session.add(env)
+    try:
+        addresses = ipam.lease(session, settings.address_pool, len(nodes))
+    except ipam.PoolExhausted as exc:
+        raise PlanError(Conflict("pool_exhausted", str(exc), "nodes"), 409) from None
+    for node, address in zip(nodes, addresses, strict=True):
+        row = Node(id=new_id(), name=node.name, stack=node.stack, address=address,
+                   port=CATALOG[node.stack].default_port, config=dict(node.config))
+        env.nodes.append(row)
+        ipam.bind(session, address, row.id)
+    session.flush()
+    return env
+
+
+@dataclass
+class ClonePlan:
+    source: Environment | None
+    target_name: str
+    addresses: dict[str, str]  # source node name -> planned clone address
+    conflicts: list[Conflict]
+    bytes_needed: int = 0
+    bytes_free: int = 0
+
+
+def check_clone(session: Session, tenant: str, source_name: str, target_name: str) -> ClonePlan:
+    """Everything a clone needs, checked without writing anything."""
+    settings = get_settings()
+    conflicts: list[Conflict] = []
+    source = find_environment(session, tenant, source_name)
+    if source is None:
+        raise PlanError(Conflict("not_found", f"environment {source_name!r} does not exist", "source"), 404)
+    if source.state != ENV_RUNNING:
+        conflicts.append(Conflict("source_not_running", f"environment {source_name!r} is {source.state}", "source"))
+    if find_environment(session, tenant, target_name) is not None:
+        conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
+    busy = active_job(session, source.id)
+    if busy is not None:
+        conflicts.append(Conflict("source_busy", f"job {busy.id} is using {source_name!r}", "source"))
+    addresses: dict[str, str] = {}
+    try:
+        planned = ipam.plan(session, settings.address_pool, len(source.nodes))
+        addresses = {n.name: a for n, a in zip(source.nodes, planned, strict=True)}
+    except ipam.PoolExhausted as exc:
+        conflicts.append(Conflict("pool_exhausted", str(exc), "name"))
+    driver = get_driver()
+    needed = sum(driver.volume_size(n.id) for n in source.nodes)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.data_dir).free
+    # A snapshot and a clone volume each, unless reflink shares the blocks.
+    if needed * 2 > free:
+        conflicts.append(Conflict("disk_full", f"needs {needed * 2} bytes, {free} free", "name"))
+    return ClonePlan(source, target_name, addresses, conflicts, needed * 2, free)
+
+
+def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,
+               options: dict[str, Any]) -> CloneJob:
+    """Write the job, its target environment, clone nodes, leases and steps (caller commits)."""
+    plan = check_clone(session, tenant, source_name, target_name)
+    if plan.conflicts:
+        raise PlanError(plan.conflicts[0])
+    source = plan.source
+    assert source is not None
+    settings = get_settings()
+    job = CloneJob(id=new_id(), tenant=tenant, source_environment_id=source.id, source_name=source.name,
+                   target_name=target_name, options=dict(options))
+    target = Environment(tenant=tenant, name=target_name, source_environment_id=source.id)
+    session.add_all([job, target])
+    session.flush()
+    job.target_environment_id = target.id
+    try:
+        addresses = ipam.lease(session, settings.address_pool, len(source.nodes), job_id=job.id)
+    except ipam.PoolExhausted as exc:
+        raise PlanError(Conflict("pool_exhausted", str(exc), "name")) from None
+    for src, address in zip(source.nodes, addresses, strict=True):
+        clone = Node(id=new_id(), name=src.name, stack=src.stack, address=address, port=src.port,
+                     config=dict(src.config), source_node_id=src.id)
+        target.nodes.append(clone)
+        ipam.bind(session, address, clone.id)
+        job.nodes.append(JobNode(source_node_id=src.id, name=src.name, clone_node_id=clone.id,
+                                 snapshot_id=new_id()))
+        for seq, step in enumerate(CLONE_STEPS):
+            job.steps.append(StepRun(source_node_id=src.id, node_name=src.name, step=step, seq=seq))
+    session.flush()
+    return job

@@ -1,0 +1,227 @@
+"""The clone workflow end to end: real Redis broker, real PostgreSQL state, a real prefork worker,
+real node processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from shared.db import session_scope
+from shared.drivers import get_driver
+from shared.models import StepRun
+from tests.stack import Backend
+from tests.workflow_client import (
+    clone,
+    create_environment,
+    delete_environment,
+    environment,
+    lease_count,
+    start_clone,
+    wait_job,
+)
+
+pytestmark = pytest.mark.integration
+
+SHOP = [
+    {"name": "db", "stack": "postgres"},
+    {"name": "cache", "stack": "valkey"},
+    {"name": "web", "stack": "webapp", "config": {"DATABASE_URL": "{{db.url}}", "CACHE_URL": "{{cache.url}}"}},
+]
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    with Backend() as b:
+        yield b
+
+
+@pytest.fixture
+def clean(backend: Backend) -> Iterator[Backend]:
+    """Each test starts and must end with nothing: no node process, volume, snapshot or lease."""
+    yield backend
+    with session_scope() as session:
+        from shared.models import Environment
+
+        names = [e.name for e in session.query(Environment).all()]
+    for name in names:
+        delete_environment(name)
+    assert backend.processes() == []
+    assert backend.volumes() == set()
+    assert backend.snapshots() == set()
+    assert lease_count() == 0
+
+
+def web_url(env, name: str = "web") -> str:  # noqa: ANN001
+    node = next(n for n in env.nodes if n.name == name)
+    return f"http://{node.address}:{node.port}"
+
+
+def addr(env, name: str) -> str:  # noqa: ANN001
+    return next(n.address for n in env.nodes if n.name == name)
+
+
+def check_three_node_clone(backend: Backend) -> None:
+    src = create_environment("shop", SHOP)
+    for item in ("a", "b", "c"):
+        assert httpx.post(web_url(src) + "/items", json={"name": item}).status_code == 201
+    assert httpx.put(web_url(src) + "/cache", json={"value": "v1"}).status_code == 200
+
+    job = clone("shop", "shop-stage")
+    assert job.state == "succeeded", job.error
+    assert job.percent == 100
+    dst = environment("shop-stage")
+    assert dst.state == "running"
+    src_addrs = {n.address for n in src.nodes}
+    dst_addrs = {n.address for n in dst.nodes}
+    assert len(dst_addrs) == 3 and not (src_addrs & dst_addrs)
+
+    body = httpx.get(web_url(dst) + "/").json()
+    assert body["database"] == f"{addr(dst, 'db')}:5432"
+    assert body["items"] == 3
+    assert body["cache"] == {"address": f"{addr(dst, 'cache')}:6379", "value": "v1"}
+
+    # The source lives on, independent of the clone.
+    assert httpx.post(web_url(src) + "/items", json={"name": "after"}).status_code == 201
+    assert httpx.get(web_url(src) + "/").json()["items"] == 4
+    assert httpx.get(web_url(dst) + "/").json()["items"] == 3
+    assert httpx.get(web_url(src) + "/").json()["database"] == f"{addr(src, 'db')}:5432"
+
+    rewrites = {(r["node"], r["file"], r["old"], r["new"]) for r in job.rewrites}
+    assert rewrites == {
+        ("web", "config/.env", addr(src, "db"), addr(dst, "db")),
+        ("web", "config/.env", addr(src, "cache"), addr(dst, "cache")),
+    }
+    for jn in job.nodes:
+        assert jn.downtime_ms is not None and jn.downtime_ms > 0
+    assert all(s.state == "succeeded" and s.attempts == 1 for s in job.steps)
+    driver = get_driver()
+    assert all(driver.health(n.id).healthy for n in src.nodes + dst.nodes)
+    assert backend.snapshots() == set()  # deleted on success
+
+
+def test_clone_three_node_environment(clean: Backend) -> None:
+    check_three_node_clone(clean)
+
+
+def test_one_node_environment(clean: Backend) -> None:
+    src = create_environment("solo", [{"name": "cache", "stack": "valkey"}])
+    redis.Redis(host=addr(src, "cache")).set("k", "v")
+    job = clone("solo", "solo-copy")
+    assert job.state == "succeeded", job.error
+    dst = environment("solo-copy")
+    assert redis.Redis(host=addr(dst, "cache")).get("k") == b"v"
+
+
+def test_twelve_nodes_run_in_parallel(clean: Backend) -> None:
+    create_environment("wide", [{"name": f"n{i:02d}", "stack": "valkey"} for i in range(12)])
+    job = clone("wide", "wide-copy")
+    assert job.state == "succeeded", job.error
+    spans = {}
+    for s in job.steps:
+        lo, hi = spans.get(s.node_name, (s.started_at, s.finished_at))
+        spans[s.node_name] = (min(lo, s.started_at), max(hi, s.finished_at))
+    assert len(spans) == 12
+    # Nodes' chains overlap in time: some node started before another had finished.
+    ordered = sorted(spans.values())
+    overlaps = sum(1 for a, b in zip(ordered, ordered[1:], strict=False) if b[0] < a[1])
+    assert overlaps >= 6, spans
+    # Two worker processes: at some instant two steps of different nodes were running at once.
+    events = sorted([(s.started_at, 1) for s in job.steps] + [(s.finished_at, -1) for s in job.steps])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak >= 2
+
+
+@pytest.mark.parametrize("step", ["quiesce", "snapshot", "restart", "provision", "assign_ips"])
+def test_transient_failure_in_each_step_is_retried(clean: Backend, step: str) -> None:
+    create_environment("src", [{"name": "cache", "stack": "valkey"}])
+    job = clone("src", "dst", faults=[{"step": step, "node": "cache", "times": 2, "kind": "transient"}])
+    assert job.state == "succeeded", job.error
+    attempts = {s.step: s.attempts for s in job.steps}
+    assert attempts[step] == 3
+    assert all(n == 1 for s, n in attempts.items() if s != step)
+    assert get_driver().health(environment("src").nodes[0].id).healthy
+
+
+def test_permanent_snapshot_failure_restarts_source_and_leaves_nothing(clean: Backend) -> None:
+    src = create_environment("shop", SHOP)
+    before_volumes, before_leases = clean.volumes(), lease_count()
+    job = clone("shop", "shop-stage", faults=[{"step": "snapshot", "node": "db", "kind": "permanent"}])
+    assert job.state == "failed"
+    assert "db: snapshot: PermanentDriverError: injected permanent fault" in job.error
+    states = {(s.node_name, s.step): s.state for s in job.steps}
+    assert states[("db", "snapshot")] == "failed"
+    assert states[("db", "restart")] == "succeeded"
+    assert states[("db", "provision")] == "skipped" and states[("db", "assign_ips")] == "skipped"
+    driver = get_driver()
+    assert all(driver.health(n.id).healthy for n in src.nodes)
+    assert next(jn for jn in job.nodes if jn.name == "db").downtime_ms > 0
+    # Nothing of the clone is left: no process, volume, snapshot, lease.
+    assert clean.volumes() == before_volumes
+    assert clean.snapshots() == set()
+    assert lease_count() == before_leases
+    assert driver.running_node_ids() == {n.id for n in src.nodes}
+    clone_addrs = {n.address for n in environment("shop-stage").nodes}
+    assert not [cmd for _, cmd in clean.processes() if any(a in cmd for a in clone_addrs)]
+    assert environment("shop-stage").state == "failed"
+    # The source still serves its data.
+    assert httpx.get(web_url(src) + "/").json()["database"] == f"{addr(src, 'db')}:5432"
+
+
+def test_keep_on_failure_keeps_the_partial_clone(clean: Backend) -> None:
+    create_environment("src", [{"name": "cache", "stack": "valkey"}])
+    job = clone("src", "dst", keep_on_failure=True,
+                faults=[{"step": "assign_ips", "node": "cache", "kind": "permanent"}])
+    assert job.state == "failed"
+    clone_id = job.nodes[0].clone_node_id
+    assert clone_id in clean.volumes()
+
+
+def test_steps_run_twice_do_no_harm(clean: Backend) -> None:
+    src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
+    redis.Redis(host=addr(src, "cache")).set("k", "v")
+    job = clone("src", "dst", retain_snapshots=True)
+    assert job.state == "succeeded", job.error
+    dst = environment("dst")
+    volumes, processes = clean.volumes(), clean.processes()
+    # As if the worker died after doing provision and assign_ips but before recording it:
+    # the redelivered tasks run their bodies again.
+    from workers.celery_app import celery_app
+
+    for step in ("provision", "assign_ips"):
+        with session_scope() as session:
+            row = session.query(StepRun).filter_by(job_id=job.id, step=step).one()
+            row.state = "running"
+        celery_app.signature(f"envclone.{step}", args=(job.id, src.nodes[0].id)).apply_async()
+        wait_job(job.id)  # job row stays done
+
+        def finished(step: str = step) -> bool:
+            with session_scope() as session:
+                return session.query(StepRun).filter_by(job_id=job.id, step=step).one().state == "succeeded"
+
+        from tests.helpers import wait_for
+
+        wait_for(finished, timeout=60, what=f"{step} re-run")
+    assert clean.volumes() == volumes
+    assert sorted(p for p, _ in clean.processes()) == sorted(p for p, _ in processes)
+    assert redis.Redis(host=addr(dst, "cache")).get("k") == b"v"
+    with session_scope() as session:
+        attempts = {r.step: r.attempts for r in session.query(StepRun).filter_by(job_id=job.id)}
+    assert attempts["provision"] == 2 and attempts["assign_ips"] == 2
+    assert clean.snapshots() == {job.nodes[0].snapshot_id}  # retained; deleted with the clone
+
+
+def test_conflicting_clone_is_refused_while_source_busy(clean: Backend) -> None:
+    from shared.planning import PlanError
+
+    create_environment("src", [{"name": "cache", "stack": "valkey"}])
+    job_id = start_clone("src", "dst1")
+    with pytest.raises(PlanError) as err:
+        start_clone("src", "dst1")
+    assert err.value.conflict.code in ("name_taken", "source_busy")
+    assert wait_job(job_id).state == "succeeded"

@@ -1,0 +1,127 @@
+"""A real envclone back end for tests: fresh PostgreSQL (or SQLite) state database, a Redis
+database of its own, a data root, and a real Celery worker process (prefork, 2 processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import redis
+
+from tests.conftest import create_database, destroy_everything, drop_database, make_data_root
+from tests.helpers import processes_under, wait_for
+
+REDIS_DB = int(os.environ.get("ENVCLONE_TEST_REDIS_DB", "11"))
+
+
+def reset_caches() -> None:
+    from shared.config import get_settings
+    from shared.db import get_engine, get_sessionmaker
+
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
+
+
+class Backend:
+    def __init__(self, database: str = "postgres", pool: str = "127.93.0.0/16", concurrency: int = 2,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.root = make_data_root()
+        self.db_name: str | None = None
+        if database == "postgres":
+            self.db_name, self.db_url = create_database()
+        else:
+            self.db_url = f"sqlite:///{self.root / 'state.sqlite3'}"
+        self.broker_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+        self.env = {
+            "ENVCLONE_DATA_DIR": str(self.root),
+            "ENVCLONE_DATABASE_URL": self.db_url,
+            "ENVCLONE_BROKER_URL": self.broker_url,
+            "ENVCLONE_ADDRESS_POOL": pool,
+            "ENVCLONE_RETRY_BASE_S": "0.1",
+            "ENVCLONE_RETRY_CAP_S": "1",
+            "ENVCLONE_HEALTH_TIMEOUT_S": "30",
+            "ENVCLONE_FAULT_INJECTION": "1",
+            **(extra_env or {}),
+        }
+        self.concurrency = concurrency
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.log_path = self.root / "worker.log"
+        self._saved_env: dict[str, str | None] = {}
+
+    def __enter__(self) -> Backend:
+        redis.Redis.from_url(self.broker_url).flushdb()
+        for key, value in self.env.items():
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        reset_caches()
+        from shared.migrate import upgrade
+        from workers.celery_app import celery_app
+
+        upgrade(self.db_url)
+        celery_app.conf.update(broker_url=self.broker_url, result_backend=self.broker_url)
+        self.start_worker()
+        return self
+
+    def start_worker(self) -> None:
+        from workers.celery_app import celery_app
+
+        name = f"test-{uuid.uuid4().hex[:8]}@%h"
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-c", str(self.concurrency),
+             "-Q", "envclone.window,envclone", "-n", name, "-l", "info", "-E"],
+            env={**os.environ, **self.env}, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(lambda: celery_app.control.ping(timeout=0.5), timeout=60, what="worker to answer ping")
+
+    def stop_worker(self, sig: int = signal.SIGTERM) -> None:
+        if self.worker is None:
+            return
+        try:
+            os.killpg(self.worker.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait()
+        self.worker = None
+
+    def worker_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_worker()
+        leftovers = destroy_everything(self.root)
+        reset_caches()
+        if self.db_name:
+            drop_database(self.db_name)
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_caches()
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+    def processes(self) -> list[tuple[int, str]]:
+        return processes_under(self.root / "nodes")
+
+    def volumes(self) -> set[str]:
+        nodes = self.root / "nodes"
+        return {p.name for p in nodes.iterdir()} if nodes.exists() else set()
+
+    def snapshots(self) -> set[str]:
+        snaps = self.root / "snapshots"
+        return {p.name for p in snaps.iterdir()} if snaps.exists() else set()
+
+
+__all__ = ["Backend", "Path"]

@@ -1,0 +1,82 @@
+"""Driving the back end the way the API does: plan in one transaction, commit, dispatch; then wait
+on the database with deadlines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from shared.db import session_scope
+from shared.models import JOB_DONE_STATES, AddressLease, CloneJob, Environment
+from shared.planning import NodeRequest, find_environment, plan_clone, plan_environment
+from tests.helpers import wait_for
+from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
+
+TENANT = "acme"
+
+
+def create_environment(name: str, nodes: list[dict[str, Any]], timeout: float = 120) -> Environment:
+    with session_scope() as session:
+        env = plan_environment(session, TENANT, name, [NodeRequest(**n) for n in nodes])
+        env_id = env.id
+    dispatch_create_environment(env_id)
+
+    def settled() -> Environment | None:
+        with session_scope() as session:
+            env = session.get(Environment, env_id)
+            if env.state in ("running", "failed"):
+                env.nodes  # noqa: B018 - load before the session closes
+                session.expunge_all()
+                return env
+        return None
+
+    env = wait_for(settled, timeout=timeout, what=f"environment {name} to be created")
+    assert env.state == "running", env.error
+    return env
+
+
+def start_clone(source: str, target: str, **options: Any) -> str:
+    with session_scope() as session:
+        job = plan_clone(session, TENANT, source, target, options)
+        job_id = job.id
+    dispatch_clone(job_id)
+    return job_id
+
+
+def wait_job(job_id: str, timeout: float = 180) -> CloneJob:
+    def done() -> CloneJob | None:
+        with session_scope() as session:
+            job = session.get(CloneJob, job_id)
+            if job.state in JOB_DONE_STATES:
+                job.steps, job.nodes  # noqa: B018
+                session.expunge_all()
+                return job
+        return None
+
+    return wait_for(done, timeout=timeout, what=f"job {job_id} to finish")
+
+
+def clone(source: str, target: str, timeout: float = 180, **options: Any) -> CloneJob:
+    return wait_job(start_clone(source, target, **options), timeout)
+
+
+def environment(name: str) -> Environment | None:
+    with session_scope() as session:
+        env = find_environment(session, TENANT, name)
+        if env is not None:
+            env.nodes  # noqa: B018
+            session.expunge_all()
+        return env
+
+
+def delete_environment(name: str, timeout: float = 60) -> None:
+    env = environment(name)
+    assert env is not None
+    dispatch_delete_environment(env.id)
+    wait_for(lambda: environment(name) is None, timeout=timeout, what=f"environment {name} to be deleted")
+
+
+def lease_count() -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(AddressLease))

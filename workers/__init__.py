@@ -1,0 +1,1 @@
+"""Celery workers: the clone workflow and environment lifecycle tasks."""

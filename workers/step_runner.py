@@ -1,0 +1,161 @@
+"""The frame every clone step runs in. It owns the StepRun row: skip when an earlier step of the
+node did not succeed, stop at a cancel, count attempts, inject configured faults, retry transient
+errors with backoff, record permanent failures. A business failure never leaves as an exception:
+the chord must reach the report whatever happens (handbook, Celery rules)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.drivers import PermanentDriverError, TransientDriverError
+from shared.models import (
+    JOB_QUEUED,
+    JOB_RUNNING,
+    STEP_CANCELLED,
+    STEP_DONE_STATES,
+    STEP_FAILED,
+    STEP_RETRYING,
+    STEP_RUNNING,
+    STEP_SKIPPED,
+    STEP_SUCCEEDED,
+    CloneJob,
+    JobNode,
+    StepRun,
+    utcnow,
+)
+from shared.progress import record_event, update_percent
+
+log = logging.getLogger("envclone.steps")
+
+# Errors worth another attempt: the driver says so, or the network/database blinked.
+RETRYABLE = (TransientDriverError, ConnectionError, TimeoutError, OperationalError)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    task: Task
+    job_id: str
+    source_node_id: str
+    node_name: str
+    step: str
+    attempt: int
+    options: dict[str, Any]
+
+
+StepBody = Callable[[StepContext], dict[str, Any] | None]
+FailureHook = Callable[[StepContext, BaseException], None]
+
+
+def backoff(retries: int) -> float:
+    """Exponential backoff with full-range jitter, capped."""
+    s = get_settings()
+    return min(s.retry_cap_s, s.retry_base_s * (2 ** retries)) * random.uniform(0.5, 1.0)
+
+
+def _fault(ctx: StepContext) -> None:
+    settings = get_settings()
+    specs = list(settings.faults)
+    if settings.fault_injection:
+        from shared.config import FaultSpec
+
+        specs += [FaultSpec.model_validate(f) for f in ctx.options.get("faults", [])]
+    for spec in specs:
+        if spec.step == ctx.step and spec.node in ("*", ctx.node_name) and ctx.attempt <= spec.times:
+            msg = f"injected {spec.kind} fault in {ctx.step} (attempt {ctx.attempt} of {spec.times})"
+            raise (TransientDriverError if spec.kind == "transient" else PermanentDriverError)(msg)
+
+
+def _step_row(session, job_id: str, source_node_id: str, step: str) -> StepRun:  # noqa: ANN001
+    return session.execute(
+        select(StepRun).where(StepRun.job_id == job_id, StepRun.source_node_id == source_node_id,
+                              StepRun.step == step).with_for_update()
+    ).scalar_one()
+
+
+def _finish(ctx: StepContext, state: str, error: str | None = None, detail: dict[str, Any] | None = None) -> None:
+    with session_scope() as session:
+        row = _step_row(session, ctx.job_id, ctx.source_node_id, ctx.step)
+        row.state, row.error = state, error
+        row.finished_at = utcnow() if state in STEP_DONE_STATES else None
+        if detail:
+            row.detail = {**row.detail, **detail}
+        job = session.get(CloneJob, ctx.job_id)
+        record_event(session, ctx.job_id, "step", node=ctx.node_name, step=ctx.step, state=state,
+                     attempt=row.attempts, error=error)
+        update_percent(session, job)
+    log.info("job=%s node=%s step=%s state=%s attempt=%s%s", ctx.job_id, ctx.node_name, ctx.step, state,
+             ctx.attempt, f" error={error!r}" if error else "")
+
+
+def run_step(task: Task, job_id: str, source_node_id: str, step: str, body: StepBody,
+             on_failure: FailureHook | None = None, always_run: bool = False) -> None:
+    """Run one step of one node. ``always_run`` steps (restarting the source) run even after an
+    earlier step failed or the job was cancelled: that is what keeps sources from staying down."""
+    with session_scope() as session:
+        row = _step_row(session, job_id, source_node_id, step)
+        if row.state in STEP_DONE_STATES:
+            return  # redelivered after it finished: nothing to do twice
+        job = session.get(CloneJob, job_id)
+        if job.state == JOB_QUEUED:
+            job.state, job.started_at = JOB_RUNNING, utcnow()
+            record_event(session, job_id, "job", state=JOB_RUNNING)
+        earlier = session.scalars(select(StepRun).where(
+            StepRun.job_id == job_id, StepRun.source_node_id == source_node_id, StepRun.seq < row.seq))
+        blocked = next((e for e in earlier if e.state != STEP_SUCCEEDED), None)
+        verdict = None
+        if not always_run and job.cancel_requested:
+            verdict = (STEP_CANCELLED, "job cancelled")
+        elif not always_run and blocked is not None:
+            verdict = (STEP_SKIPPED, f"{blocked.step} {blocked.state}")
+        if verdict is None:
+            row.state, row.attempts = STEP_RUNNING, row.attempts + 1
+            row.started_at = row.started_at or utcnow()
+            record_event(session, job_id, "step", node=row.node_name, step=step, state=STEP_RUNNING,
+                         attempt=row.attempts)
+            update_percent(session, job)
+        ctx = StepContext(task, job_id, source_node_id, row.node_name, step, row.attempts, dict(job.options))
+    if verdict is not None:
+        _finish(ctx, verdict[0], verdict[1])
+        return
+
+    failure: BaseException | None = None
+    retry_in: float | None = None
+    detail: dict[str, Any] | None = None
+    try:
+        _fault(ctx)
+        detail = body(ctx)
+    except RETRYABLE as exc:
+        failure = exc
+        if task.request.retries < get_settings().retry_max:
+            retry_in = backoff(task.request.retries)
+    except Exception as exc:  # noqa: BLE001 - permanent: recorded, never thrown into the chord
+        failure = exc
+    if failure is None:
+        _finish(ctx, STEP_SUCCEEDED, detail=detail)
+        return
+    error = f"{type(failure).__name__}: {failure}"
+    if retry_in is not None:
+        _finish(ctx, STEP_RETRYING, error)
+        raise task.retry(countdown=retry_in, exc=failure)
+    if on_failure is not None:
+        try:
+            on_failure(ctx, failure)
+        except Exception as hook_exc:  # noqa: BLE001 - the report's safety net tries again
+            error += f"; cleanup after failure also failed: {hook_exc}"
+    _finish(ctx, STEP_FAILED, error)
+
+
+def job_node(session, job_id: str, source_node_id: str) -> JobNode:  # noqa: ANN001
+    return session.execute(
+        select(JobNode).where(JobNode.job_id == job_id, JobNode.source_node_id == source_node_id).with_for_update()
+    ).scalar_one()
