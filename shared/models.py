@@ -64,6 +64,17 @@ STEP_DONE_STATES = (STEP_SUCCEEDED, STEP_FAILED, STEP_SKIPPED, STEP_CANCELLED)
 CLONE_STEPS = ("quiesce", "snapshot", "restart", "provision", "assign_ips")
 
 
+class ApiToken(Base):
+    """An API token of a tenant; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Environment(Base):
     __tablename__ = "environments"
     __table_args__ = (UniqueConstraint("tenant", "name", name="uq_environment_tenant_name"),)
@@ -129,9 +140,13 @@ class CloneJob(Base):
     percent: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Which run of the job this is: a retry starts run 2 (percent is monotonic within a run).
+    run: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Transactional outbox: set once the workflow reached the broker; a dispatcher sends the rest.
+    dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
     nodes: Mapped[list[JobNode]] = relationship(order_by="JobNode.name", cascade="all, delete-orphan")
     steps: Mapped[list[StepRun]] = relationship(

@@ -133,13 +133,13 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
     except ipam.PoolExhausted as exc:
         conflicts.append(Conflict("pool_exhausted", str(exc), "name"))
     driver = get_driver()
-    needed = sum(driver.volume_size(n.id) for n in source.nodes)
+    # A snapshot and a clone volume per node, unless reflink shares the blocks.
+    needed = 0 if getattr(driver, "reflink", False) else 2 * sum(driver.volume_size(n.id) for n in source.nodes)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(settings.data_dir).free
-    # A snapshot and a clone volume each, unless reflink shares the blocks.
-    if needed * 2 > free:
-        conflicts.append(Conflict("disk_full", f"needs {needed * 2} bytes, {free} free", "name"))
-    return ClonePlan(source, target_name, addresses, conflicts, needed * 2, free)
+    if needed > free:
+        conflicts.append(Conflict("disk_full", f"needs {needed} bytes of disk, {free} free", "name"))
+    return ClonePlan(source, target_name, addresses, conflicts, needed, free)
 
 
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,

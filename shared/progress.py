@@ -11,8 +11,12 @@ from sqlalchemy.orm import Session
 from shared.models import JOB_DONE_STATES, STEP_DONE_STATES, CloneJob, JobEvent, JobNode, StepRun
 
 
-def record_event(session: Session, job_id: str, kind: str, **data: Any) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+def record_event(session: Session, job: CloneJob, kind: str, **data: Any) -> None:
+    """Append an event carrying the job's state and (freshly computed) percent at that moment."""
+    session.flush()  # the step rows just changed count towards the percent
+    percent = update_percent(session, job)
+    session.add(JobEvent(job_id=job.id, kind=kind, data={**data, "job_state": job.state, "percent": percent,
+                                                          "run": job.run}))
 
 
 def update_percent(session: Session, job: CloneJob) -> int:

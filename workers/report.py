@@ -24,7 +24,7 @@ from shared.models import (
     StepRun,
     utcnow,
 )
-from shared.progress import record_event, update_percent
+from shared.progress import record_event
 from workers.celery_app import celery_app
 from workers.compensation import delete_snapshots, ensure_sources_running, tear_down_clone
 from workers.steps import TASK_OPTS
@@ -56,8 +56,7 @@ def finish_job(job_id: str) -> str:
                 tear_down_clone(session, job)
             target.state, target.error = ENV_FAILED, job.error
         job.state, job.finished_at = state, utcnow()
-        update_percent(session, job)
-        record_event(session, job_id, "job", state=state, error=job.error)
+        record_event(session, job, "job", state=state, error=job.error)
         log.info("job=%s state=%s error=%r", job_id, state, job.error)
         return state
 

@@ -33,7 +33,7 @@ from shared.models import (
     StepRun,
     utcnow,
 )
-from shared.progress import record_event, update_percent
+from shared.progress import record_event
 
 log = logging.getLogger("envclone.steps")
 
@@ -90,9 +90,8 @@ def _finish(ctx: StepContext, state: str, error: str | None = None, detail: dict
         if detail:
             row.detail = {**row.detail, **detail}
         job = session.get(CloneJob, ctx.job_id)
-        record_event(session, ctx.job_id, "step", node=ctx.node_name, step=ctx.step, state=state,
+        record_event(session, job, "step", node=ctx.node_name, step=ctx.step, state=state,
                      attempt=row.attempts, error=error)
-        update_percent(session, job)
     log.info("job=%s node=%s step=%s state=%s attempt=%s%s", ctx.job_id, ctx.node_name, ctx.step, state,
              ctx.attempt, f" error={error!r}" if error else "")
 
@@ -108,7 +107,7 @@ def run_step(task: Task, job_id: str, source_node_id: str, step: str, body: Step
         job = session.get(CloneJob, job_id)
         if job.state == JOB_QUEUED:
             job.state, job.started_at = JOB_RUNNING, utcnow()
-            record_event(session, job_id, "job", state=JOB_RUNNING)
+            record_event(session, job, "job", state=JOB_RUNNING)
         earlier = session.scalars(select(StepRun).where(
             StepRun.job_id == job_id, StepRun.source_node_id == source_node_id, StepRun.seq < row.seq))
         blocked = next((e for e in earlier if e.state != STEP_SUCCEEDED), None)
@@ -120,9 +119,8 @@ def run_step(task: Task, job_id: str, source_node_id: str, step: str, body: Step
         if verdict is None:
             row.state, row.attempts = STEP_RUNNING, row.attempts + 1
             row.started_at = row.started_at or utcnow()
-            record_event(session, job_id, "step", node=row.node_name, step=step, state=STEP_RUNNING,
+            record_event(session, job, "step", node=row.node_name, step=step, state=STEP_RUNNING,
                          attempt=row.attempts)
-            update_percent(session, job)
         ctx = StepContext(task, job_id, source_node_id, row.node_name, step, row.attempts, dict(job.options))
     if verdict is not None:
         _finish(ctx, verdict[0], verdict[1])

@@ -15,7 +15,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.drivers import get_driver
 from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
-from shared.progress import record_event, update_percent
+from shared.progress import record_event
 from workers.celery_app import celery_app
 from workers.step_runner import StepContext, job_node, run_step
 
@@ -92,8 +92,8 @@ def _provision(ctx: StepContext) -> dict[str, Any]:
         with session_scope() as session:
             row = job_node(session, ctx.job_id, ctx.source_node_id)
             row.bytes_copied, row.bytes_total = done, total
-            record_event(session, ctx.job_id, "progress", node=ctx.node_name, bytes_copied=done, bytes_total=total)
-            update_percent(session, session.get(CloneJob, ctx.job_id))
+            record_event(session, session.get(CloneJob, ctx.job_id), "progress", node=ctx.node_name,
+                         bytes_copied=done, bytes_total=total)
         ctx.task.send_event("task-progress", current=done, total=total, node=ctx.node_name)
 
     copied = get_driver().provision(jn.snapshot_id, jn.clone_node_id, progress)

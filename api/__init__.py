@@ -1,0 +1,40 @@
+"""The thin Flask API: validate, authorise, write the job in one transaction, enqueue. It never
+waits on a worker."""
+
+from __future__ import annotations
+
+from flask import Response, jsonify
+from flask_openapi3 import Info, OpenAPI
+
+from api import errors
+from shared.config import get_settings
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app() -> OpenAPI:
+    app = OpenAPI(
+        __name__,
+        info=Info(title="envclone", version="0.1.0",
+                  description="Clone live multi-node environments: consistent snapshots, new addresses."),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        validation_error_status=422,
+        validation_error_callback=errors.validation_error,
+        doc_prefix="/docs",
+    )
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    errors.register(app)
+
+    from api.routes import environments, health, jobs
+
+    app.register_api(health.bp)
+    app.register_api(environments.bp)
+    app.register_api(jobs.bp)
+
+    @app.get("/openapi.json", doc_ui=False)
+    def openapi_json() -> Response:
+        return jsonify(app.api_doc)
+
+    get_settings()  # fail at start, not at the first request, on bad configuration
+    return app

@@ -1,0 +1,32 @@
+"""Handing work to the workers after the transaction committed. If the broker cannot take it, the
+rows just written are rolled back by hand and the caller gets a clear 503 -- never a 202 that is
+silently dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
+
+from api.errors import ApiError
+from workers.celery_app import celery_app
+
+BROKER_ERRORS = (BrokerError, RedisError, ConnectionError, OSError)
+# Celery reports an unreachable Redis result store as a bare RuntimeError.
+DISPATCH_ERRORS = (*BROKER_ERRORS, RuntimeError)
+
+
+def broker_reachable() -> None:
+    with celery_app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def send(dispatch: Callable[[], object], undo: Callable[[], None]) -> None:
+    try:
+        broker_reachable()  # a fast, clear answer in the common case of a broker that is down
+        dispatch()
+    except DISPATCH_ERRORS as exc:
+        undo()
+        raise ApiError(503, "broker_unavailable",
+                       f"the task broker is unreachable, nothing was started: {exc}") from exc

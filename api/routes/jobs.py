@@ -1,0 +1,133 @@
+"""/v1/jobs: show, list, cancel, retry, and a Server-Sent Events stream of a job's progress."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+from flask import Response, jsonify, request, stream_with_context, url_for
+from flask_openapi3 import APIBlueprint, Tag
+from sqlalchemy import func, select
+
+from api import serialize
+from api.auth import authenticate, tenant
+from api.dispatch import send
+from api.errors import ApiError
+from api.schemas import ErrorOut, JobList, JobOut, JobPath, JobQuery
+from shared.db import session_scope
+from shared.job_control import prepare_retry, request_cancel
+from shared.models import JOB_DONE_STATES, JOB_FAILED, CloneJob, JobEvent, utcnow
+from workers.workflow import dispatch_clone
+
+bp = APIBlueprint("jobs", __name__, url_prefix="/v1", abp_tags=[Tag(name="jobs")], abp_security=[{"bearer": []}],
+                  abp_responses={401: ErrorOut, 422: ErrorOut})
+bp.before_request(authenticate)
+
+SSE_POLL_S = 0.25  # the database is the source of truth; poll it rather than add a second channel
+SSE_KEEPALIVE_S = 15.0
+
+
+def _get_job(session, job_id: str) -> CloneJob:  # noqa: ANN001
+    job = session.get(CloneJob, job_id)
+    if job is None or job.tenant != tenant():
+        raise ApiError(404, "not_found", f"job {job_id} does not exist", "job_id")
+    return job
+
+
+def _job_json(job: CloneJob) -> dict:
+    return serialize.to_json(JobOut.model_validate(serialize.job(job)))
+
+
+def _accepted(job: CloneJob) -> Response:
+    response = jsonify(_job_json(job))
+    response.status_code = 202
+    response.headers["Location"] = url_for(".get_job", job_id=job.id)
+    return response
+
+
+@bp.get("/jobs/<job_id>", responses={200: JobOut, 404: ErrorOut})
+def get_job(path: JobPath) -> Response:
+    with session_scope() as session:
+        return jsonify(_job_json(_get_job(session, path.job_id)))
+
+
+@bp.get("/jobs", responses={200: JobList})
+def list_jobs(query: JobQuery) -> Response:
+    with session_scope() as session:
+        base = select(CloneJob).where(CloneJob.tenant == tenant())
+        if query.state:
+            base = base.where(CloneJob.state == query.state)
+        if query.environment:
+            base = base.where((CloneJob.source_name == query.environment) | (CloneJob.target_name == query.environment))
+        total = session.scalar(select(func.count()).select_from(base.subquery()))
+        rows = session.scalars(base.order_by(CloneJob.created_at.desc(), CloneJob.id).limit(query.limit)
+                               .offset(query.offset))
+        return jsonify({"items": [_job_json(j) for j in rows], "total": total})
+
+
+@bp.post("/jobs/<job_id>/cancel", responses={202: JobOut, 404: ErrorOut, 409: ErrorOut})
+def cancel_job(path: JobPath) -> Response:
+    """Stop at the next step boundary: quiesced sources are restarted, the partial clone torn down."""
+    with session_scope() as session:
+        job = _get_job(session, path.job_id)
+        request_cancel(session, job)
+        return _accepted(job)
+
+
+@bp.post("/jobs/<job_id>/retry", responses={202: JobOut, 404: ErrorOut, 409: ErrorOut, 503: ErrorOut})
+def retry_job(path: JobPath) -> Response:
+    """Resume a failed job from its failed steps, reusing what succeeded and still exists."""
+    with session_scope() as session:
+        job = _get_job(session, path.job_id)
+        prepare_retry(session, job)
+
+    def undo() -> None:
+        with session_scope() as session:
+            row = session.get(CloneJob, path.job_id)
+            row.state, row.error, row.finished_at = JOB_FAILED, "retry could not be dispatched", utcnow()
+
+    send(lambda: dispatch_clone(path.job_id), undo)
+    with session_scope() as session:
+        return _accepted(session.get(CloneJob, path.job_id))
+
+
+def _sse(event: JobEvent) -> str:
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data, default=str)}\n\n"
+
+
+@bp.get("/jobs/<job_id>/events", responses={404: ErrorOut})
+def job_events(path: JobPath) -> Response:
+    """Server-Sent Events: one per step transition and progress update; ends with `end` when the job
+    ends. Resumable: send `Last-Event-ID` (or `?last_event_id=`)."""
+    with session_scope() as session:
+        _get_job(session, path.job_id)
+    raw_last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    if not raw_last.isdigit() or len(raw_last) > 18:
+        raise ApiError(422, "invalid", "Last-Event-ID must be an event id", "Last-Event-ID")
+    start = int(raw_last)
+
+    def stream() -> Iterator[str]:
+        last, quiet_since = start, time.monotonic()
+        while True:
+            with session_scope() as session:
+                events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == path.job_id,
+                                                                     JobEvent.id > last)
+                                              .order_by(JobEvent.id).limit(500)))
+                state = session.scalar(select(CloneJob.state).where(CloneJob.id == path.job_id))
+            for event in events:
+                last = event.id
+                yield _sse(event)
+            if events:
+                quiet_since = time.monotonic()
+                continue
+            if state in JOB_DONE_STATES:
+                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
+                return
+            if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keepalive\n\n"
+            time.sleep(SSE_POLL_S)
+
+    return Response(stream_with_context(stream()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,56 @@
+"""Rows to response bodies. Everything here reads the database; nothing asks a worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.drivers import DriverError, get_driver
+from shared.models import CLONE_STEPS, CloneJob, Environment
+
+
+def node_url(node_id: str, state: str) -> str | None:
+    if state in ("destroyed", "pending", "failed"):
+        return None
+    try:
+        return get_driver().url(node_id)
+    except (DriverError, OSError, KeyError, ValueError):
+        return None  # not on disk (yet)
+
+
+def environment(env: Environment, source_name: str | None = None) -> dict[str, Any]:
+    return {
+        "name": env.name,
+        "state": env.state,
+        "source": source_name,
+        "error": env.error,
+        "created_at": env.created_at,
+        "nodes": [{"name": n.name, "stack": n.stack, "address": n.address, "port": n.port, "state": n.state,
+                   "url": node_url(n.id, n.state)} for n in env.nodes],
+    }
+
+
+def job(row: CloneJob) -> dict[str, Any]:
+    order = {s: i for i, s in enumerate(CLONE_STEPS)}
+    nodes = []
+    for jn in row.nodes:
+        steps = sorted((s for s in row.steps if s.source_node_id == jn.source_node_id), key=lambda s: order[s.step])
+        nodes.append({
+            "name": jn.name,
+            "steps": [{"step": s.step, "state": s.state, "attempts": s.attempts, "started_at": s.started_at,
+                       "finished_at": s.finished_at, "error": s.error} for s in steps],
+            "downtime_ms": jn.downtime_ms,
+            "bytes_copied": jn.bytes_copied,
+            "bytes_total": jn.bytes_total,
+        })
+    options = {k: v for k, v in row.options.items() if k != "faults"}
+    return {
+        "id": row.id, "state": row.state, "source": row.source_name, "target": row.target_name,
+        "percent": row.percent, "run": row.run, "error": row.error, "options": options,
+        "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
+        "rewrites": row.rewrites, "nodes": nodes,
+    }
+
+
+def to_json(model: Any) -> Any:
+    """A pydantic model instance validated from our dict, dumped as JSON-ready data."""
+    return model.model_dump(mode="json")

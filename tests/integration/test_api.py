@@ -1,0 +1,271 @@
+"""The HTTP contract through Flask's test client, against a real back end (PostgreSQL, Redis, a
+real worker, real nodes)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from api import create_app
+from api.auth import create_token
+from shared.db import session_scope
+from shared.drivers import get_driver
+from shared.models import StepRun
+from tests.api_client import Api
+from tests.helpers import wait_for
+from tests.stack import Backend
+from tests.workflow_client import lease_count
+
+pytestmark = pytest.mark.integration
+
+SHOP = {"name": "shop", "nodes": [
+    {"name": "db", "stack": "postgres"},
+    {"name": "cache", "stack": "valkey"},
+    {"name": "web", "stack": "webapp", "config": {"DATABASE_URL": "{{db.url}}", "CACHE_URL": "{{cache.url}}"}},
+]}
+SOLO = {"name": "solo", "nodes": [{"name": "cache", "stack": "valkey"}]}
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    with Backend(pool="127.95.0.0/16") as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def app(backend: Backend):  # noqa: ANN201
+    return create_app()
+
+
+@pytest.fixture(scope="module")
+def api(app) -> Api:  # noqa: ANN001
+    return Api(app.test_client(), create_token("acme"))
+
+
+@pytest.fixture(scope="module")
+def other(app) -> Api:  # noqa: ANN001
+    return Api(app.test_client(), create_token("globex"))
+
+
+@pytest.fixture
+def clean(api: Api, backend: Backend) -> Iterator[Api]:
+    yield api
+    for env in api.get("/v1/environments").json["items"]:
+        assert api.delete(f"/v1/environments/{env['name']}").status_code == 202
+    wait_for(lambda: api.get("/v1/environments").json["total"] == 0, timeout=60, what="environments deleted")
+    assert backend.volumes() == set() and backend.snapshots() == set()
+    assert backend.processes() == [] and lease_count() == 0
+
+
+def make_env(api: Api, body: dict) -> dict:
+    response = api.post("/v1/environments", body)
+    assert response.status_code == 202, response.json
+    assert response.json["state"] == "creating"
+    assert response.headers["Location"] == f"/v1/environments/{body['name']}"
+    return wait_for(lambda: (e := api.get(f"/v1/environments/{body['name']}").json)["state"] == "running" and e,
+                    timeout=120, what="environment running")
+
+
+def wait_job(api: Api, job_id: str, timeout: float = 180) -> dict:
+    return wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}").json)["state"] in
+                    ("succeeded", "failed", "cancelled") and j, timeout=timeout, what=f"job {job_id}")
+
+
+# ---- auth and bad input ---------------------------------------------------------------------------------
+def test_auth_failures(app) -> None:  # noqa: ANN001
+    client = app.test_client()
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}):
+        response = client.get("/v1/environments", headers=headers)
+        assert response.status_code == 401
+        assert response.json["error"]["code"] == "unauthorized"
+        assert response.json["error"]["field"] == "Authorization"
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"name": "Shop", "nodes": [{"name": "a", "stack": "valkey"}]}, "name"),
+    ({"name": "shop", "nodes": [{"name": "a", "stack": "mysql"}]}, "nodes[0].stack"),
+    ({"name": "shop", "nodes": [{"name": "a", "stack": "valkey", "cmd": "rm -rf /"}]}, "nodes[0].cmd"),
+    ({"name": "shop", "nodes": "many"}, "nodes"),
+    ({"name": "shop", "nodes": []}, "nodes"),
+    ({"name": "shop", "nodes": [{"name": "a", "stack": "webapp", "config": {"X": "1\nEVIL=2"}}]}, "nodes[0].config.X"),
+    ({"name": "shop", "nodes": [{"name": "a", "stack": "webapp", "config": {"bad key": "1"}}]},
+     "nodes[0].config.bad key"),
+    ({"name": "shop", "nodes": [{"name": "a", "stack": "valkey"}, {"name": "a", "stack": "valkey"}]}, "nodes"),
+    ({"name": "shop", "nodes": [{"name": "a", "stack": "webapp", "config": {"U": "{{zz.url}}"}}]}, "nodes[0].config"),
+    ({"name": "shop", "nodes": [{"name": f"n{i}", "stack": "valkey"} for i in range(65)]}, "nodes"),
+])
+def test_bad_input_is_422_naming_the_field(clean: Api, body: dict, field: str) -> None:
+    response = clean.post("/v1/environments", body)
+    assert response.status_code == 422, response.json
+    assert response.json["error"]["field"] == field
+    assert response.json["error"]["message"]
+    assert clean.get("/v1/environments").json["total"] == 0  # nothing was made
+
+
+def test_oversized_and_malformed_bodies(clean: Api) -> None:
+    big = {"name": "shop", "nodes": [{"name": "a", "stack": "webapp", "config": {"X": "y" * 2000}}] * 600}
+    response = clean.post("/v1/environments", big)
+    assert response.status_code == 413 and response.json["error"]["code"] == "request_entity_too_large"
+    response = clean.client.post("/v1/environments", data="{not json", headers={
+        **clean.headers(), "Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json["error"]["field"]
+    response = clean.post("/v1/environments/shop/clones", {"name": "x", "faults": [{"step": "bogus"}]})
+    assert response.status_code == 422 and response.json["error"]["field"] == "faults[0].step"
+    assert clean.get("/v1/jobs/not-a-job").status_code == 422
+    assert clean.get("/v1/jobs/" + "0" * 32).status_code == 404
+
+
+# ---- the main path: create, dry run, clone with idempotency, SSE ------------------------------------------
+def test_create_dry_run_clone_and_follow_events(clean: Api, backend: Backend) -> None:
+    src = make_env(clean, SHOP)
+    assert {n["name"]: n["stack"] for n in src["nodes"]} == {"db": "postgres", "cache": "valkey", "web": "webapp"}
+    assert all(n["url"] and n["address"] in n["url"] for n in src["nodes"])
+    assert clean.post("/v1/environments", SHOP).status_code == 409
+
+    plan = clean.post("/v1/environments/shop/clones", {"name": "shop-stage", "dry_run": True})
+    assert plan.status_code == 200, plan.json
+    plan = plan.json
+    assert plan["ok"] is True and plan["conflicts"] == []
+    assert [n["name"] for n in plan["nodes"]] == ["cache", "db", "web"]
+    assert all(n["steps"] == ["quiesce", "snapshot", "restart", "provision", "assign_ips"] for n in plan["nodes"])
+    assert plan["disk_bytes_free"] > 0 and plan["estimated_duration_ms"] > 0
+    assert next(n for n in plan["nodes"] if n["name"] == "db")["bytes"] > 1_000_000
+    assert clean.get("/v1/environments").json["total"] == 1  # the dry run made nothing
+
+    body = {"name": "shop-stage"}
+    first = clean.post("/v1/environments/shop/clones", body, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202, first.json
+    job_id = first.json["id"]
+    assert first.headers["Location"] == f"/v1/jobs/{job_id}"
+    again = clean.post("/v1/environments/shop/clones", body, headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 202 and again.json["id"] == job_id
+    clash = clean.post("/v1/environments/shop/clones", {"name": "other"}, headers={"Idempotency-Key": "k-1"})
+    assert clash.status_code == 409 and clash.json["error"]["code"] == "idempotency_key_reused"
+
+    events = clean.events(job_id)
+    assert events[-1]["event"] == "end" and events[-1]["data"]["state"] == "succeeded"
+    transitions = {(e["data"]["node"], e["data"]["step"], e["data"]["state"]) for e in events if e["event"] == "step"}
+    for node in ("db", "cache", "web"):
+        for step in ("quiesce", "snapshot", "restart", "provision", "assign_ips"):
+            assert (node, step, "running") in transitions and (node, step, "succeeded") in transitions
+    percents = [e["data"]["percent"] for e in events if "percent" in e["data"]]
+    assert percents == sorted(percents) and percents[-1] == 100
+    # Resumable: everything after a given id, nothing before.
+    middle = events[len(events) // 2]["id"]
+    resumed = clean.events(job_id, last_event_id=middle)
+    assert resumed[0]["id"] == middle + 1 and [e["id"] for e in resumed[:-1]] == [
+        e["id"] for e in events[:-1] if e["id"] > middle]
+
+    job = clean.get(f"/v1/jobs/{job_id}").json
+    assert job["state"] == "succeeded" and job["percent"] == 100 and job["source"] == "shop"
+    assert {n["name"] for n in job["nodes"]} == {"db", "cache", "web"}
+    for node in job["nodes"]:
+        assert [s["step"] for s in node["steps"]] == ["quiesce", "snapshot", "restart", "provision", "assign_ips"]
+        assert all(s["state"] == "succeeded" and s["attempts"] == 1 and s["started_at"] for s in node["steps"])
+        assert node["downtime_ms"] > 0 and node["bytes_copied"] == node["bytes_total"] > 0
+    assert {(r["node"], r["file"]) for r in job["rewrites"]} == {("web", "config/.env")}
+    # The dry run named the addresses the clone then got.
+    clone = clean.get("/v1/environments/shop-stage").json
+    assert clone["state"] == "running" and clone["source"] == "shop"
+    assert {n["name"]: n["address"] for n in clone["nodes"]} == {n["name"]: n["address"] for n in plan["nodes"]}
+
+    listed = clean.get("/v1/jobs?environment=shop&state=succeeded").json
+    assert listed["total"] == 1 and listed["items"][0]["id"] == job_id
+    assert clean.get("/v1/jobs?state=failed").json["total"] == 0
+
+
+def test_dry_run_lists_conflicts(clean: Api) -> None:
+    make_env(clean, SOLO)
+    plan = clean.post("/v1/environments/solo/clones", {"name": "solo", "dry_run": True}).json
+    assert plan["ok"] is False and [c["code"] for c in plan["conflicts"]] == ["name_taken"]
+    assert clean.post("/v1/environments/nope/clones", {"name": "x", "dry_run": True}).status_code == 404
+
+
+def test_tenant_isolation(clean: Api, other: Api) -> None:
+    make_env(clean, SOLO)
+    job_id = clean.post("/v1/environments/solo/clones", {"name": "solo-copy"}).json["id"]
+    assert other.get("/v1/environments/solo").status_code == 404
+    assert other.get("/v1/environments").json == {"items": [], "total": 0}
+    assert other.post("/v1/environments/solo/clones", {"name": "mine"}).status_code == 404
+    assert other.delete("/v1/environments/solo").status_code == 404
+    assert other.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert other.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
+    assert other.get(f"/v1/jobs/{job_id}/events").status_code == 404
+    assert other.get("/v1/jobs").json["total"] == 0
+    # The same name in another tenant is a different environment.
+    mine = {"name": "solo", "nodes": [{"name": "c", "stack": "valkey"}]}
+    assert other.post("/v1/environments", mine).status_code == 202
+    assert wait_job(clean, job_id)["state"] == "succeeded"
+    wait_for(lambda: other.get("/v1/environments/solo").json["state"] == "running", timeout=60, what="other env")
+    assert other.delete("/v1/environments/solo").status_code == 202
+    wait_for(lambda: other.get("/v1/environments/solo").status_code == 404, timeout=60, what="other env deleted")
+
+
+def test_delete_refused_while_a_job_uses_the_environment(clean: Api) -> None:
+    make_env(clean, SOLO)
+    job_id = clean.post("/v1/environments/solo/clones", {
+        "name": "solo-copy", "faults": [{"step": "provision", "times": 4}]}).json["id"]
+    busy = clean.delete("/v1/environments/solo")
+    assert busy.status_code == 409 and busy.json["error"]["code"] == "busy"
+    assert clean.delete("/v1/environments/solo-copy").status_code == 409
+    assert wait_job(clean, job_id)["state"] == "succeeded"
+
+
+def _step_state(job_id: str, node: str, step: str) -> str:
+    with session_scope() as session:
+        return session.query(StepRun).filter_by(job_id=job_id, node_name=node, step=step).one().state
+
+
+def test_cancel_mid_way_restarts_sources_and_tears_down(clean: Api, backend: Backend) -> None:
+    src = make_env(clean, SHOP)
+    volumes_before = backend.volumes()
+    job_id = clean.post("/v1/environments/shop/clones", {
+        "name": "shop-stage", "faults": [{"step": "provision", "node": "db", "times": 50}]}).json["id"]
+    wait_for(lambda: _step_state(job_id, "db", "provision") == "retrying", timeout=60, what="provision retrying")
+    response = clean.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202 and response.json["state"] == "cancelling"
+    job = wait_job(clean, job_id, timeout=120)
+    assert job["state"] == "cancelled"
+    assert clean.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+    steps = {(n["name"], s["step"]): s["state"] for n in job["nodes"] for s in n["steps"]}
+    assert steps[("db", "provision")] == "cancelled" and steps[("db", "restart")] == "succeeded"
+    driver = get_driver()
+    assert all(driver.health(n["name"] and _node_id(src, n["name"])).healthy for n in src["nodes"])
+    assert backend.volumes() == volumes_before and backend.snapshots() == set()
+    assert clean.get("/v1/environments/shop-stage").json["state"] == "failed"
+
+
+def _node_id(env: dict, name: str) -> str:
+    from shared.planning import find_environment
+
+    with session_scope() as session:
+        return next(n.id for n in find_environment(session, "acme", env["name"]).nodes if n.name == name)
+
+
+def test_retry_after_teardown_redoes_the_snapshot(clean: Api) -> None:
+    make_env(clean, SOLO)
+    job_id = clean.post("/v1/environments/solo/clones", {
+        "name": "solo-copy", "faults": [{"step": "provision", "kind": "permanent"}]}).json["id"]
+    assert wait_job(clean, job_id)["state"] == "failed"
+    assert clean.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+    job = wait_job(clean, job_id)
+    assert job["state"] == "succeeded" and job["run"] == 2, job
+    attempts = {s["step"]: s["attempts"] for s in job["nodes"][0]["steps"]}
+    assert attempts == {"quiesce": 2, "snapshot": 2, "restart": 2, "provision": 2, "assign_ips": 1}
+    assert clean.post(f"/v1/jobs/{job_id}/retry").status_code == 409
+
+
+def test_retry_with_kept_clone_resumes_at_the_failed_step(clean: Api) -> None:
+    make_env(clean, SOLO)
+    job_id = clean.post("/v1/environments/solo/clones", {
+        "name": "solo-copy", "keep_on_failure": True,
+        "faults": [{"step": "assign_ips", "kind": "permanent"}]}).json["id"]
+    assert wait_job(clean, job_id)["state"] == "failed"
+    assert clean.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+    job = wait_job(clean, job_id)
+    assert job["state"] == "succeeded", job
+    attempts = {s["step"]: s["attempts"] for s in job["nodes"][0]["steps"]}
+    assert attempts == {"quiesce": 1, "snapshot": 1, "restart": 1, "provision": 1, "assign_ips": 2}
+    assert clean.get("/v1/environments/solo-copy").json["state"] == "running"

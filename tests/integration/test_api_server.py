@@ -1,0 +1,87 @@
+"""The API as a real server process (gunicorn) with a real worker; and the same server facing a
+broker that is down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+
+from api.auth import create_token
+from tests.api_client import parse_sse
+from tests.helpers import wait_for
+from tests.stack import Backend
+from tests.workflow_client import lease_count
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def api_server(env: dict[str, str]) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-k", "gthread", "--threads", "8",
+         "-w", "1", "api.wsgi:app"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, timeout=30, what="api server")
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_real_server_create_clone_and_stream(tmp_path) -> None:  # noqa: ANN001
+    with Backend(pool="127.96.0.0/16") as backend, api_server(backend.env) as base:
+        token = create_token("acme")
+        h = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=base, headers=h, timeout=30) as c:
+            assert c.get("/readyz").status_code == 200
+            doc = c.get("/openapi.json").json()
+            assert "/v1/environments/{name}/clones" in doc["paths"]
+            assert c.get("/docs/", follow_redirects=True).status_code == 200
+            assert c.post("/v1/environments", json={"name": "solo", "nodes": [
+                {"name": "cache", "stack": "valkey"}]}).status_code == 202
+            wait_for(lambda: c.get("/v1/environments/solo").json()["state"] == "running", timeout=60, what="env")
+            job = c.post("/v1/environments/solo/clones", json={"name": "solo-copy"})
+            assert job.status_code == 202
+            with c.stream("GET", f"/v1/jobs/{job.json()['id']}/events") as stream:
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                events = parse_sse("".join(stream.iter_text()))
+            assert events[-1] == {"id": None, "event": "end", "data": {"state": "succeeded"}}
+            assert sum(1 for e in events if e["event"] == "step" and e["data"]["state"] == "succeeded") == 5
+            for name in ("solo-copy", "solo"):
+                assert c.delete(f"/v1/environments/{name}").status_code == 202
+                wait_for(lambda n=name: c.get(f"/v1/environments/{n}").status_code == 404, timeout=60, what="delete")
+        assert lease_count() == 0
+
+
+def test_broker_down_gives_503_and_loses_nothing() -> None:
+    with Backend(pool="127.97.0.0/16") as backend:
+        dead = {**backend.env, "ENVCLONE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+        with api_server(dead) as base:
+            h = {"Authorization": f"Bearer {create_token('acme')}"}
+            with httpx.Client(base_url=base, headers=h, timeout=30) as c:
+                ready = c.get("/readyz")
+                assert ready.status_code == 503
+                assert ready.json()["checks"]["database"] == "ok" and ready.json()["checks"]["broker"] != "ok"
+                response = c.post("/v1/environments", json={"name": "solo", "nodes": [
+                    {"name": "cache", "stack": "valkey"}]})
+                assert response.status_code == 503
+                assert response.json()["error"]["code"] == "broker_unavailable"
+                assert c.get("/v1/environments").json()["total"] == 0
+        assert lease_count() == 0
