@@ -36,10 +36,11 @@ class EnvironmentIn(Strict):
 
 
 class FaultIn(Strict):
-    step: Literal["quiesce", "snapshot", "restart", "provision", "assign_ips"]
+    step: Literal["quiesce", "snapshot", "restart", "provision", "assign_ips", "report"]
     node: str = Field(default="*", max_length=63)
     times: int = Field(default=1, ge=1, le=100)
-    kind: Literal["transient", "permanent"] = "transient"
+    kind: Literal["transient", "permanent", "hang"] = "transient"
+    seconds: float = Field(default=0.0, ge=0, le=600, description="How long a `hang` fault stalls.")
 
 
 class CloneIn(Strict):

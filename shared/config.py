@@ -16,10 +16,12 @@ class FaultSpec(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    step: str
+    step: Literal["quiesce", "snapshot", "restart", "provision", "assign_ips", "report"]
     node: str = "*"
     times: int = Field(default=1, ge=1)
-    kind: Literal["transient", "permanent"] = "transient"
+    # "hang": the step does its work, then stalls `seconds` before recording it (to kill it there).
+    kind: Literal["transient", "permanent", "hang"] = "transient"
+    seconds: float = Field(default=0.0, ge=0, le=600)
 
 
 class Settings(BaseSettings):
@@ -43,6 +45,13 @@ class Settings(BaseSettings):
     health_timeout_s: float = 60.0
     max_downtime_s: float = 120.0
 
+    # Watchdog (celery beat).
+    watchdog_interval_s: float = 10.0
+    job_stall_s: float = 0.0  # 0: task time limit + retry cap + 2 minutes
+    max_resumes: int = 3
+    dispatch_grace_s: float = 30.0
+    lock_wait_s: float = 1800.0
+
     # Fault injection: off unless enabled; ``faults`` applies to every job,
     # a job's own ``options.faults`` only when ``fault_injection`` is on.
     fault_injection: bool = False
@@ -60,6 +69,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'envclone.sqlite3').resolve()}"
+
+    @property
+    def resolved_job_stall_s(self) -> float:
+        return self.job_stall_s or (self.task_time_limit_s + self.retry_cap_s + 120)
 
     @property
     def resolved_result_backend(self) -> str:

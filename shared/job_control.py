@@ -27,7 +27,7 @@ from shared.models import (
     Node,
     StepRun,
 )
-from shared.planning import Conflict, PlanError, active_job
+from shared.planning import Conflict, PlanError
 from shared.progress import record_event
 
 QUIESCE, SNAPSHOT, RESTART, PROVISION, ASSIGN = range(len(CLONE_STEPS))
@@ -73,9 +73,6 @@ def prepare_retry(session: Session, job: CloneJob) -> None:
     target = session.get(Environment, job.target_environment_id) if job.target_environment_id else None
     if target is None:
         raise PlanError(Conflict("target_deleted", f"environment {job.target_name!r} was deleted", "job_id"))
-    busy = active_job(session, job.source_environment_id or "")
-    if busy is not None:
-        raise PlanError(Conflict("source_busy", f"job {busy.id} is using {job.source_name!r}", "job_id"))
     driver = get_driver()
     snapshots, volumes = driver.snapshot_ids(), driver.node_ids()
     for jn in job.nodes:
@@ -95,6 +92,7 @@ def prepare_retry(session: Session, job: CloneJob) -> None:
             clone.state = "pending"
         _relet_address(session, clone)
     job.state, job.error, job.finished_at, job.cancel_requested = JOB_QUEUED, None, None, False
+    job.dispatched_at = None  # the outbox: set again once the broker has it
     job.run += 1
     job.percent = 0  # a new run: percent is monotonic within a run
     target.state, target.error = ENV_CREATING, None

@@ -87,6 +87,8 @@ class Environment(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Outbox for create/delete: set once the task reached the broker; the dispatcher sends the rest.
+    dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
     nodes: Mapped[list[Node]] = relationship(
         back_populates="environment", order_by="Node.name", cascade="all, delete-orphan"
@@ -202,6 +204,30 @@ class Snapshot(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     window_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class NodeLock(Base):
+    """One job at a time may hold a source node between quiesce and restart (expires, so a lost
+    holder cannot block the node forever; the watchdog restarts the node first)."""
+
+    __tablename__ = "node_locks"
+
+    node_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
+class EnvironmentEvent(Base):
+    """What happened to an environment outside a job: e.g. the reconciler restarted a dead node."""
+
+    __tablename__ = "environment_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment_id: Mapped[str] = mapped_column(String(32), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
 
 
 class JobEvent(Base):

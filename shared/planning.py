@@ -123,9 +123,6 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
         conflicts.append(Conflict("source_not_running", f"environment {source_name!r} is {source.state}", "source"))
     if find_environment(session, tenant, target_name) is not None:
         conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
-    busy = active_job(session, source.id)
-    if busy is not None:
-        conflicts.append(Conflict("source_busy", f"job {busy.id} is using {source_name!r}", "source"))
     addresses: dict[str, str] = {}
     try:
         planned = ipam.plan(session, settings.address_pool, len(source.nodes))

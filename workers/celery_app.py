@@ -20,7 +20,7 @@ DEFAULT_QUEUE = "envclone"
 def make_celery() -> Celery:
     settings = get_settings()
     app = Celery("envclone", broker=settings.broker_url, backend=settings.resolved_result_backend,
-                 include=["workers.steps", "workers.report", "workers.environments"])
+                 include=["workers.steps", "workers.report", "workers.environments", "workers.watchdog"])
     limit = settings.task_time_limit_s
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
@@ -33,13 +33,15 @@ def make_celery() -> Celery:
         task_time_limit=limit,
         task_soft_time_limit=max(limit - 30, int(limit * 0.9)),
         broker_transport_options=transport,
-        # Fail fast when Redis is away: the API answers 503 instead of hanging a request for 20 s.
+        # Workers ride out a Redis outage of a couple of minutes (publishing the next step, the chord
+        # counter) rather than break a chain; the API narrows these to answer 503 at once.
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                          "retry_policy": {"timeout": 3.0}},
+                                          "retry_policy": {"timeout": 180.0}},
         redis_socket_connect_timeout=3,
         broker_connection_timeout=3,
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
-                                   "interval_max": 1},
+        broker_connection_max_retries=None,
+        task_publish_retry_policy={"max_retries": 90, "interval_start": 0, "interval_step": 0.5,
+                                   "interval_max": 2},
         broker_connection_retry_on_startup=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
@@ -51,11 +53,23 @@ def make_celery() -> Celery:
         task_routes={"envclone.snapshot": {"queue": WINDOW_QUEUE},
                      "envclone.restart": {"queue": WINDOW_QUEUE}},
         worker_hijack_root_logger=False,
+        beat_schedule={"watchdog": {"task": "envclone.watchdog", "schedule": settings.watchdog_interval_s,
+                                    "options": {"expires": settings.watchdog_interval_s}}},
     )
     return app
 
 
 celery_app = make_celery()
+
+
+def fail_fast_publishing() -> None:
+    """For the API process: a broker that is down means 503 now, not a request that hangs."""
+    celery_app.conf.update(
+        result_backend_transport_options={**celery_app.conf.result_backend_transport_options,
+                                          "retry_policy": {"timeout": 3.0}},
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                                   "interval_max": 1},
+    )
 
 
 @worker_process_init.connect

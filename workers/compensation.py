@@ -8,7 +8,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import ipam
+from shared import ipam, locks
 from shared.config import get_settings
 from shared.drivers import DriverError, get_driver
 from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
@@ -31,6 +31,7 @@ def ensure_sources_running(session: Session, job: CloneJob) -> list[str]:
         if jn.restarted_at is None:
             jn.restarted_at = utcnow()
             jn.downtime_ms = int((jn.restarted_at - jn.quiesced_at).total_seconds() * 1000)
+        locks.release(session, jn.source_node_id, job.id)
     return problems
 
 

@@ -27,16 +27,17 @@ from shared.models import (
 from shared.progress import record_event
 from workers.celery_app import celery_app
 from workers.compensation import delete_snapshots, ensure_sources_running, tear_down_clone
+from workers.step_runner import inject_hang, worker_id
 from workers.steps import TASK_OPTS
 
 log = logging.getLogger("envclone.report")
 
 
-def finish_job(job_id: str) -> str:
+def finish_job(job_id: str, run: int | None = None) -> str:
     """Decide and record the outcome of a job whose steps have all ended. Idempotent."""
     with session_scope() as session:
         job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
-        if job.state in JOB_DONE_STATES:
+        if job.state in JOB_DONE_STATES or (run is not None and run != job.run):
             return job.state
         steps = list(session.scalars(select(StepRun).where(StepRun.job_id == job_id)))
         target = session.get(Environment, job.target_environment_id)
@@ -62,5 +63,12 @@ def finish_job(job_id: str) -> str:
 
 
 @celery_app.task(name="envclone.report", **TASK_OPTS)
-def report(self: Task, job_id: str) -> str:
-    return finish_job(job_id)
+def report(self: Task, job_id: str, run: int = 1) -> str:
+    with session_scope() as session:
+        job = session.get(CloneJob, job_id)
+        options, attempt = (dict(job.options), self.request.retries + 1) if job else ({}, 1)
+        if job is not None and job.state not in JOB_DONE_STATES:
+            record_event(session, job, "report", state="running", worker=worker_id())
+    state = finish_job(job_id, run)
+    inject_hang("report", "*", attempt, options)
+    return state

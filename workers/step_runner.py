@@ -1,12 +1,18 @@
 """The frame every clone step runs in. It owns the StepRun row: skip when an earlier step of the
 node did not succeed, stop at a cancel, count attempts, inject configured faults, retry transient
 errors with backoff, record permanent failures. A business failure never leaves as an exception:
-the chord must reach the report whatever happens (handbook, Celery rules)."""
+the chord must reach the report whatever happens (handbook, Celery rules).
+
+Every task carries the job's ``run`` (dispatch generation): when the watchdog re-dispatches a
+stalled job, tasks of the older dispatch find a newer run in the database and do nothing."""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,15 +21,17 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from shared.config import get_settings
+from shared.config import FaultSpec, get_settings
 from shared.db import session_scope
 from shared.drivers import PermanentDriverError, TransientDriverError
+from shared.locks import NodeBusy
 from shared.models import (
     JOB_QUEUED,
     JOB_RUNNING,
     STEP_CANCELLED,
     STEP_DONE_STATES,
     STEP_FAILED,
+    STEP_PENDING,
     STEP_RETRYING,
     STEP_RUNNING,
     STEP_SKIPPED,
@@ -57,22 +65,35 @@ FailureHook = Callable[[StepContext, BaseException], None]
 
 
 def backoff(retries: int) -> float:
-    """Exponential backoff with full-range jitter, capped."""
+    """Exponential backoff with jitter, capped."""
     s = get_settings()
     return min(s.retry_cap_s, s.retry_base_s * (2 ** retries)) * random.uniform(0.5, 1.0)
 
 
-def _fault(ctx: StepContext) -> None:
+def faults_for(step: str, node: str, options: dict[str, Any]) -> list[FaultSpec]:
     settings = get_settings()
     specs = list(settings.faults)
     if settings.fault_injection:
-        from shared.config import FaultSpec
+        specs += [FaultSpec.model_validate(f) for f in options.get("faults", [])]
+    return [f for f in specs if f.step == step and f.node in ("*", node)]
 
-        specs += [FaultSpec.model_validate(f) for f in ctx.options.get("faults", [])]
-    for spec in specs:
-        if spec.step == ctx.step and spec.node in ("*", ctx.node_name) and ctx.attempt <= spec.times:
+
+def inject_before(ctx: StepContext) -> None:
+    for spec in faults_for(ctx.step, ctx.node_name, ctx.options):
+        if spec.kind != "hang" and ctx.attempt <= spec.times:
             msg = f"injected {spec.kind} fault in {ctx.step} (attempt {ctx.attempt} of {spec.times})"
             raise (TransientDriverError if spec.kind == "transient" else PermanentDriverError)(msg)
+
+
+def inject_hang(step: str, node: str, attempt: int, options: dict[str, Any]) -> None:
+    """After the work is done and before it is recorded: the worst moment to lose a worker."""
+    for spec in faults_for(step, node, options):
+        if spec.kind == "hang" and attempt <= spec.times:
+            time.sleep(spec.seconds)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _step_row(session, job_id: str, source_node_id: str, step: str) -> StepRun:  # noqa: ANN001
@@ -85,6 +106,8 @@ def _step_row(session, job_id: str, source_node_id: str, step: str) -> StepRun: 
 def _finish(ctx: StepContext, state: str, error: str | None = None, detail: dict[str, Any] | None = None) -> None:
     with session_scope() as session:
         row = _step_row(session, ctx.job_id, ctx.source_node_id, ctx.step)
+        if row.state in STEP_DONE_STATES:
+            return  # closed meanwhile by the watchdog; its verdict stands
         row.state, row.error = state, error
         row.finished_at = utcnow() if state in STEP_DONE_STATES else None
         if detail:
@@ -96,17 +119,35 @@ def _finish(ctx: StepContext, state: str, error: str | None = None, detail: dict
              ctx.attempt, f" error={error!r}" if error else "")
 
 
-def run_step(task: Task, job_id: str, source_node_id: str, step: str, body: StepBody,
+def _wait_for_node(task: Task, ctx: StepContext, busy: NodeBusy) -> None:
+    """Another job holds the source node: give the attempt back and come back shortly."""
+    with session_scope() as session:
+        row = _step_row(session, ctx.job_id, ctx.source_node_id, ctx.step)
+        since = row.detail.get("waiting_since") or time.time()
+        waited = time.time() - since
+        if waited > get_settings().lock_wait_s:
+            row.attempts = max(0, row.attempts - 1)
+            raise PermanentDriverError(f"{busy} for more than {waited:.0f}s")
+        row.state, row.attempts = STEP_PENDING, max(0, row.attempts - 1)
+        row.detail = {**row.detail, "waiting_since": since, "waiting_for": busy.holder}
+    raise task.retry(countdown=random.uniform(0.2, 1.0), max_retries=None)
+
+
+def run_step(task: Task, job_id: str, source_node_id: str, step: str, run: int, body: StepBody,
              on_failure: FailureHook | None = None, always_run: bool = False) -> None:
     """Run one step of one node. ``always_run`` steps (restarting the source) run even after an
     earlier step failed or the job was cancelled: that is what keeps sources from staying down."""
     with session_scope() as session:
+        job = session.get(CloneJob, job_id)
+        if job is None or job.run != run:
+            log.info("job=%s step=%s run=%s is stale (current run %s); skipped", job_id, step, run,
+                     job.run if job else None)
+            return
         row = _step_row(session, job_id, source_node_id, step)
         if row.state in STEP_DONE_STATES:
             return  # redelivered after it finished: nothing to do twice
-        job = session.get(CloneJob, job_id)
         if job.state == JOB_QUEUED:
-            job.state, job.started_at = JOB_RUNNING, utcnow()
+            job.state, job.started_at = JOB_RUNNING, job.started_at or utcnow()
             record_event(session, job, "job", state=JOB_RUNNING)
         earlier = session.scalars(select(StepRun).where(
             StepRun.job_id == job_id, StepRun.source_node_id == source_node_id, StepRun.seq < row.seq))
@@ -119,6 +160,7 @@ def run_step(task: Task, job_id: str, source_node_id: str, step: str, body: Step
         if verdict is None:
             row.state, row.attempts = STEP_RUNNING, row.attempts + 1
             row.started_at = row.started_at or utcnow()
+            row.detail = {**row.detail, "worker": worker_id()}
             record_event(session, job, "step", node=row.node_name, step=step, state=STEP_RUNNING,
                          attempt=row.attempts)
         ctx = StepContext(task, job_id, source_node_id, row.node_name, step, row.attempts, dict(job.options))
@@ -130,8 +172,14 @@ def run_step(task: Task, job_id: str, source_node_id: str, step: str, body: Step
     retry_in: float | None = None
     detail: dict[str, Any] | None = None
     try:
-        _fault(ctx)
+        inject_before(ctx)
         detail = body(ctx)
+        inject_hang(step, ctx.node_name, ctx.attempt, ctx.options)
+    except NodeBusy as busy:
+        try:
+            _wait_for_node(task, ctx, busy)
+        except PermanentDriverError as exc:
+            failure = exc
     except RETRYABLE as exc:
         failure = exc
         if task.request.retries < get_settings().retry_max:

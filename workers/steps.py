@@ -11,9 +11,10 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from shared import locks
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.drivers import get_driver
+from shared.drivers import PermanentDriverError, get_driver
 from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
 from shared.progress import record_event
 from workers.celery_app import celery_app
@@ -39,16 +40,19 @@ def _source(ctx: StepContext) -> tuple[JobNode, Node]:
 
 
 def restore_source(ctx: StepContext) -> dict[str, Any]:
-    """Bring the source back if this job stopped it, and record the downtime. Safe to repeat."""
+    """Bring the source back if this job stopped it, record the downtime, let the next job at the
+    node go. Safe to repeat."""
     jn, _ = _source(ctx)
-    if jn.quiesced_at is None:
-        return {"source": "was not stopped by this job"}
-    get_driver().restart(ctx.source_node_id, get_settings().health_timeout_s)
+    if jn.quiesced_at is not None:
+        get_driver().restart(ctx.source_node_id, get_settings().health_timeout_s)
     with session_scope() as session:
         jn = job_node(session, ctx.job_id, ctx.source_node_id)
-        if jn.restarted_at is None:
+        if jn.quiesced_at is not None and jn.restarted_at is None:
             jn.restarted_at = utcnow()
             jn.downtime_ms = int((jn.restarted_at - jn.quiesced_at).total_seconds() * 1000)
+        locks.release(session, ctx.source_node_id, ctx.job_id)
+        if jn.quiesced_at is None:
+            return {"source": "was not stopped by this job"}
         return {"downtime_ms": jn.downtime_ms}
 
 
@@ -56,7 +60,14 @@ def _restore_after_failure(ctx: StepContext, _exc: BaseException) -> None:
     restore_source(ctx)
 
 
+def _lock_ttl() -> float:
+    s = get_settings()
+    return s.task_time_limit_s + 2 * s.max_downtime_s
+
+
 def _quiesce(ctx: StepContext) -> dict[str, Any]:
+    with session_scope() as session:
+        locks.acquire(session, ctx.source_node_id, ctx.job_id, _lock_ttl())  # NodeBusy: wait our turn
     jn, _ = _source(ctx)
     driver = get_driver()
     precopied = 0
@@ -72,6 +83,10 @@ def _quiesce(ctx: StepContext) -> dict[str, Any]:
 def _snapshot(ctx: StepContext) -> dict[str, Any]:
     jn, _ = _source(ctx)
     info = get_driver().snapshot(ctx.source_node_id, jn.snapshot_id)
+    if _source(ctx)[0].restarted_at is not None:
+        # The watchdog restarted the source while we copied: the snapshot may be torn.
+        get_driver().delete_snapshot(jn.snapshot_id)
+        raise PermanentDriverError("the source was restarted during the snapshot (downtime limit)")
     with session_scope() as session:
         row = session.get(Snapshot, jn.snapshot_id) or Snapshot(id=jn.snapshot_id, job_id=ctx.job_id,
                                                                 source_node_id=ctx.source_node_id)
@@ -124,30 +139,26 @@ def _assign_ips(ctx: StepContext) -> dict[str, Any]:
 
 
 @celery_app.task(name="envclone.quiesce", **TASK_OPTS)
-def quiesce(self: Task, job_id: str, source_node_id: str) -> None:
-    run_step(self, job_id, source_node_id, "quiesce", _quiesce, on_failure=_restore_after_failure)
+def quiesce(self: Task, job_id: str, source_node_id: str, run: int = 1) -> None:
+    run_step(self, job_id, source_node_id, "quiesce", run, _quiesce, on_failure=_restore_after_failure)
 
 
 @celery_app.task(name="envclone.snapshot", **TASK_OPTS)
-def snapshot(self: Task, job_id: str, source_node_id: str) -> None:
+def snapshot(self: Task, job_id: str, source_node_id: str, run: int = 1) -> None:
     # A snapshot that fails for good restarts the source before giving up.
-    run_step(self, job_id, source_node_id, "snapshot", _snapshot, on_failure=_restore_after_failure)
+    run_step(self, job_id, source_node_id, "snapshot", run, _snapshot, on_failure=_restore_after_failure)
 
 
 @celery_app.task(name="envclone.restart", **TASK_OPTS)
-def restart(self: Task, job_id: str, source_node_id: str) -> None:
-    run_step(self, job_id, source_node_id, "restart", restore_source, always_run=True)
+def restart(self: Task, job_id: str, source_node_id: str, run: int = 1) -> None:
+    run_step(self, job_id, source_node_id, "restart", run, restore_source, always_run=True)
 
 
 @celery_app.task(name="envclone.provision", **TASK_OPTS)
-def provision(self: Task, job_id: str, source_node_id: str) -> None:
-    run_step(self, job_id, source_node_id, "provision", _provision)
+def provision(self: Task, job_id: str, source_node_id: str, run: int = 1) -> None:
+    run_step(self, job_id, source_node_id, "provision", run, _provision)
 
 
 @celery_app.task(name="envclone.assign_ips", **TASK_OPTS)
-def assign_ips(self: Task, job_id: str, source_node_id: str) -> None:
-    run_step(self, job_id, source_node_id, "assign_ips", _assign_ips)
-
-
-STEP_TASKS = {"quiesce": quiesce, "snapshot": snapshot, "restart": restart, "provision": provision,
-              "assign_ips": assign_ips}
+def assign_ips(self: Task, job_id: str, source_node_id: str, run: int = 1) -> None:
+    run_step(self, job_id, source_node_id, "assign_ips", run, _assign_ips)

@@ -103,7 +103,7 @@ def delete_environment(path: EnvPath) -> Response:
         if busy is not None:
             raise ApiError(409, "busy", f"job {busy.id} is using environment {path.name!r}", "name")
         previous_state = env.state
-        env.state = "deleting"
+        env.state, env.dispatched_at = "deleting", None
         out, env_id = _env_out(session, env), env.id
 
     def undo() -> None:
