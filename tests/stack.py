@@ -31,14 +31,17 @@ def reset_caches() -> None:
 
 class Backend:
     def __init__(self, database: str = "postgres", pool: str = "127.93.0.0/16", concurrency: int = 2,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, broker_url: str | None = None) -> None:
+        """``database``: "postgres" (a fresh database on the local server), "sqlite", or a URL."""
         self.root = make_data_root()
         self.db_name: str | None = None
         if database == "postgres":
             self.db_name, self.db_url = create_database()
-        else:
+        elif database == "sqlite":
             self.db_url = f"sqlite:///{self.root / 'state.sqlite3'}"
-        self.broker_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+        else:
+            self.db_url = database
+        self.broker_url = broker_url or f"redis://127.0.0.1:6379/{REDIS_DB}"
         self.env = {
             "ENVCLONE_DATA_DIR": str(self.root),
             "ENVCLONE_DATABASE_URL": self.db_url,
@@ -51,6 +54,7 @@ class Backend:
             **(extra_env or {}),
         }
         self.concurrency = concurrency
+        self.beat: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "worker.log"
         self._saved_env: dict[str, str | None] = {}
@@ -81,6 +85,15 @@ class Backend:
         )
         wait_for(lambda: celery_app.control.ping(timeout=0.5), timeout=60, what="worker to answer ping")
 
+    def start_beat(self) -> None:
+        """celery beat, which runs the watchdog every ENVCLONE_WATCHDOG_INTERVAL_S."""
+        self.beat = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat", "-l", "info",
+             "-s", str(self.root / "beat-schedule")],
+            env={**os.environ, **self.env}, stdout=open(self.root / "beat.log", "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
         if self.worker is None:
             return
@@ -99,6 +112,9 @@ class Backend:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __exit__(self, *exc: object) -> None:
+        if self.beat is not None:
+            os.killpg(self.beat.pid, signal.SIGTERM)
+            self.beat.wait(timeout=30)
         self.stop_worker()
         leftovers = destroy_everything(self.root)
         reset_caches()

@@ -1,0 +1,100 @@
+"""The watchdog (run by a real celery beat) keeps its promises: sources down too long come back,
+dead nodes are restarted, the outbox is sent, stalled jobs are resumed and at last reaped."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from shared.db import session_scope
+from shared.drivers import get_driver
+from shared.models import CloneJob, EnvironmentEvent
+from shared.planning import plan_clone
+from tests.fault_helpers import counts
+from tests.helpers import wait_for
+from tests.stack import Backend
+from tests.workflow_client import TENANT, create_environment, delete_environment, start_clone, wait_job
+
+pytestmark = pytest.mark.integration
+
+WATCHDOG_ENV = {
+    "ENVCLONE_WATCHDOG_INTERVAL_S": "1",
+    "ENVCLONE_MAX_DOWNTIME_S": "2",
+    "ENVCLONE_JOB_STALL_S": "4",
+    "ENVCLONE_MAX_RESUMES": "1",
+    "ENVCLONE_DISPATCH_GRACE_S": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    with Backend(pool="127.102.0.0/16", concurrency=3, extra_env=WATCHDOG_ENV) as b:
+        b.start_beat()
+        yield b
+
+
+@pytest.fixture
+def source(backend: Backend) -> Iterator[str]:
+    env = create_environment("src", [{"name": "cache", "stack": "valkey"}])
+    redis.Redis(host=env.nodes[0].address).set("k", "v")
+    yield env.nodes[0].id
+    delete_environment("src")
+    assert counts(backend).volumes == frozenset() and counts(backend).leases == 0
+
+
+def test_source_down_too_long_is_restarted_and_the_job_fails_cleanly(backend: Backend, source: str) -> None:
+    before = counts(backend)
+    job = wait_job(start_clone("src", "dst", faults=[{"step": "quiesce", "kind": "hang", "seconds": 8}]), 60)
+    assert job.state == "failed"
+    assert "watchdog: source was down longer than 2s" in job.error
+    assert get_driver().health(source).healthy
+    assert job.nodes[0].downtime_ms < 8000  # restarted by the watchdog, not after the hang
+    assert counts(backend) == before
+    delete_environment("dst")
+
+
+def test_dead_node_is_restarted_and_the_event_recorded(backend: Backend, source: str) -> None:
+    pid = int((get_driver().volume(source) / "run/node.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: get_driver().health(source).healthy, timeout=30, what="the reconciler to restart the node")
+    with session_scope() as session:
+        events = [e.message for e in session.scalars(select(EnvironmentEvent))]
+    assert "node cache was not running; restarted" in events
+
+
+def test_committed_but_never_sent_job_is_dispatched_by_the_outbox(backend: Backend, source: str) -> None:
+    with session_scope() as session:  # as if the API died between commit and send
+        job_id = plan_clone(session, TENANT, "src", "dst", {}).id
+    job = wait_job(job_id, timeout=60)
+    assert job.state == "succeeded" and job.dispatched_at is not None
+    delete_environment("dst")
+
+
+def test_job_whose_messages_were_lost_is_resumed(backend: Backend, source: str) -> None:
+    from shared.models import utcnow
+
+    with session_scope() as session:  # marked sent, but nothing reached the broker
+        job = plan_clone(session, TENANT, "src", "dst", {})
+        job.dispatched_at = utcnow()
+        job_id = job.id
+    job = wait_job(job_id, timeout=60)
+    assert job.state == "succeeded" and job.run == 2
+    delete_environment("dst")
+
+
+def test_job_that_keeps_stalling_is_reaped_with_compensation(backend: Backend, source: str) -> None:
+    before = counts(backend)
+    job_id = start_clone("src", "dst", faults=[{"step": "assign_ips", "kind": "hang", "seconds": 10, "times": 5}])
+    job = wait_job(job_id, timeout=60)
+    assert job.state == "failed" and "reaped: no progress" in job.error
+    assert job.run == 2  # resumed once, then reaped
+    with session_scope() as session:
+        assert session.get(CloneJob, job_id).state == "failed"
+    assert counts(backend) == before  # the clone that assign_ips had started is gone
+    assert get_driver().health(source).healthy
+    delete_environment("dst")
