@@ -3,6 +3,7 @@ database of its own, a data root, and a real Celery worker process (prefork, 2 p
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -15,7 +16,21 @@ import redis
 from tests.conftest import create_database, destroy_everything, drop_database, make_data_root
 from tests.helpers import processes_under, wait_for
 
-REDIS_DB = int(os.environ.get("ENVCLONE_TEST_REDIS_DB", "11"))
+_redis_dbs = itertools.cycle(range(2, 16))  # one Redis database per back end alive at a time
+
+
+def next_redis_db() -> int:
+    return next(_redis_dbs)
+
+
+def point_celery_at(broker_url: str) -> None:
+    """Make this process's Celery app publish to ``broker_url``: new config, and drop the broker
+    pools and the result backend it may have cached for a previous back end."""
+    from workers.celery_app import celery_app
+
+    celery_app.conf.update(broker_url=broker_url, result_backend=broker_url)
+    celery_app._after_fork()  # forgets the connection and producer pools
+    celery_app._local.__dict__.pop("backend", None)
 
 
 def reset_caches() -> None:
@@ -31,9 +46,12 @@ def reset_caches() -> None:
 
 class Backend:
     def __init__(self, database: str = "postgres", pool: str = "127.93.0.0/16", concurrency: int = 2,
-                 extra_env: dict[str, str] | None = None, broker_url: str | None = None) -> None:
-        """``database``: "postgres" (a fresh database on the local server), "sqlite", or a URL."""
+                 extra_env: dict[str, str] | None = None, broker_url: str | None = None,
+                 data_dir: Path | None = None) -> None:
+        """``database``: "postgres" (a fresh database on the local server), "sqlite", or a URL.
+        ``data_dir``: where volumes and snapshots go (default: inside this backend's own root)."""
         self.root = make_data_root()
+        self.data_dir = data_dir or self.root
         self.db_name: str | None = None
         if database == "postgres":
             self.db_name, self.db_url = create_database()
@@ -41,9 +59,10 @@ class Backend:
             self.db_url = f"sqlite:///{self.root / 'state.sqlite3'}"
         else:
             self.db_url = database
-        self.broker_url = broker_url or f"redis://127.0.0.1:6379/{REDIS_DB}"
+        # Its own Redis database: a worker of another back end still alive must not take its tasks.
+        self.broker_url = broker_url or f"redis://127.0.0.1:6379/{next_redis_db()}"
         self.env = {
-            "ENVCLONE_DATA_DIR": str(self.root),
+            "ENVCLONE_DATA_DIR": str(self.data_dir),
             "ENVCLONE_DATABASE_URL": self.db_url,
             "ENVCLONE_BROKER_URL": self.broker_url,
             "ENVCLONE_ADDRESS_POOL": pool,
@@ -66,10 +85,9 @@ class Backend:
             os.environ[key] = value
         reset_caches()
         from shared.migrate import upgrade
-        from workers.celery_app import celery_app
 
         upgrade(self.db_url)
-        celery_app.conf.update(broker_url=self.broker_url, result_backend=self.broker_url)
+        point_celery_at(self.broker_url)
         self.start_worker()
         return self
 
@@ -116,7 +134,8 @@ class Backend:
             os.killpg(self.beat.pid, signal.SIGTERM)
             self.beat.wait(timeout=30)
         self.stop_worker()
-        leftovers = destroy_everything(self.root)
+        leftovers = destroy_everything(self.data_dir) if self.data_dir != self.root else []
+        leftovers += destroy_everything(self.root)
         reset_caches()
         if self.db_name:
             drop_database(self.db_name)
@@ -129,15 +148,16 @@ class Backend:
         assert not leftovers, f"processes left behind: {leftovers}"
 
     def processes(self) -> list[tuple[int, str]]:
-        return processes_under(self.root / "nodes")
+        return processes_under(self.data_dir / "nodes")
 
     def volumes(self) -> set[str]:
-        nodes = self.root / "nodes"
+        """Node volumes, finished or half-made (staging dirs count: they are leaks too)."""
+        nodes = self.data_dir / "nodes"
         return {p.name for p in nodes.iterdir()} if nodes.exists() else set()
 
     def snapshots(self) -> set[str]:
-        snaps = self.root / "snapshots"
-        return {p.name for p in snaps.iterdir()} if snaps.exists() else set()
+        snaps = self.data_dir / "snapshots"
+        return {p.name for p in snaps.iterdir() if not p.name.startswith(".reflink-probe")} if snaps.exists() else set()
 
 
 __all__ = ["Backend", "Path"]

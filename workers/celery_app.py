@@ -25,9 +25,6 @@ def make_celery() -> Celery:
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
         "queue_order_strategy": "priority",
-        # Look for abandoned (unacked, past the visibility timeout) messages every 5 s, not every 100 s.
-        "unacked_restore_interval": 5,
-        "unacked_restore_throttle": 1,
     }
     app.conf.update(
         task_acks_late=True,

@@ -21,16 +21,18 @@ def ensure_sources_running(session: Session, job: CloneJob) -> list[str]:
     driver = get_driver()
     problems = []
     for jn in session.scalars(select(JobNode).where(JobNode.job_id == job.id)):
-        if jn.quiesced_at is None:
+        if jn.quiesced_at is None or jn.restarted_at is not None:
+            # Not stopped by us, or already brought back by us: since then another job may hold
+            # the node down for its own snapshot, and starting it would tear that snapshot.
+            locks.release(session, jn.source_node_id, job.id)
             continue
         try:
             driver.restart(jn.source_node_id, get_settings().health_timeout_s)
         except DriverError as exc:
             problems.append(f"{jn.name}: source could not be restarted: {exc}")
             continue
-        if jn.restarted_at is None:
-            jn.restarted_at = utcnow()
-            jn.downtime_ms = int((jn.restarted_at - jn.quiesced_at).total_seconds() * 1000)
+        jn.restarted_at = utcnow()
+        jn.downtime_ms = int((jn.restarted_at - jn.quiesced_at).total_seconds() * 1000)
         locks.release(session, jn.source_node_id, job.id)
     return problems
 

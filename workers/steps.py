@@ -43,7 +43,7 @@ def restore_source(ctx: StepContext) -> dict[str, Any]:
     """Bring the source back if this job stopped it, record the downtime, let the next job at the
     node go. Safe to repeat."""
     jn, _ = _source(ctx)
-    if jn.quiesced_at is not None:
+    if jn.quiesced_at is not None and jn.restarted_at is None:  # once: later, another job may hold it
         get_driver().restart(ctx.source_node_id, get_settings().health_timeout_s)
     with session_scope() as session:
         jn = job_node(session, ctx.job_id, ctx.source_node_id)

@@ -243,6 +243,9 @@ class LocalDriver(Driver):
             staging.mkdir(parents=True)
             snapshots.copy_tree(volume, staging / "volume", reflink=False, ignore=_ignore_run)
             method = "copy"
+        if process.running_pid(self._pid_path(node_id)) is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise PermanentDriverError(f"node {node_id} was started while its snapshot was taken")
         window_ms = int((time.monotonic() - started) * 1000)
         info = SnapshotInfo(snapshot_id, method, snapshots.tree_size(staging / "volume"), window_ms)
         (staging / "meta.json").write_text(json.dumps(info.__dict__))

@@ -14,7 +14,7 @@ from schemathesis.checks import not_a_server_error
 from api import create_app
 from api.auth import create_token
 from tests.conftest import create_database, drop_database, make_data_root
-from tests.stack import reset_caches
+from tests.stack import point_celery_at, reset_caches
 
 pytestmark = pytest.mark.integration
 
@@ -27,26 +27,23 @@ def fuzz_app(request) -> Iterator[object]:  # noqa: ANN001
 
     import redis
 
-    from tests.stack import REDIS_DB
+    from tests.stack import next_redis_db
 
     mp = pytest.MonkeyPatch()
     root = make_data_root()
     name, url = create_database()
-    broker = f"redis://127.0.0.1:6379/{REDIS_DB + 1}"
+    broker = f"redis://127.0.0.1:6379/{next_redis_db()}"
     for key, value in {"ENVCLONE_DATA_DIR": str(root), "ENVCLONE_DATABASE_URL": url,
                        "ENVCLONE_BROKER_URL": broker, "ENVCLONE_ADDRESS_POOL": "127.98.0.0/16"}.items():
         mp.setenv(key, value)
     reset_caches()
     from shared.migrate import upgrade
-    from workers.celery_app import celery_app
 
-    saved = (celery_app.conf.broker_url, celery_app.conf.result_backend)
-    celery_app.conf.update(broker_url=broker, result_backend=broker)
+    point_celery_at(broker)
     upgrade(url)
     STATE["token"] = create_token("fuzz")
     app = create_app()
     yield app
-    celery_app.conf.update(broker_url=saved[0], result_backend=saved[1])
     redis.Redis.from_url(broker).flushdb()
     reset_caches()
     drop_database(name)

@@ -4,7 +4,6 @@ snapshots and leases before and after."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +16,6 @@ from tests.fault_helpers import counts, kill9, step_worker_pid
 from tests.helpers import wait_for
 from tests.stack import Backend
 from tests.workflow_client import (
-    clone,
     create_environment,
     delete_environment,
     environment,
@@ -89,9 +87,11 @@ def test_kill_9_of_the_worker_process_running_each_step(backend: Backend, step: 
 
 def test_whole_worker_killed_then_a_new_one_finishes_the_job() -> None:
     """kill -9 of the worker's main process and children mid-provision; a supervisor starts a new
-    worker; the broker redelivers the unacknowledged step after the visibility timeout."""
-    env = {"ENVCLONE_VISIBILITY_TIMEOUT_S": "8", "ENVCLONE_TASK_TIME_LIMIT_S": "6"}
+    worker. The step's message is stuck unacknowledged in Redis until the visibility timeout (an
+    hour), so it is the watchdog that notices the stalled job and re-dispatches it."""
+    env = {"ENVCLONE_WATCHDOG_INTERVAL_S": "1", "ENVCLONE_JOB_STALL_S": "5"}
     with Backend(pool="127.101.0.0/16", extra_env=env) as backend:
+        backend.start_beat()
         create_environment("src", [{"name": "cache", "stack": "valkey"}])
         before = counts(backend)
         job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 4}])
@@ -100,6 +100,153 @@ def test_whole_worker_killed_then_a_new_one_finishes_the_job() -> None:
         backend.start_worker()
         job = wait_job(job_id, timeout=120)
         assert job.state == "succeeded", job.error
+        assert job.run == 2  # resumed by the watchdog
         after = counts(backend)
         assert after.running == before.running | {job.nodes[0].clone_node_id}
         assert after.snapshots == frozenset() and after.leases == before.leases + 1
+
+
+# ---- the broker goes away ------------------------------------------------------------------------------
+class OwnBroker:
+    """A Redis-compatible broker of this test's own (the bundled valkey-server, AOF on), so it can be
+    stopped and started without touching the machine's Redis."""
+
+    def __init__(self) -> None:
+        import tempfile
+        from pathlib import Path
+
+        from tests.integration.test_api_server import free_port
+
+        self.port, self.dir = free_port(), Path(tempfile.mkdtemp(prefix="envclone-broker-"))
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self) -> None:
+        import subprocess
+
+        from shared.stacks.valkey import valkey_binary
+
+        self.proc = subprocess.Popen([valkey_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
+                                      str(self.dir), "--appendonly", "yes", "--save", ""],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: redis.Redis.from_url(self.url).ping(), timeout=10, what="broker up")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        import shutil
+
+        if self.proc and self.proc.poll() is None:
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_broker_stopped_and_started_mid_job() -> None:
+    from api import create_app
+    from api.auth import create_token
+
+    broker = OwnBroker()
+    broker.start()
+    try:
+        with Backend(pool="127.103.0.0/16", broker_url=broker.url) as backend:
+            create_environment("src", [{"name": "cache", "stack": "valkey"}])
+            before = counts(backend)
+            job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 3}])
+            wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
+            broker.stop()
+            # Submissions during the outage: a clear 503, nothing half-made.
+            client = create_app().test_client()
+            headers = {"Authorization": f"Bearer {create_token('acme')}"}
+            response = client.post("/v1/environments", json={"name": "late", "nodes": [
+                {"name": "c", "stack": "valkey"}]}, headers=headers)
+            assert response.status_code == 503 and response.json["error"]["code"] == "broker_unavailable"
+            assert client.get("/readyz").status_code == 503
+            assert environment("late") is None
+            broker.start()
+            try:
+                job = wait_job(job_id, timeout=90)
+            except AssertionError:
+                print(backend.worker_log()[-8000:])
+                raise
+            assert job.state == "succeeded", job.error
+            after = counts(backend)
+            assert after.running == before.running | {job.nodes[0].clone_node_id}
+            assert after.leases == before.leases + 1 and after.snapshots == frozenset()
+    finally:
+        broker.close()
+
+
+# ---- the state database goes away ----------------------------------------------------------------------
+def test_state_database_unavailable_mid_job() -> None:
+    from shared.drivers import NodeSpec
+    from shared.drivers.local import LocalDriver
+    from shared.stacks.postgres import SUPERUSER
+    from tests.conftest import destroy_everything, make_data_root
+
+    db_root = make_data_root("envclone-statedb-")
+    db_driver = LocalDriver(db_root)
+    try:
+        db_driver.create_node(NodeSpec("statedb", "postgres", "127.104.255.1", 5432))
+        secret = db_driver._node("statedb")[0]._secrets(db_driver._node("statedb")[1])["superuser_password"]
+        url = f"postgresql+psycopg://{SUPERUSER}:{secret}@127.104.255.1:5432/postgres"
+        with Backend(database=url, pool="127.104.0.0/24") as backend:
+            create_environment("src", [{"name": "cache", "stack": "valkey"}])
+            before = counts(backend)
+            job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 2}])
+            wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
+            db_driver.stop("statedb")
+            wait_for(lambda: "OperationalError" in backend.worker_log(), timeout=60,
+                     what="the worker to meet the missing database and retry")
+            db_driver.restart("statedb", 30)
+            job = wait_job(job_id, timeout=180)
+            assert job.state == "succeeded", job.error
+            assert all(s.state == "succeeded" for s in job.steps)
+            jn = job.nodes[0]
+            assert jn.bytes_copied == jn.bytes_total > 0 and jn.downtime_ms > 0
+            after = counts(backend)
+            assert after.running == before.running | {jn.clone_node_id}
+            assert after.leases == before.leases + 1 and after.snapshots == frozenset()
+    finally:
+        destroy_everything(db_root)
+
+
+# ---- the disk fills up ---------------------------------------------------------------------------------
+def test_disk_full_during_provision_fails_cleanly() -> None:
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs data root needs root")
+    mnt = Path(tempfile.mkdtemp(prefix="envclone-full-"))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=755", "tmpfs", str(mnt)]).returncode:
+        shutil.rmtree(mnt)
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        with Backend(pool="127.105.0.0/16", data_dir=mnt) as backend:
+            src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
+            client = redis.Redis(host=src.nodes[0].address)
+            for i in range(3):
+                client.set(f"blob{i}", os.urandom(1024 * 1024))
+            before = counts(backend)
+            job_id = start_clone("src", "dst", faults=[{"step": "restart", "kind": "hang", "seconds": 3}])
+            wait_for(lambda: step_worker_pid(job_id, "restart"), timeout=60, what="snapshot taken")
+            filler = mnt / "filler"
+            with open(filler, "wb") as f:  # leave 512 KiB: the clone's volume cannot fit
+                f.write(b"\0" * max(0, shutil.disk_usage(mnt).free - 512 * 1024))
+            job = wait_job(job_id, timeout=120)
+            filler.unlink()
+            assert job.state == "failed"
+            assert "No space left on device" in job.error and "provision" in job.error
+            assert counts(backend) == before  # no clone volume, no half-copied staging dir, no snapshot
+            assert get_driver().health(src.nodes[0].id).healthy
+            assert client.get("blob2") is not None
+            delete_environment("dst")
+            delete_environment("src")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)

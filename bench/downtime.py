@@ -1,0 +1,142 @@
+"""Source downtime per node (quiesce start -> source healthy again) for postgres (pgbench data) and
+valkey at several sizes, on the default data root and on a reflink-capable XFS loop image, side by
+side with the naive way -- stop, `cp -a --reflink=never` the data directory, start -- on the same
+data in the same process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.common import filesystem, median, ratio, timed
+from shared.drivers import NodeSpec
+from shared.drivers.local import LocalDriver
+from shared.snapshots import tree_size
+from shared.stacks.postgres import SUPERUSER, postgres_bindir
+
+MIB = 1024 * 1024
+ADDRESSES = {"postgres": ("127.110.0.1", 5432), "valkey": ("127.110.0.2", 6379)}
+
+
+def fill(driver: LocalDriver, node_id: str, stack: str, mib: int) -> None:
+    address, port = ADDRESSES[stack]
+    if stack == "postgres":
+        stack_obj, ctx = driver._node(node_id)
+        env = {**os.environ, "PGPASSWORD": stack_obj._secrets(ctx)["superuser_password"]}
+        scale = max(1, round(mib / 15))  # pgbench: about 15 MiB per scale unit
+        subprocess.run([str(postgres_bindir() / "pgbench"), "-i", "-q", "-s", str(scale), "-h", address,
+                        "-p", str(port), "-U", SUPERUSER, "app"], env=env, check=True, capture_output=True)
+    else:
+        client = redis.Redis(host=address, port=port)
+        value = os.urandom(MIB)
+        for start in range(0, mib, 64):
+            pipe = client.pipeline(transaction=False)
+            for i in range(start, min(mib, start + 64)):
+                pipe.set(f"blob:{i}", value[i % 1024:] + value[: i % 1024])
+            pipe.execute()
+
+
+def ours(driver: LocalDriver, node_id: str, n: int) -> dict[str, Any]:
+    snap = f"bench{n}"
+    precopy_ms, _ = timed(lambda: driver.prepare_snapshot(node_id, snap))  # before the window
+
+    def window() -> Any:
+        driver.quiesce(node_id)
+        info = driver.snapshot(node_id, snap)
+        driver.restart(node_id, 600)
+        return info
+
+    downtime_ms, info = timed(window)
+    driver.delete_snapshot(snap)
+    return {"downtime_ms": downtime_ms, "method": info.method, "in_window_copy_ms": info.window_ms,
+            "precopy_ms": precopy_ms}
+
+
+def naive(driver: LocalDriver, node_id: str, scratch: Path) -> dict[str, Any]:
+    target = scratch / "naive-copy"
+
+    def window() -> None:
+        driver.stop(node_id)
+        subprocess.run(["cp", "-a", "--reflink=never", str(driver.volume(node_id) / "data"), str(target)],
+                       check=True)
+        driver.restart(node_id, 600)
+
+    downtime_ms, _ = timed(window)
+    shutil.rmtree(target)
+    return {"downtime_ms": downtime_ms}
+
+
+def measure(root: Path, stack: str, mib: int, repeats: int) -> dict[str, Any]:
+    driver = LocalDriver(root)
+    node_id = f"bench{stack}"
+    address, port = ADDRESSES[stack]
+    try:
+        driver.create_node(NodeSpec(node_id, stack, address, port))
+        fill_ms, _ = timed(lambda: fill(driver, node_id, stack, mib))
+        driver.stop(node_id)  # let the data settle on disk (valkey writes its RDB) before measuring
+        driver.restart(node_id, 600)
+        runs_ours, runs_naive = [], []
+        for n in range(repeats):  # interleaved, so both see the same cache state and data
+            runs_ours.append(ours(driver, node_id, n))
+            runs_naive.append(naive(driver, node_id, root))
+        o = median([r["downtime_ms"] for r in runs_ours])
+        b = median([r["downtime_ms"] for r in runs_naive])
+        return {"stack": stack, "size_mib": mib, "volume_bytes": tree_size(driver.volume(node_id)),
+                "filesystem": filesystem(root), "reflink": driver.reflink, "fill_ms": fill_ms,
+                "ours_ms": o, "naive_ms": b, "ratio": ratio(b, o), "method": runs_ours[-1]["method"],
+                "runs_ours": runs_ours, "runs_naive": runs_naive}
+    finally:
+        driver.destroy_node(node_id)
+
+
+@contextmanager
+def xfs_root(size_gib: int) -> Any:
+    """A reflink-capable XFS loop image (root only)."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.xfs"):
+        yield None
+        return
+    work = Path(tempfile.mkdtemp(prefix="envclone-bench-xfs-", dir="/tmp"))
+    work.chmod(0o755)
+    image, mnt = work / "xfs.img", work / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_gib * 1024 * MIB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    mnt.chmod(0o755)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(sizes_mib: list[int], stacks: list[str], default_root: Path) -> list[dict[str, Any]]:
+    results = []
+    default_root.mkdir(parents=True, exist_ok=True)
+    default_root.chmod(0o755)
+    biggest = max(sizes_mib)
+    with xfs_root(max(8, biggest * 5 // 1024 + 4)) as xfs:
+        roots = [("default", default_root)] + ([("xfs-reflink", xfs / "var")] if xfs else [])
+        for label, root in roots:
+            root.mkdir(parents=True, exist_ok=True)
+            root.chmod(0o755)
+            for stack in stacks:
+                for mib in sizes_mib:
+                    repeats = 3 if mib <= 1024 else 2
+                    started = time.monotonic()
+                    r = measure(root, stack, mib, repeats)
+                    r["root"] = label
+                    results.append(r)
+                    print(f"downtime {label:<12} {stack:<8} {mib:>5} MiB: ours {r['ours_ms']:8.0f} ms "
+                          f"({r['method']})  naive {r['naive_ms']:8.0f} ms  ratio {r['ratio']:5.1f}x  "
+                          f"[{time.monotonic() - started:.0f}s]", flush=True)
+    return results
