@@ -24,5 +24,10 @@ lint: install
 up: install
 	$(VENV)/bin/envclone up --demo
 
+# Benchmarks: figures beside their baselines, written to bench/results/ (needs the test services).
+bench: install
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m bench.run
+
 clean:
 	rm -rf $(VENV) var

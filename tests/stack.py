@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -134,6 +136,8 @@ class Backend:
             os.killpg(self.beat.pid, signal.SIGTERM)
             self.beat.wait(timeout=30)
         self.stop_worker()
+        if self.log_path.exists():  # kept for a post-mortem after the data root is gone
+            shutil.copy(self.log_path, Path(tempfile.gettempdir()) / "envclone-last-worker.log")
         leftovers = destroy_everything(self.data_dir) if self.data_dir != self.root else []
         leftovers += destroy_everything(self.root)
         reset_caches()

@@ -45,6 +45,10 @@ from shared.progress import record_event
 
 log = logging.getLogger("envclone.steps")
 
+# Celery retry budget of a task: far above anything the bounds below allow (lock_wait_s, retry_max,
+# a database outage retried every <= 30 s), so Celery never ends a chain with MaxRetriesExceeded.
+LOCK_WAIT_RETRIES = 100_000
+
 # Errors worth another attempt: the driver says so, or the network/database blinked.
 RETRYABLE = (TransientDriverError, ConnectionError, TimeoutError, OperationalError)
 
@@ -128,9 +132,13 @@ def _wait_for_node(task: Task, ctx: StepContext, busy: NodeBusy) -> None:
         if waited > get_settings().lock_wait_s:
             row.attempts = max(0, row.attempts - 1)
             raise PermanentDriverError(f"{busy} for more than {waited:.0f}s")
+        waits = int(row.detail.get("waits", 0)) + 1
         row.state, row.attempts = STEP_PENDING, max(0, row.attempts - 1)
-        row.detail = {**row.detail, "waiting_since": since, "waiting_for": busy.holder}
-    raise task.retry(countdown=random.uniform(0.2, 1.0), max_retries=None)
+        row.detail = {**row.detail, "waiting_since": since, "waiting_for": busy.holder, "waits": waits}
+    # Back off (0.2 s doubling to 3 s, jittered) so a queue of jobs at one node does not flood the
+    # broker with retries. (max_retries=None would mean "the task's default", which they outlast.)
+    countdown = min(3.0, 0.2 * 2 ** min(waits, 5)) * random.uniform(0.5, 1.0)
+    raise task.retry(countdown=countdown, max_retries=LOCK_WAIT_RETRIES)
 
 
 def run_step(task: Task, job_id: str, source_node_id: str, step: str, run: int, body: StepBody,
@@ -185,8 +193,9 @@ def run_step(task: Task, job_id: str, source_node_id: str, step: str, run: int, 
             failure = exc
     except RETRYABLE as exc:
         failure = exc
-        if task.request.retries < get_settings().retry_max:
-            retry_in = backoff(task.request.retries)
+        # The budget counts runs of the body, not Celery retries: waiting for a node lock is free.
+        if ctx.attempt <= get_settings().retry_max:
+            retry_in = backoff(ctx.attempt - 1)
     except Exception as exc:  # noqa: BLE001 - permanent: recorded, never thrown into the chord
         failure = exc
     if failure is None:

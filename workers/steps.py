@@ -26,7 +26,7 @@ TASK_OPTS: dict[str, Any] = {
     "autoretry_for": (OperationalError,),
     "retry_backoff": True,
     "retry_backoff_max": 30,
-    "max_retries": 60,
+    "max_retries": 10_000,  # bounded in practice by retry_max (per body run) and lock_wait_s
     "acks_late": True,
 }
 

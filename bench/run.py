@@ -1,0 +1,142 @@
+"""Run the benchmarks and write bench/results/: one JSON per benchmark, results.md (figures beside
+their baselines, ratios, targets met or missed) and downtime.png.
+
+    python -m bench.run                 # everything: downtime at 100 MiB, 1 GiB, 4 GiB
+    python -m bench.run --sizes 100,1024 --only downtime,copy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+ALL = ("downtime", "orchestration", "throughput", "copy")
+
+
+def plot(downtime: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (stack, root), style in zip(sorted({(r["stack"], r["root"]) for r in downtime}),
+                                    ["o-", "s-", "^-", "d-", "v-", "x-"], strict=False):
+        pts = sorted((r["size_mib"], r["ours_ms"], r["naive_ms"]) for r in downtime
+                     if r["stack"] == stack and r["root"] == root)
+        xs = [p[0] for p in pts]
+        ax.plot(xs, [p[1] / 1000 for p in pts], style, label=f"envclone {stack} ({root})")
+        ax.plot(xs, [p[2] / 1000 for p in pts], style, alpha=0.35, linestyle="--", label=f"naive {stack} ({root})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("data size (MiB)")
+    ax.set_ylabel("source downtime (s)")
+    ax.set_title("Source downtime: envclone vs stop + cp -a + start")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    out = ["# Benchmark results", "",
+           f"Machine: {m['cores']} cores, {m['memory_mib']} MiB RAM, kernel {m['kernel']}, Python {m['python']}, "
+           f"default data root on {m['filesystem']}.", ""]
+    if "downtime" in results:
+        out += ["## Source downtime (quiesce start -> healthy again)", "",
+                common.row("root", "stack", "size", "volume", "method", "envclone", "naive", "ratio", "target"),
+                common.row(*["---"] * 9)]
+        for r in results["downtime"]:
+            if r["root"] == "xfs-reflink" and r["size_mib"] >= 1024:
+                target = "<= 500 ms: " + ("met" if r["ours_ms"] <= 500 else "MISSED")
+            elif r["root"] == "default":
+                target = ">= 1.5x: " + ("met" if r["ratio"] >= 1.5 else "MISSED")
+            else:
+                target = ""
+            volume = f"{r['volume_bytes'] // 2**20} MiB"
+            out.append(common.row(r["root"], r["stack"], f"{r['size_mib']} MiB", volume, r["method"],
+                                  f"{r['ours_ms']:.0f} ms", f"{r['naive_ms']:.0f} ms", f"{r['ratio']:.1f}x", target))
+        out += ["", "![downtime vs size](downtime.png)", ""]
+    if "orchestration" in results:
+        out += ["## Orchestration overhead (tiny volumes, 4 worker processes)", "",
+                common.row("nodes", "wall", "steps' own work (sum)", "overhead/step median", "overhead/step max"),
+                common.row(*["---"] * 5)]
+        for r in results["orchestration"]:
+            out.append(common.row(r["nodes"], f"{r['wall_ms']:.0f} ms", f"{r['work_ms_sum']:.0f} ms",
+                                  f"{r['overhead_per_step_ms_median']:.1f} ms",
+                                  f"{r['overhead_per_step_ms_max']:.1f} ms"))
+        scale = results["orchestration"][-1].get("wall_50_over_10")
+        if scale:
+            out += ["", f"wall(N=50) / wall(N=10) = {scale:.2f} (target <= 2: {'met' if scale <= 2 else 'MISSED'})"]
+        med = max(r["overhead_per_step_ms_median"] for r in results["orchestration"])
+        verdict = "met" if med <= 30 else "MISSED"
+        out += [f"worst median overhead per step {med:.1f} ms (target <= 30 ms: {verdict})", ""]
+    if "throughput" in results:
+        t = results["throughput"]
+        two, four = t["jobs_per_minute"]
+        e = t["enqueue"]
+        out += ["## Throughput", "",
+                common.row("measure", "figure", "baseline", "ratio"), common.row(*["---"] * 4),
+                common.row("clone jobs/min, 4 workers vs 2", f"{four['jobs_per_minute']:.1f}",
+                           f"{two['jobs_per_minute']:.1f}", f"{four['jobs_per_minute'] / two['jobs_per_minute']:.2f}x"),
+                common.row("enqueue p50 (50 clients) vs GET /healthz p50", f"{e['enqueue_p50_ms']:.1f} ms",
+                           f"{e['healthz_p50_ms']:.1f} ms", f"{e['enqueue_p50_ms'] / e['healthz_p50_ms']:.1f}x"),
+                common.row("enqueue p99 (50 clients) vs GET /healthz p99", f"{e['enqueue_p99_ms']:.1f} ms",
+                           f"{e['healthz_p99_ms']:.1f} ms", f"{e['p99_over_floor']:.1f}x"),
+                "", f"enqueue p99 target < 50 ms: {'met' if e['enqueue_p99_ms'] < 50 else 'MISSED'}", ""]
+    if "copy" in results:
+        c = results["copy"]
+        out += ["## Copy throughput", "", common.row("measure", "provision", "cp -a", "ratio", "target"),
+                common.row(*["---"] * 5),
+                common.row(f"{c['size_mib']} MiB on {c['filesystem']}", f"{c['provision_mib_s']:.0f} MiB/s",
+                           f"{c['cp_mib_s']:.0f} MiB/s", f"{c['ratio']:.2f}",
+                           ">= 0.8: " + ("met" if c["ratio"] >= 0.8 else "MISSED")), ""]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100,1024,4096", help="downtime data sizes in MiB")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--orchestration-nodes", default="1,10,50")
+    parser.add_argument("--jobs", type=int, default=30, help="jobs per throughput run")
+    parser.add_argument("--data-root", type=Path, default=None, help="default data root (a fresh temp dir)")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    root = args.data_root or Path(tempfile.mkdtemp(prefix="envclone-bench-", dir="/tmp"))
+    root.chmod(0o755)
+    out = common.RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {}
+    results["machine"] = common.machine(root)
+    if "downtime" in only:
+        from bench import downtime
+
+        results["downtime"] = downtime.run([int(s) for s in args.sizes.split(",")], ["postgres", "valkey"],
+                                           root / "var")
+        plot(results["downtime"], out / "downtime.png")
+    if "orchestration" in only:
+        from bench import orchestration
+
+        results["orchestration"] = orchestration.run([int(n) for n in args.orchestration_nodes.split(",")])
+    if "throughput" in only:
+        from bench import throughput
+
+        results["throughput"] = throughput.run(args.jobs)
+    if "copy" in only:
+        from bench import copy_throughput
+
+        results["copy"] = copy_throughput.run(root / "copy")
+    common.save("results", results)
+    (out / "results.md").write_text(markdown(results))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))
+
+
+if __name__ == "__main__":
+    main()

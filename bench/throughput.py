@@ -1,0 +1,75 @@
+"""Throughput: clone jobs completed per minute with 2 and with 4 worker processes; and the API's
+enqueue latency under 50 concurrent clients (gunicorn, real PostgreSQL and Redis), beside the
+latency of GET /healthz under the same load (the HTTP stack's own floor)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from api.auth import create_token
+from bench.common import median, pct, ratio
+from tests.integration.test_api_server import api_server
+from tests.stack import Backend
+from tests.workflow_client import create_environment, delete_environment, start_clone, wait_job
+
+
+def jobs_per_minute(workers: int, jobs: int) -> dict[str, Any]:
+    with Backend(pool="127.112.0.0/16", concurrency=workers):
+        create_environment("tp", [{"name": "cache", "stack": "valkey"}])
+        started = time.perf_counter()
+        ids = [start_clone("tp", f"tp-{i:03d}") for i in range(jobs)]
+        done = [wait_job(i, timeout=900) for i in ids]
+        minutes = (time.perf_counter() - started) / 60
+        assert all(j.state == "succeeded" for j in done)
+        for i in range(jobs):
+            delete_environment(f"tp-{i:03d}", timeout=300)
+        delete_environment("tp")
+    return {"workers": workers, "jobs": jobs, "jobs_per_minute": jobs / minutes}
+
+
+async def _load(base: str, token: str, clients: int, per_client: int, clone: bool) -> list[float]:
+    latencies: list[float] = []
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def client(c: int) -> None:
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
+            for i in range(per_client):
+                start = time.perf_counter()
+                if clone:
+                    r = await http.post("/v1/environments/lat/clones", json={"name": f"l-{c:02d}-{i:03d}"})
+                    assert r.status_code == 202, r.text
+                else:
+                    r = await http.get("/healthz")
+                    assert r.status_code == 200
+                latencies.append((time.perf_counter() - start) * 1000)
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return latencies
+
+
+def enqueue_latency(clients: int = 50, per_client: int = 10) -> dict[str, Any]:
+    with Backend(pool="127.113.0.0/16") as backend:
+        create_environment("lat", [{"name": "cache", "stack": "valkey"}])
+        backend.stop_worker()  # measure the API alone: accepted jobs stay queued, then are dropped
+        with api_server({**backend.env}) as base:
+            token = create_token("acme")
+            floor = asyncio.run(_load(base, token, clients, per_client, clone=False))
+            enq = asyncio.run(_load(base, token, clients, per_client, clone=True))
+    r = {"clients": clients, "requests": len(enq), "enqueue_p50_ms": median(enq), "enqueue_p99_ms": pct(enq, 99),
+         "healthz_p50_ms": median(floor), "healthz_p99_ms": pct(floor, 99)}
+    r["p99_over_floor"] = ratio(r["enqueue_p99_ms"], r["healthz_p99_ms"])
+    return r
+
+
+def run(jobs: int = 30) -> dict[str, Any]:
+    two, four = jobs_per_minute(2, jobs), jobs_per_minute(4, jobs)
+    print(f"throughput: {two['jobs_per_minute']:.1f} jobs/min with 2 workers, {four['jobs_per_minute']:.1f} "
+          f"with 4 (ratio {ratio(four['jobs_per_minute'], two['jobs_per_minute']):.2f})", flush=True)
+    lat = enqueue_latency()
+    print(f"enqueue latency, 50 clients: p50 {lat['enqueue_p50_ms']:.1f} ms, p99 {lat['enqueue_p99_ms']:.1f} ms "
+          f"(target p99 < 50 ms); GET /healthz p99 {lat['healthz_p99_ms']:.1f} ms", flush=True)
+    return {"jobs_per_minute": [two, four], "enqueue": lat}
