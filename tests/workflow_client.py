@@ -14,6 +14,12 @@ from tests.helpers import wait_for
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
 
 TENANT = "acme"
+# A small shop: a database, a cache, and an app whose config points at both.
+SHOP = [
+    {"name": "db", "stack": "postgres"},
+    {"name": "cache", "stack": "valkey"},
+    {"name": "web", "stack": "webapp", "config": {"DATABASE_URL": "{{db.url}}", "CACHE_URL": "{{cache.url}}"}},
+]
 
 
 def create_environment(name: str, nodes: list[dict[str, Any]], timeout: float = 120) -> Environment:

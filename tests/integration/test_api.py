@@ -15,15 +15,12 @@ from shared.models import StepRun
 from tests.api_client import Api
 from tests.helpers import wait_for
 from tests.stack import Backend
+from tests.workflow_client import SHOP as SHOP_NODES
 from tests.workflow_client import lease_count
 
 pytestmark = pytest.mark.integration
 
-SHOP = {"name": "shop", "nodes": [
-    {"name": "db", "stack": "postgres"},
-    {"name": "cache", "stack": "valkey"},
-    {"name": "web", "stack": "webapp", "config": {"DATABASE_URL": "{{db.url}}", "CACHE_URL": "{{cache.url}}"}},
-]}
+SHOP = {"name": "shop", "nodes": SHOP_NODES}
 SOLO = {"name": "solo", "nodes": [{"name": "cache", "stack": "valkey"}]}
 
 

@@ -14,6 +14,7 @@ from shared.drivers import get_driver
 from shared.models import StepRun
 from tests.stack import Backend
 from tests.workflow_client import (
+    SHOP,
     clone,
     create_environment,
     delete_environment,
@@ -24,13 +25,6 @@ from tests.workflow_client import (
 )
 
 pytestmark = pytest.mark.integration
-
-SHOP = [
-    {"name": "db", "stack": "postgres"},
-    {"name": "cache", "stack": "valkey"},
-    {"name": "web", "stack": "webapp", "config": {"DATABASE_URL": "{{db.url}}", "CACHE_URL": "{{cache.url}}"}},
-]
-
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:

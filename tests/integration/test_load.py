@@ -18,17 +18,10 @@ from shared.models import CloneJob
 from shared.planning import plan_clone
 from tests.fault_helpers import counts
 from tests.stack import Backend
-from tests.workflow_client import TENANT, create_environment, delete_environment, environment, wait_job
+from tests.workflow_client import SHOP, TENANT, create_environment, delete_environment, environment, wait_job
 from workers.workflow import dispatch_clone
 
 pytestmark = pytest.mark.integration
-
-SHOP = [
-    {"name": "db", "stack": "postgres"},
-    {"name": "cache", "stack": "valkey"},
-    {"name": "web", "stack": "webapp", "config": {"DATABASE_URL": "{{db.url}}", "CACHE_URL": "{{cache.url}}"}},
-]
-
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:

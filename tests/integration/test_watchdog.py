@@ -61,10 +61,15 @@ def test_source_down_too_long_is_restarted_and_the_job_fails_cleanly(backend: Ba
 def test_dead_node_is_restarted_and_the_event_recorded(backend: Backend, source: str) -> None:
     pid = int((get_driver().volume(source) / "run/node.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: get_driver().health(source).healthy, timeout=30, what="the reconciler to restart the node")
-    with session_scope() as session:
-        events = [e.message for e in session.scalars(select(EnvironmentEvent))]
-    assert "node cache was not running; restarted" in events
+
+    def recorded() -> bool:
+        with session_scope() as session:
+            return "node cache was not running; restarted" in session.scalars(select(EnvironmentEvent.message))
+
+    wait_for(recorded, timeout=30, what="the reconciler to restart the node and record it")
+    assert get_driver().health(source).healthy
+    new_pid = int((get_driver().volume(source) / "run/node.pid").read_text().split()[0])
+    assert new_pid != pid
 
 
 def test_committed_but_never_sent_job_is_dispatched_by_the_outbox(backend: Backend, source: str) -> None:
