@@ -102,6 +102,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1024,4096", help="downtime data sizes in MiB")
+    parser.add_argument("--stacks", default="postgres,valkey", help="downtime stacks")
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--orchestration-nodes", default="1,10,50")
     parser.add_argument("--jobs", type=int, default=30, help="jobs per throughput run")
@@ -118,8 +119,10 @@ def main() -> None:
     if "downtime" in only:
         from bench import downtime
 
-        results["downtime"] = downtime.run([int(s) for s in args.sizes.split(",")], ["postgres", "valkey"],
-                                           root / "var")
+        fresh = downtime.run([int(s) for s in args.sizes.split(",")], args.stacks.split(","), root / "var")
+        key = lambda r: (r["root"], r["stack"], r["size_mib"])  # noqa: E731
+        kept = [r for r in results.get("downtime", []) if key(r) not in {key(f) for f in fresh}]
+        results["downtime"] = sorted(kept + fresh, key=lambda r: (r["root"], r["stack"], r["size_mib"]))
         plot(results["downtime"], out / "downtime.png")
     if "orchestration" in only:
         from bench import orchestration

@@ -29,9 +29,11 @@ def valkey_binary() -> str:
 
 
 class ValkeyStack(Stack):
+    """Persistence is the append-only file alone (no RDB dumps): its base file only changes on a
+    rewrite, so a pre-copy stays valid and the window copies just the small incremental file."""
+
     name = "valkey"
     default_port = 6379
-    precopy = False  # one AOF/RDB that changes on every save: a pre-copy would be thrown away
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
         argv = [
@@ -39,7 +41,7 @@ class ValkeyStack(Stack):
             "--bind", ctx.address, "--port", str(ctx.port),
             "--dir", str(ctx.data_dir),
             "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "3600 1",
+            "--save", "",
             "--daemonize", "no", "--logfile", "", "--protected-mode", "no",
         ]
         return argv, {}
@@ -56,10 +58,11 @@ class ValkeyStack(Stack):
             return "PONG"
 
     def quiesce(self, ctx: NodeContext) -> bool:
-        """SHUTDOWN SAVE: writes the RDB, fsyncs the AOF, exits. The connection drops by design."""
+        """SHUTDOWN: fsyncs the append-only file and exits (no RDB to write). The connection drops
+        by design."""
         with self._client(ctx, timeout=30.0) as client:
             try:
-                client.shutdown(save=True)
+                client.shutdown(nosave=True)
             except redis.ConnectionError:
                 pass
         return True
