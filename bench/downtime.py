@@ -42,6 +42,14 @@ def fill(driver: LocalDriver, node_id: str, stack: str, mib: int) -> None:
             for i in range(start, min(mib, start + 64)):
                 pipe.set(f"blob:{i}", value[i % 1024:] + value[: i % 1024])
             pipe.execute()
+        # Compact the append-only file as a long-running server would have (auto-rewrite).
+        try:
+            client.bgrewriteaof()
+        except redis.ResponseError:
+            pass  # valkey's own auto-rewrite is already at it
+        while client.info("persistence")["aof_rewrite_in_progress"] or \
+                client.info("persistence")["aof_rewrite_scheduled"]:
+            time.sleep(0.1)  # poll: valkey reports the rewrite's end only through INFO
 
 
 def ours(driver: LocalDriver, node_id: str, n: int) -> dict[str, Any]:
