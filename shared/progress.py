@@ -12,8 +12,13 @@ from shared.models import JOB_DONE_STATES, STEP_DONE_STATES, CloneJob, JobEvent,
 
 
 def record_event(session: Session, job: CloneJob, kind: str, **data: Any) -> None:
-    """Append an event carrying the job's state and (freshly computed) percent at that moment."""
+    """Append an event carrying the job's state and (freshly computed) percent at that moment.
+
+    The job row is locked first: events of one job are written one transaction at a time, each
+    seeing the steps the previous one committed, so event ids and percents rise together."""
     session.flush()  # the step rows just changed count towards the percent
+    session.execute(select(CloneJob).where(CloneJob.id == job.id).with_for_update()
+                    .execution_options(populate_existing=True)).scalar_one()
     percent = update_percent(session, job)
     session.add(JobEvent(job_id=job.id, kind=kind, data={**data, "job_state": job.state, "percent": percent,
                                                           "run": job.run}))
