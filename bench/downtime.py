@@ -123,7 +123,10 @@ def xfs_root(size_gib: int) -> Any:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        # A node process that is still exiting keeps the mount busy for a moment: detach lazily
+        # rather than delete files out from under a mount that is still there.
+        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 
