@@ -56,14 +56,15 @@ def _relet_address(session: Session, node: Node) -> None:
     """Lease the clone node's address again, or a new one if someone took it meanwhile."""
     if session.get(AddressLease, node.address) is not None:
         return
-    try:
-        with session.begin_nested():
-            if node.address in ipam.listening_addresses():
-                raise IntegrityError("address in use", None, Exception())
-            session.add(AddressLease(address=node.address, node_id=node.id))
-    except IntegrityError:
-        node.address = ipam.lease(session, get_settings().address_pool, 1)[0]
-        ipam.bind(session, node.address, node.id)
+    if node.address not in ipam.listening_addresses():
+        try:
+            with session.begin_nested():
+                session.add(AddressLease(address=node.address, node_id=node.id))
+            return
+        except IntegrityError:
+            pass  # leased by a concurrent request: take a new one
+    node.address = ipam.lease(session, get_settings().address_pool, 1)[0]
+    ipam.bind(session, node.address, node.id)
 
 
 def prepare_retry(session: Session, job: CloneJob) -> None:

@@ -121,6 +121,10 @@ def _request_hash(source: str, body: CloneIn) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _job_by_key(session, key: str) -> CloneJob | None:  # noqa: ANN001
+    return session.scalar(select(CloneJob).where(CloneJob.tenant == tenant(), CloneJob.idempotency_key == key))
+
+
 def _job_response(session, job: CloneJob, status: int) -> Response:  # noqa: ANN001
     response = jsonify(serialize.to_json(JobOut.model_validate(serialize.job(job))))
     response.status_code = status
@@ -144,8 +148,7 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
     key, digest = header.idempotency_key, _request_hash(path.name, body)
     if key:
         with session_scope() as session:
-            existing = session.scalar(select(CloneJob).where(CloneJob.tenant == tenant(),
-                                                             CloneJob.idempotency_key == key))
+            existing = _job_by_key(session, key)
             if existing is not None:
                 if existing.request_hash != digest:
                     raise ApiError(409, "idempotency_key_reused",
@@ -164,8 +167,7 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
     except IntegrityError:
         # A concurrent request with the same key (or target name) won the race.
         with session_scope() as session:
-            existing = session.scalar(select(CloneJob).where(CloneJob.tenant == tenant(),
-                                                             CloneJob.idempotency_key == key)) if key else None
+            existing = _job_by_key(session, key) if key else None
             if existing is not None and existing.request_hash == digest:
                 return _job_response(session, existing, 202)
         raise ApiError(409, "conflict", "a concurrent request conflicts with this one", "name") from None
