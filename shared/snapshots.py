@@ -78,7 +78,10 @@ def _walk(root: Path, ignore: Ignore | None):
             rel = os.path.join(rel_dir, name)
             if ignore and ignore(rel):
                 continue
-            st = os.lstat(os.path.join(dirpath, name))
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue  # removed while we walked (a live tree during pre-copy)
             if stat.S_ISLNK(st.st_mode):
                 yield rel, st  # a symlink to a directory is copied as a link, not followed
             else:
@@ -89,7 +92,10 @@ def _walk(root: Path, ignore: Ignore | None):
             rel = os.path.join(rel_dir, name)
             if ignore and ignore(rel):
                 continue
-            yield rel, os.lstat(os.path.join(dirpath, name))
+            try:
+                yield rel, os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
 
 
 def tree_size(root: Path, ignore: Ignore | None = None) -> int:
@@ -123,14 +129,23 @@ def _fix_dir_meta(src_root: Path, dst_root: Path, dirs: list[tuple[str, os.stat_
 
 
 def copy_tree(src_root: Path, dst_root: Path, *, reflink: bool, progress: Progress | None = None,
-              ignore: Ignore | None = None) -> int:
-    """Copy ``src_root`` to a new ``dst_root`` preserving modes, owners and times. Returns bytes."""
+              ignore: Ignore | None = None, live: bool = False) -> int:
+    """Copy ``src_root`` to a new ``dst_root`` preserving modes, owners and times. Returns bytes.
+    ``live``: the tree is in use (pre-copy), so a file may vanish under us; skip it, the delta pass
+    inside the window settles what the stopped tree holds."""
     dst_root.mkdir(parents=True, exist_ok=False)
     total, dirs = 0, []
     for rel, st in _walk(src_root, ignore):
-        total += _copy_entry(src_root, dst_root, rel, st, reflink, progress)
+        try:
+            total += _copy_entry(src_root, dst_root, rel, st, reflink, progress)
+        except FileNotFoundError:
+            if not live:
+                raise
+            continue
         if stat.S_ISDIR(st.st_mode):
             dirs.append((rel, st))
+    if live:
+        dirs = [(rel, st) for rel, st in dirs if os.path.isdir(os.path.join(src_root, rel))]
     _fix_dir_meta(src_root, dst_root, dirs)
     return total
 
@@ -138,7 +153,7 @@ def copy_tree(src_root: Path, dst_root: Path, *, reflink: bool, progress: Progre
 def precopy_tree(src_root: Path, dst_root: Path, *, ignore: Ignore | None = None) -> int:
     """Copy a live tree ahead of the window; files touched too recently are left for the delta pass."""
     started_ns = time.time_ns()
-    n = copy_tree(src_root, dst_root, reflink=False, ignore=ignore)
+    n = copy_tree(src_root, dst_root, reflink=False, ignore=ignore, live=True)
     for rel, st in _walk(dst_root, None):
         if stat.S_ISREG(st.st_mode) and st.st_mtime_ns > started_ns - MODIFY_WINDOW_NS:
             os.unlink(os.path.join(dst_root, rel))  # untrusted: copy again inside the window
