@@ -54,9 +54,10 @@ def _resume_index(steps: list[StepRun], snapshot_ok: bool, clone_ok: bool) -> in
 
 def _relet_address(session: Session, node: Node) -> None:
     """Lease the clone node's address again, or a new one if someone took it meanwhile."""
-    if session.get(AddressLease, node.address) is not None:
+    held = session.get(AddressLease, node.address)
+    if held is not None and held.node_id == node.id:
         return
-    if node.address not in ipam.listening_addresses():
+    if held is None and node.address not in ipam.listening_addresses():
         try:
             with session.begin_nested():
                 session.add(AddressLease(address=node.address, node_id=node.id))

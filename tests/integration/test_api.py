@@ -254,6 +254,24 @@ def test_retry_after_teardown_redoes_the_snapshot(clean: Api) -> None:
     assert clean.post(f"/v1/jobs/{job_id}/retry").status_code == 409
 
 
+def test_retry_takes_a_new_address_when_its_old_one_was_leased_meanwhile(clean: Api) -> None:
+    make_env(clean, SOLO)
+    failed_id = clean.post("/v1/environments/solo/clones", {
+        "name": "solo-copy", "faults": [{"step": "provision", "kind": "permanent"}]}).json["id"]
+    assert wait_job(clean, failed_id)["state"] == "failed"
+    first_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
+    # The teardown freed that address; the next clone leases the lowest free one: the same.
+    other_id = clean.post("/v1/environments/solo/clones", {"name": "solo-other"}).json["id"]
+    assert wait_job(clean, other_id)["state"] == "succeeded"
+    other_address = clean.get("/v1/environments/solo-other").json["nodes"][0]["address"]
+    assert other_address == first_address
+    assert clean.post(f"/v1/jobs/{failed_id}/retry").status_code == 202
+    assert wait_job(clean, failed_id)["state"] == "succeeded"
+    retried_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
+    assert retried_address != other_address
+    assert lease_count() == 3  # source, solo-other, solo-copy: one lease each
+
+
 def test_retry_with_kept_clone_resumes_at_the_failed_step(clean: Api) -> None:
     make_env(clean, SOLO)
     job_id = clean.post("/v1/environments/solo/clones", {
