@@ -1,6 +1,11 @@
 """The address pool: leases live in the database, one row per address (the primary key makes a
 double lease impossible, across processes and machines). Lowest free address first, so a dry-run
-plan names the addresses a clone submitted right after really gets."""
+plan names the addresses a clone submitted right after really gets.
+
+Concurrent leasers would all try the same lowest address and PostgreSQL would make each wait for
+the other's commit, serializing every clone request. So on PostgreSQL a leaser first takes a
+transaction-scoped advisory lock on the address and skips any address another in-flight
+transaction holds -- the effect of SELECT ... FOR UPDATE SKIP LOCKED without a pool table."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,9 +48,9 @@ def listening_addresses() -> set[str]:
     return found
 
 
-def _candidates(session: Session, cidr: str) -> Iterator[str]:
+def _candidates(session: Session, cidr: str, busy: set[str] | None = None) -> Iterator[str]:
     taken = set(session.scalars(select(AddressLease.address)))
-    busy = listening_addresses()
+    busy = listening_addresses() if busy is None else busy
     for host in _hosts(cidr):
         if host not in taken and host not in busy:
             yield host
@@ -55,10 +60,11 @@ def free_count(session: Session, cidr: str) -> int:
     return sum(1 for _ in _candidates(session, cidr))
 
 
-def plan(session: Session, cidr: str, count: int) -> list[str]:
-    """The addresses ``lease`` would hand out now, touching nothing."""
+def plan(session: Session, cidr: str, count: int, *, busy: set[str] | None = None) -> list[str]:
+    """The addresses ``lease`` would hand out now, touching nothing. ``busy``: listening addresses
+    the caller already read (one scan of /proc per request, not one per call)."""
     out: list[str] = []
-    for host in _candidates(session, cidr):
+    for host in _candidates(session, cidr, busy):
         if len(out) == count:
             break
         out.append(host)
@@ -67,19 +73,40 @@ def plan(session: Session, cidr: str, count: int) -> list[str]:
     return out
 
 
-def lease(session: Session, cidr: str, count: int, *, job_id: str | None = None) -> list[str]:
-    """Lease ``count`` addresses inside the caller's transaction. A concurrent winner of the same
-    address makes our insert fail on the key; we step to the next candidate."""
+def _claim(session: Session, address: str) -> bool:
+    """On PostgreSQL: False if another open transaction is leasing ``address`` right now (its lock
+    is held until it commits or rolls back). Elsewhere writers are serialized already."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    key = int(ipaddress.ip_address(address))
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK_SPACE, key - 2**31))))
+
+
+_LOCK_SPACE = 0x1EA5E  # advisory lock class for addresses (two-int form: class, address)
+
+
+def try_lease(session: Session, address: str, *, job_id: str | None = None, node_id: str | None = None) -> bool:
+    """Lease one given address in the caller's transaction; False if it is taken or being taken."""
+    if not _claim(session, address):
+        return False
+    try:
+        with session.begin_nested():
+            session.add(AddressLease(address=address, job_id=job_id, node_id=node_id))
+    except IntegrityError:
+        return False  # leased by a transaction that committed after we read the pool
+    return True
+
+
+def lease(session: Session, cidr: str, count: int, *, job_id: str | None = None,
+          busy: set[str] | None = None) -> list[str]:
+    """Lease ``count`` addresses inside the caller's transaction, lowest free first, stepping past
+    any a concurrent request holds."""
     got: list[str] = []
-    for host in _candidates(session, cidr):
+    for host in _candidates(session, cidr, busy):
         if len(got) == count:
             break
-        try:
-            with session.begin_nested():
-                session.add(AddressLease(address=host, job_id=job_id))
-        except IntegrityError:
-            continue
-        got.append(host)
+        if try_lease(session, host, job_id=job_id):
+            got.append(host)
     if len(got) < count:
         raise PoolExhausted(cidr, count, len(got))
     return got

@@ -6,7 +6,6 @@ assigning addresses needs the clone's volume."""
 
 from __future__ import annotations
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared import ipam
@@ -57,13 +56,9 @@ def _relet_address(session: Session, node: Node) -> None:
     held = session.get(AddressLease, node.address)
     if held is not None and held.node_id == node.id:
         return
-    if held is None and node.address not in ipam.listening_addresses():
-        try:
-            with session.begin_nested():
-                session.add(AddressLease(address=node.address, node_id=node.id))
-            return
-        except IntegrityError:
-            pass  # leased by a concurrent request: take a new one
+    if (held is None and node.address not in ipam.listening_addresses()
+            and ipam.try_lease(session, node.address, node_id=node.id)):
+        return
     node.address = ipam.lease(session, get_settings().address_pool, 1)[0]
     ipam.bind(session, node.address, node.id)
 

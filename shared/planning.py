@@ -110,6 +110,7 @@ class ClonePlan:
     conflicts: list[Conflict]
     bytes_needed: int = 0
     bytes_free: int = 0
+    busy: set[str] = field(default_factory=set)  # addresses something listens on, read once
 
 
 def check_clone(session: Session, tenant: str, source_name: str, target_name: str) -> ClonePlan:
@@ -124,8 +125,9 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
     if find_environment(session, tenant, target_name) is not None:
         conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
     addresses: dict[str, str] = {}
+    busy = ipam.listening_addresses()
     try:
-        planned = ipam.plan(session, settings.address_pool, len(source.nodes))
+        planned = ipam.plan(session, settings.address_pool, len(source.nodes), busy=busy)
         addresses = {n.name: a for n, a in zip(source.nodes, planned, strict=True)}
     except ipam.PoolExhausted as exc:
         conflicts.append(Conflict("pool_exhausted", str(exc), "name"))
@@ -136,7 +138,7 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
     free = shutil.disk_usage(settings.data_dir).free
     if needed > free:
         conflicts.append(Conflict("disk_full", f"needs {needed} bytes of disk, {free} free", "name"))
-    return ClonePlan(source, target_name, addresses, conflicts, needed, free)
+    return ClonePlan(source, target_name, addresses, conflicts, needed, free, busy)
 
 
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,
@@ -155,7 +157,7 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
     session.flush()
     job.target_environment_id = target.id
     try:
-        addresses = ipam.lease(session, settings.address_pool, len(source.nodes), job_id=job.id)
+        addresses = ipam.lease(session, settings.address_pool, len(source.nodes), job_id=job.id, busy=plan.busy)
     except ipam.PoolExhausted as exc:
         raise PlanError(Conflict("pool_exhausted", str(exc), "name")) from None
     for src, address in zip(source.nodes, addresses, strict=True):

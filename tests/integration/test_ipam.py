@@ -80,3 +80,22 @@ def test_never_leases_an_address_a_live_process_listens_on(pg_database: str) -> 
         engine.dispose()
     finally:
         sock.close()
+
+
+def test_a_lease_in_flight_is_stepped_over_without_waiting(pg_database: str) -> None:
+    """Two requests leasing at once: the second takes the next address at once instead of waiting
+    for the first to commit (lock_timeout makes any wait an error), and a rollback frees it."""
+    from sqlalchemy import text
+
+    engine = make_engine(pg_database)
+    with Session(engine) as first, Session(engine) as second:
+        assert ipam.lease(first, POOL, 1, job_id="a") == ["127.92.0.1"]  # uncommitted
+        second.execute(text("SET LOCAL lock_timeout = '200ms'"))
+        assert ipam.lease(second, POOL, 1, job_id="b") == ["127.92.0.2"]
+        second.commit()
+        first.rollback()
+        assert ipam.lease(first, POOL, 1, job_id="c") == ["127.92.0.1"]
+        first.commit()
+    with Session(engine) as session:
+        assert set(session.scalars(select(AddressLease.address))) == {"127.92.0.1", "127.92.0.2"}
+    engine.dispose()
