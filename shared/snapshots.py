@@ -98,6 +98,12 @@ def _walk(root: Path, ignore: Ignore | None):
                 continue
 
 
+def fingerprint(root: Path, ignore: Ignore | None = None) -> dict[str, tuple[int, int, int]]:
+    """(type, size, mtime) of everything below root: equal before and after a copy of a live but
+    write-paused tree means nothing changed under the copy."""
+    return {rel: (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns) for rel, st in _walk(root, ignore)}
+
+
 def tree_size(root: Path, ignore: Ignore | None = None) -> int:
     return sum(st.st_size for _, st in _walk(root, ignore) if stat.S_ISREG(st.st_mode))
 

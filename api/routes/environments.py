@@ -164,6 +164,7 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
             job.idempotency_key, job.request_hash = key, digest
             session.flush()
             job_id = job.id
+            response = _job_response(session, job, 202)  # what it is once sent: queued
     except IntegrityError:
         # A concurrent request with the same key (or target name) won the race.
         with session_scope() as session:
@@ -182,5 +183,4 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
             session.delete(job)
 
     send(lambda: dispatch_clone(job_id), undo)
-    with session_scope() as session:
-        return _job_response(session, session.get(CloneJob, job_id), 202)
+    return response

@@ -17,7 +17,8 @@ def get_driver() -> Driver:
     from shared.config import get_settings
     from shared.drivers.local import LocalDriver
 
-    return LocalDriver(get_settings().data_dir, node_user=get_settings().node_user)
+    settings = get_settings()
+    return LocalDriver(settings.data_dir, node_user=settings.node_user, max_pause_s=settings.max_downtime_s)
 
 
 __all__ = [

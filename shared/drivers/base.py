@@ -85,15 +85,20 @@ class Driver(ABC):
 
     @abstractmethod
     def quiesce(self, node_id: str) -> None:
-        """Stack-aware consistent stop: flush, then shut down."""
+        """Stack-aware consistent quiesce: flush, then shut down -- or, for a stack that can, hold
+        writes while reads go on (bounded by the server's own timer)."""
+
+    @abstractmethod
+    def quiesced(self, node_id: str) -> bool:
+        """Whether the node is held still: stopped, or running with its writes paused."""
 
     @abstractmethod
     def snapshot(self, node_id: str, snapshot_id: str) -> SnapshotInfo:
-        """Capture the stopped node's volume as an immutable snapshot (the cheap in-window part)."""
+        """Capture the quiesced node's volume as an immutable snapshot (the cheap in-window part)."""
 
     @abstractmethod
     def restart(self, node_id: str, timeout: float) -> None:
-        """Start the node and wait until it is healthy."""
+        """Resume writes or start the node, and wait until it is healthy."""
 
     @abstractmethod
     def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None) -> int:

@@ -56,7 +56,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class LocalDriver(Driver):
-    def __init__(self, data_dir: Path | str, node_user: str = "nobody") -> None:
+    def __init__(self, data_dir: Path | str, node_user: str = "nobody", max_pause_s: float = 120.0) -> None:
+        """``max_pause_s``: how long a server that quiesces online holds writes at most, on its own
+        clock -- the bound holds even if every worker dies mid-window."""
+        self.max_pause_s = max_pause_s
         self.root = Path(data_dir).resolve()
         self.nodes_dir = self.root / "nodes"
         self.snaps_dir = self.root / "snapshots"
@@ -190,6 +193,12 @@ class LocalDriver(Driver):
             time.sleep(0.02)  # poll: the server gives no readiness notification
 
     def restart(self, node_id: str, timeout: float) -> None:
+        stack, ctx = self._node(node_id)
+        if stack.online_quiesce and process.running_pid(self._pid_path(node_id)) is not None:
+            try:
+                stack.resume_writes(ctx)
+            except Exception as exc:  # noqa: BLE001
+                raise TransientDriverError(f"resuming writes on {stack.name} failed: {exc}") from exc
         self.start(node_id)
         self.wait_healthy(node_id, timeout)
 
@@ -209,6 +218,12 @@ class LocalDriver(Driver):
         pid_path = self._pid_path(node_id)
         if process.running_pid(pid_path) is None:
             return  # already down: a re-run of quiesce after it succeeded
+        if stack.online_quiesce:
+            try:
+                stack.pause_writes(ctx, self.max_pause_s)
+            except Exception as exc:  # noqa: BLE001
+                raise TransientDriverError(f"pausing writes on {stack.name} failed: {exc}") from exc
+            return
         try:
             asked = stack.quiesce(ctx)
         except Exception as exc:  # noqa: BLE001
@@ -221,15 +236,24 @@ class LocalDriver(Driver):
             raise TransientDriverError(f"{stack.name} did not stop within 60s after quiesce")
         pid_path.unlink(missing_ok=True)
 
+    def quiesced(self, node_id: str) -> bool:
+        stack, ctx = self._node(node_id)
+        if process.running_pid(self._pid_path(node_id)) is None:
+            return True
+        return stack.online_quiesce and stack.writes_paused(ctx)
+
     def snapshot(self, node_id: str, snapshot_id: str) -> SnapshotInfo:
         final = self._snapshot_dir(snapshot_id)
         if (final / "meta.json").exists():
             return SnapshotInfo(**json.loads((final / "meta.json").read_text()))
-        if process.running_pid(self._pid_path(node_id)) is not None:
+        stack, ctx = self._node(node_id)
+        volume = self.volume(node_id)
+        if not self.quiesced(node_id):
             raise PermanentDriverError(f"node {node_id} is running: a snapshot needs a quiesced node")
+        online = process.running_pid(self._pid_path(node_id)) is not None
+        before = snapshots.fingerprint(volume, _ignore_run) if online else None
         started = time.monotonic()
         staging = self.snaps_dir / f".{snapshot_id}.staging"
-        volume = self.volume(node_id)
         if self.reflink:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -243,7 +267,13 @@ class LocalDriver(Driver):
             staging.mkdir(parents=True)
             snapshots.copy_tree(volume, staging / "volume", reflink=False, ignore=_ignore_run)
             method = "copy"
-        if process.running_pid(self._pid_path(node_id)) is not None:
+        if online:
+            # Writes held all along and no file changed: the copy is one consistent moment.
+            if not stack.writes_paused(ctx) or snapshots.fingerprint(volume, _ignore_run) != before:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise PermanentDriverError(f"node {node_id} took writes while its snapshot was taken "
+                                           f"(pause ended after {self.max_pause_s:.0f}s?)")
+        elif process.running_pid(self._pid_path(node_id)) is not None:
             shutil.rmtree(staging, ignore_errors=True)
             raise PermanentDriverError(f"node {node_id} was started while its snapshot was taken")
         window_ms = int((time.monotonic() - started) * 1000)

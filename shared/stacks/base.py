@@ -39,6 +39,9 @@ class Stack(ABC):
     precopy: bool = True
     # The server will not run as root (PostgreSQL): it must get the unprivileged node user.
     refuses_root: bool = False
+    # Quiesce without stopping: the server holds every write while it keeps answering reads, and
+    # the restart is a resume -- no dataset to reload, so the window is as short as the copy.
+    online_quiesce: bool = False
 
     def init(self, ctx: NodeContext, config: dict[str, str]) -> None:
         """Create the stack's files in a fresh volume (runs once, before the first start)."""
@@ -60,6 +63,19 @@ class Stack(ABC):
         """Begin a consistent shutdown. True: the server was asked to stop itself (the driver waits
         for it to exit); False: the driver sends ``stop_signal``."""
         return False
+
+    def pause_writes(self, ctx: NodeContext, hold_s: float) -> None:
+        """(online_quiesce) Hold writes for at most ``hold_s`` -- the server lets them go by itself
+        after that, so a lost worker can never leave a source held -- and return once everything
+        acknowledged before the pause is in the volume's files."""
+        raise NotImplementedError
+
+    def writes_paused(self, ctx: NodeContext) -> bool:
+        """(online_quiesce) Whether writes are held right now."""
+        return False
+
+    def resume_writes(self, ctx: NodeContext) -> None:
+        """(online_quiesce) Let writes through again; harmless when they are not held."""
 
     @abstractmethod
     def url(self, ctx: NodeContext) -> str: ...

@@ -1,8 +1,10 @@
-"""Valkey (Redis-compatible): AOF + RDB persistence in the volume; quiesce = SHUTDOWN SAVE."""
+"""Valkey (Redis-compatible): append-only persistence in the volume; quiesce = CLIENT PAUSE WRITE
+(reads go on, writes wait), restart = CLIENT UNPAUSE."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import redis
@@ -34,6 +36,7 @@ class ValkeyStack(Stack):
 
     name = "valkey"
     default_port = 6379
+    online_quiesce = True
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
         argv = [
@@ -59,13 +62,46 @@ class ValkeyStack(Stack):
 
     def quiesce(self, ctx: NodeContext) -> bool:
         """SHUTDOWN: fsyncs the append-only file and exits (no RDB to write). The connection drops
-        by design."""
+        by design. (Used when the node is stopped for good; clones pause writes instead.)"""
         with self._client(ctx, timeout=30.0) as client:
             try:
                 client.shutdown(nosave=True)
             except redis.ConnectionError:
                 pass
         return True
+
+    def pause_writes(self, ctx: NodeContext, hold_s: float) -> None:
+        """CLIENT PAUSE WRITE also stops expiry and eviction, so the dataset is frozen. Then wait
+        until the append-only file holds every acknowledged write (a write postponed behind a slow
+        fsync sits in aof_buffer) and no rewrite is swapping its files."""
+        deadline = time.monotonic() + min(hold_s, 30.0)
+        with self._client(ctx, timeout=10.0) as client:
+            client.client_pause(max(1, int(hold_s * 1000)), all=False)
+            try:
+                self._wait_aof_settled(client, deadline)
+            except BaseException:
+                client.client_unpause()  # no snapshot will come: do not hold the source's writes
+                raise
+
+    @staticmethod
+    def _wait_aof_settled(client: redis.Redis, deadline: float) -> None:
+        while True:
+            p = client.info("persistence")
+            if p.get("aof_last_write_status") != "ok":
+                raise RuntimeError(f"append-only file write failing: {p.get('aof_last_write_status')}")
+            if not (p["aof_rewrite_in_progress"] or p["aof_rewrite_scheduled"] or p["aof_buffer_length"]):
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError("append-only file did not settle (rewrite still running)")
+            time.sleep(0.005)  # poll: valkey reports this only through INFO
+
+    def writes_paused(self, ctx: NodeContext) -> bool:
+        with self._client(ctx) as client:
+            return client.info("clients").get("paused_actions") in ("write", "all")
+
+    def resume_writes(self, ctx: NodeContext) -> None:
+        with self._client(ctx) as client:
+            client.client_unpause()
 
     def url(self, ctx: NodeContext) -> str:
         return f"redis://{ctx.address}:{ctx.port}/0"

@@ -30,11 +30,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def api_server(env: dict[str, str]) -> Iterator[str]:
+def api_server(env: dict[str, str], processes: int = 1, threads: int = 8) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-k", "gthread", "--threads", "8",
-         "-w", "1", "api.wsgi:app"],
+        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-k", "gthread", "--threads", str(threads),
+         "-w", str(processes), "api.wsgi:app"],
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

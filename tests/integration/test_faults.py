@@ -49,7 +49,7 @@ def _did(step: str, job_id: str, source_id: str) -> bool:
     driver = get_driver()
     jn = _job_node(job_id)
     return {
-        "quiesce": lambda: not driver.health(source_id).running,
+        "quiesce": lambda: driver.quiesced(source_id),
         "snapshot": lambda: jn.snapshot_id in driver.snapshot_ids(),
         "restart": lambda: jn.restarted_at is not None,
         "provision": lambda: jn.clone_node_id in driver.node_ids(),

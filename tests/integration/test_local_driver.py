@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from shared.drivers import NodeSpec, PermanentDriverError
 from shared.drivers.local import LocalDriver
 from shared.stacks.postgres import SUPERUSER
 from tests.conftest import destroy_everything, make_data_root
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +27,13 @@ SRC, COPY = "127.91.0.1", "127.91.0.2"
 def snapshot_cycle(driver: LocalDriver, node_id: str, snap_id: str) -> None:
     driver.prepare_snapshot(node_id, snap_id)
     driver.quiesce(node_id)
-    assert not driver.health(node_id).running
+    assert driver.quiesced(node_id)
     driver.snapshot(node_id, snap_id)
     driver.restart(node_id, 30)
+
+
+def blocked_clients(client: redis.Redis) -> int:
+    return int(client.info("clients")["blocked_clients"])
 
 
 def clone_from(driver: LocalDriver, snap_id: str, node_id: str, address: str, port: int) -> None:
@@ -37,16 +43,29 @@ def clone_from(driver: LocalDriver, snap_id: str, node_id: str, address: str, po
 
 
 def check_valkey_clone(driver: LocalDriver) -> None:
+    """Valkey quiesces online: reads go on, a write waits for the restart (the resume) and is in
+    the source afterwards but not in the clone."""
     driver.create_node(NodeSpec("src", "valkey", SRC, 6379))
     src = redis.Redis(host=SRC)
     src.mset({f"k{i}": f"v{i}" for i in range(100)})
-    snapshot_cycle(driver, "src", "snap")
-    src.set("after", "snapshot")  # the source serves and accepts writes again
+    pid = (driver.volume("src") / "run/node.pid").read_text()
+    driver.prepare_snapshot("src", "snap")
+    driver.quiesce("src")
+    assert driver.health("src").healthy and src.get("k5") == b"v5"  # still serving reads
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(redis.Redis(host=SRC).set, "during", "pause")
+        wait_for(lambda: blocked_clients(src) == 1, timeout=10, what="the write to be held")
+        driver.snapshot("src", "snap")
+        assert not held.done()
+        driver.restart("src", 30)
+        assert held.result(timeout=10) is True
+    assert (driver.volume("src") / "run/node.pid").read_text() == pid  # never stopped
+    src.set("after", "snapshot")
     clone_from(driver, "snap", "copy", COPY, 6379)
     copy = redis.Redis(host=COPY)
     assert copy.mget([f"k{i}" for i in range(100)]) == [f"v{i}".encode() for i in range(100)]
-    assert copy.get("after") is None
-    assert src.get("after") == b"snapshot" and src.get("k5") == b"v5"
+    assert copy.get("during") is None and copy.get("after") is None
+    assert src.get("during") == b"pause" and src.get("after") == b"snapshot" and src.get("k5") == b"v5"
     assert driver.url("copy") == f"redis://{COPY}:6379/0"
 
 
@@ -126,6 +145,13 @@ def test_snapshot_refuses_a_running_node_and_bad_ids(driver: LocalDriver) -> Non
     driver.create_node(NodeSpec("src", "valkey", SRC, 6379))
     with pytest.raises(PermanentDriverError, match="quiesced"):
         driver.snapshot("src", "snap")
+    # Writes let through behind the driver's back (a pause that ran out): no snapshot.
+    driver.quiesce("src")
+    redis.Redis(host=SRC).client_unpause()
+    redis.Redis(host=SRC).set("sneaked", "in")
+    with pytest.raises(PermanentDriverError, match="quiesced"):
+        driver.snapshot("src", "snap")
+    assert driver.snapshot_ids() == set()
     with pytest.raises(PermanentDriverError, match="invalid node id"):
         driver.volume("../etc")
     with pytest.raises(PermanentDriverError, match="does not exist"):
