@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -37,47 +39,60 @@ def jobs_per_minute(workers: int, jobs: int) -> dict[str, Any]:
     return {"workers": workers, "jobs": jobs, "jobs_per_minute": jobs / minutes}
 
 
+@asynccontextmanager
+async def _connected(base: str, token: str, clients: int) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """One HTTP client (one connection) per simulated user, made and connected before any clock
+    starts: building 50 clients takes the event loop most of a second, which is the load
+    generator's time, not the server's."""
+    http = [httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            for _ in range(clients)]
+    try:
+        await asyncio.gather(*(h.get("/healthz") for h in http))
+        yield http
+    finally:
+        await asyncio.gather(*(h.aclose() for h in http))
+
+
+async def _request(http: httpx.AsyncClient, clone: bool, name: str) -> None:
+    if clone:
+        r = await http.post("/v1/environments/lat/clones", json={"name": name})
+        assert r.status_code == 202, r.text
+    else:
+        r = await http.get("/healthz")
+        assert r.status_code == 200
+
+
 async def _load(base: str, token: str, clients: int, per_client: int, clone: bool) -> list[float]:
+    """Closed loop: each client sends its next request as soon as the last one answered."""
     latencies: list[float] = []
-    headers = {"Authorization": f"Bearer {token}"}
 
-    async def client(c: int) -> None:
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
-            for i in range(per_client):
-                start = time.perf_counter()
-                if clone:
-                    r = await http.post("/v1/environments/lat/clones", json={"name": f"l-{c:02d}-{i:03d}"})
-                    assert r.status_code == 202, r.text
-                else:
-                    r = await http.get("/healthz")
-                    assert r.status_code == 200
-                latencies.append((time.perf_counter() - start) * 1000)
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        for i in range(per_client):
+            start = time.perf_counter()
+            await _request(http, clone, f"l-{c:02d}-{i:03d}")
+            latencies.append((time.perf_counter() - start) * 1000)
 
-    await asyncio.gather(*(client(c) for c in range(clients)))
+    async with _connected(base, token, clients) as http:
+        await asyncio.gather(*(client(c, h) for c, h in enumerate(http)))
     return latencies
 
 
 async def _paced(base: str, token: str, clients: int, rate: float, seconds: float, clone: bool) -> list[float]:
-    """Each client sends ``rate`` requests/s on average (exponential spacing) for ``seconds``."""
+    """Each client sends ``rate`` requests/s on average (exponential spacing) for ``seconds``;
+    latency counts from when a request was due, so a late send is the server's delay too."""
     latencies: list[float] = []
-    headers = {"Authorization": f"Bearer {token}"}
     rng = random.Random(7)
 
-    async def client(c: int) -> None:
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
-            due, end, i = time.perf_counter() + rng.expovariate(rate), time.perf_counter() + seconds, 0
-            while due < end:
-                await asyncio.sleep(max(0.0, due - time.perf_counter()))  # pacing the load, not a wait
-                if clone:
-                    r = await http.post("/v1/environments/lat/clones", json={"name": f"p-{c:02d}-{i:04d}"})
-                    assert r.status_code == 202, r.text
-                else:
-                    r = await http.get("/healthz")
-                    assert r.status_code == 200
-                latencies.append((time.perf_counter() - due) * 1000)
-                due, i = due + rng.expovariate(rate), i + 1
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        due, end, i = time.perf_counter() + rng.expovariate(rate), time.perf_counter() + seconds, 0
+        while due < end:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))  # pacing the load, not a wait
+            await _request(http, clone, f"p-{c:02d}-{i:04d}")
+            latencies.append((time.perf_counter() - due) * 1000)
+            due, i = due + rng.expovariate(rate), i + 1
 
-    await asyncio.gather(*(client(c) for c in range(clients)))
+    async with _connected(base, token, clients) as http:
+        await asyncio.gather(*(client(c, h) for c, h in enumerate(http)))
     return latencies
 
 

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     retry_cap_s: float = 30.0
     health_timeout_s: float = 60.0
     max_downtime_s: float = 120.0
+    broker_wait_s: float = 180.0  # a step waits this long for the broker before its chain goes on
 
     # Watchdog (celery beat).
     watchdog_interval_s: float = 10.0

@@ -98,14 +98,14 @@ def try_lease(session: Session, address: str, *, job_id: str | None = None, node
 
 
 def lease(session: Session, cidr: str, count: int, *, job_id: str | None = None,
-          busy: set[str] | None = None) -> list[str]:
+          busy: set[str] | None = None, node_ids: list[str] | None = None) -> list[str]:
     """Lease ``count`` addresses inside the caller's transaction, lowest free first, stepping past
-    any a concurrent request holds."""
+    any a concurrent request holds. ``node_ids``: bind the i-th address to the i-th node at once."""
     got: list[str] = []
     for host in _candidates(session, cidr, busy):
         if len(got) == count:
             break
-        if try_lease(session, host, job_id=job_id):
+        if try_lease(session, host, job_id=job_id, node_id=node_ids[len(got)] if node_ids else None):
             got.append(host)
     if len(got) < count:
         raise PoolExhausted(cidr, count, len(got))

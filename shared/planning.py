@@ -150,24 +150,26 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
     source = plan.source
     assert source is not None
     settings = get_settings()
+    target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id)
     job = CloneJob(id=new_id(), tenant=tenant, source_environment_id=source.id, source_name=source.name,
-                   target_name=target_name, options=dict(options))
-    target = Environment(tenant=tenant, name=target_name, source_environment_id=source.id)
-    session.add_all([job, target])
-    session.flush()
-    job.target_environment_id = target.id
+                   target_name=target_name, target_environment_id=target.id, options=dict(options))
+    sources = list(source.nodes)
+    clone_ids = [new_id() for _ in sources]
     try:
-        addresses = ipam.lease(session, settings.address_pool, len(source.nodes), job_id=job.id, busy=plan.busy)
+        addresses = ipam.lease(session, settings.address_pool, len(sources), job_id=job.id, busy=plan.busy,
+                               node_ids=clone_ids)
     except ipam.PoolExhausted as exc:
         raise PlanError(Conflict("pool_exhausted", str(exc), "name")) from None
-    for src, address in zip(source.nodes, addresses, strict=True):
-        clone = Node(id=new_id(), name=src.name, stack=src.stack, address=address, port=src.port,
-                     config=dict(src.config), source_node_id=src.id)
-        target.nodes.append(clone)
-        ipam.bind(session, address, clone.id)
-        job.nodes.append(JobNode(source_node_id=src.id, name=src.name, clone_node_id=clone.id,
-                                 snapshot_id=new_id()))
-        for seq, step in enumerate(CLONE_STEPS):
-            job.steps.append(StepRun(source_node_id=src.id, node_name=src.name, step=step, seq=seq))
+    # Rows are added by foreign key rather than through relationship lists: appending to a list
+    # of a persistent object would load it first, a query per list per request.
+    rows: list[object] = [job, target]
+    for src, address, clone_id in zip(sources, addresses, clone_ids, strict=True):
+        rows.append(Node(id=clone_id, environment_id=target.id, name=src.name, stack=src.stack, address=address,
+                         port=src.port, config=dict(src.config), source_node_id=src.id))
+        rows.append(JobNode(job_id=job.id, source_node_id=src.id, name=src.name, clone_node_id=clone_id,
+                            snapshot_id=new_id()))
+        rows += [StepRun(job_id=job.id, source_node_id=src.id, node_name=src.name, step=step, seq=seq)
+                 for seq, step in enumerate(CLONE_STEPS)]
+    session.add_all(rows)
     session.flush()
     return job

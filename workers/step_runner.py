@@ -42,6 +42,7 @@ from shared.models import (
     utcnow,
 )
 from shared.progress import record_event
+from workers.broker_guard import await_broker
 
 log = logging.getLogger("envclone.steps")
 
@@ -138,6 +139,7 @@ def _wait_for_node(task: Task, ctx: StepContext, busy: NodeBusy) -> None:
     # Back off (0.2 s doubling to 3 s, jittered) so a queue of jobs at one node does not flood the
     # broker with retries. (max_retries=None would mean "the task's default", which they outlast.)
     countdown = min(3.0, 0.2 * 2 ** min(waits, 5)) * random.uniform(0.5, 1.0)
+    await_broker(get_settings().broker_wait_s)  # task.retry publishes
     raise task.retry(countdown=countdown, max_retries=LOCK_WAIT_RETRIES)
 
 
@@ -145,6 +147,14 @@ def run_step(task: Task, job_id: str, source_node_id: str, step: str, run: int, 
              on_failure: FailureHook | None = None, always_run: bool = False) -> None:
     """Run one step of one node. ``always_run`` steps (restarting the source) run even after an
     earlier step failed or the job was cancelled: that is what keeps sources from staying down."""
+    try:
+        _run_step(task, job_id, source_node_id, step, run, body, on_failure, always_run)
+    finally:
+        await_broker(get_settings().broker_wait_s)  # before Celery publishes the next step
+
+
+def _run_step(task: Task, job_id: str, source_node_id: str, step: str, run: int, body: StepBody,
+              on_failure: FailureHook | None, always_run: bool) -> None:
     with session_scope() as session:
         job = session.get(CloneJob, job_id)
         if job is None or job.run != run:
@@ -204,6 +214,7 @@ def run_step(task: Task, job_id: str, source_node_id: str, step: str, run: int, 
     error = f"{type(failure).__name__}: {failure}"
     if retry_in is not None:
         _finish(ctx, STEP_RETRYING, error)
+        await_broker(get_settings().broker_wait_s)  # task.retry publishes
         raise task.retry(countdown=retry_in, exc=failure)
     if on_failure is not None:
         try:

@@ -17,6 +17,7 @@ from shared.db import session_scope
 from shared.drivers import PermanentDriverError, get_driver
 from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
 from shared.progress import record_event
+from workers.broker_guard import send_progress
 from workers.celery_app import celery_app
 from workers.step_runner import StepContext, job_node, run_step
 
@@ -109,7 +110,7 @@ def _provision(ctx: StepContext) -> dict[str, Any]:
             row.bytes_copied, row.bytes_total = done, total
             record_event(session, session.get(CloneJob, ctx.job_id), "progress", node=ctx.node_name,
                          bytes_copied=done, bytes_total=total)
-        ctx.task.send_event("task-progress", current=done, total=total, node=ctx.node_name)
+        send_progress(ctx.task, current=done, total=total, node=ctx.node_name)
 
     copied = get_driver().provision(jn.snapshot_id, jn.clone_node_id, progress)
     with session_scope() as session:

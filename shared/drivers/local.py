@@ -32,6 +32,7 @@ from shared.rewire import rewrite_text
 from shared.stacks import NodeContext, Stack, get_stack
 
 _ID = re.compile(r"^[a-z0-9]{1,64}$")
+_REFLINK_BY_ROOT: dict[Path, bool] = {}
 
 
 def _ignore_run(rel: str) -> bool:
@@ -80,8 +81,11 @@ class LocalDriver(Driver):
     @property
     def reflink(self) -> bool:
         if self._reflink is None:
-            self._ensure_root()
-            self._reflink = snapshots.supports_reflink(self.snaps_dir)
+            # A data root's filesystem does not change under a running process: probe it once.
+            if self.snaps_dir not in _REFLINK_BY_ROOT:
+                self._ensure_root()
+                _REFLINK_BY_ROOT[self.snaps_dir] = snapshots.supports_reflink(self.snaps_dir)
+            self._reflink = _REFLINK_BY_ROOT[self.snaps_dir]
         return self._reflink
 
     def volume(self, node_id: str) -> Path:

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from sqlalchemy import select
 
 from shared.db import session_scope
 from shared.drivers import get_driver
-from shared.models import CloneJob, JobNode
+from shared.models import CloneJob, JobNode, StepRun
 from tests.fault_helpers import counts, kill9, step_worker_pid
 from tests.helpers import wait_for
 from tests.stack import Backend
@@ -37,6 +38,11 @@ def _job_node(job_id: str) -> JobNode:
         jn = session.query(JobNode).filter_by(job_id=job_id).one()
         session.expunge(jn)
         return jn
+
+
+def _step_state(job_id: str, step: str) -> str:
+    with session_scope() as session:
+        return session.scalars(select(StepRun.state).where(StepRun.job_id == job_id, StepRun.step == step)).one()
 
 
 def _job_state(job_id: str) -> str:
@@ -164,6 +170,9 @@ def test_broker_stopped_and_started_mid_job() -> None:
             assert response.status_code == 503 and response.json["error"]["code"] == "broker_unavailable"
             assert client.get("/readyz").status_code == 503
             assert environment("late") is None
+            # The step finishes while the broker is still away: its chain's next publish must wait
+            # for the broker rather than fail (kombu's retry breaks on a channel its reconnect closed).
+            wait_for(lambda: _step_state(job_id, "provision") == "succeeded", timeout=30, what="provision done")
             broker.start()
             try:
                 job = wait_job(job_id, timeout=90)
