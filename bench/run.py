@@ -25,16 +25,18 @@ def plot(downtime: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (stack, root), style in zip(sorted({(r["stack"], r["root"]) for r in downtime}),
-                                    ["o-", "s-", "^-", "d-", "v-", "x-"], strict=False):
+    for (stack, root), marker in zip(sorted({(r["stack"], r["root"]) for r in downtime}),
+                                     ["o", "s", "^", "d", "v", "x"], strict=False):
         pts = sorted((r["size_mib"], r["ours_ms"], r["naive_ms"]) for r in downtime
                      if r["stack"] == stack and r["root"] == root)
         xs = [p[0] for p in pts]
-        ax.plot(xs, [p[1] / 1000 for p in pts], style, label=f"envclone {stack} ({root})")
-        ax.plot(xs, [p[2] / 1000 for p in pts], style, alpha=0.35, linestyle="--", label=f"naive {stack} ({root})")
+        line = ax.plot(xs, [p[1] / 1000 for p in pts], marker=marker, linestyle="-", label=f"envclone {stack} ({root})")
+        ax.plot(xs, [p[2] / 1000 for p in pts], marker=marker, linestyle="--", alpha=0.45,
+                color=line[0].get_color(), label=f"naive {stack} ({root})")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("data size (MiB)")
-    ax.set_ylabel("source downtime (s)")
+    ax.set_ylabel("source downtime (s, log scale)")
     ax.set_title("Source downtime: envclone vs stop + cp -a + start")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -51,9 +53,10 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["## Source downtime (quiesce start -> healthy again)", "",
                 "Server side: quiesce start to healthy again (valkey: writes held, reads served). Client side: "
                 "the longest gap between two acknowledged writes of a probe writing every 5 ms.", "",
+                "Each figure is the median of the runs (3, or 2 at 4 GiB); the worst run is beside it.", "",
                 common.row("root", "stack", "size", "volume", "method", "envclone", "naive", "ratio", "target",
-                           "client write gap: envclone / naive"),
-                common.row(*["---"] * 10)]
+                           "client write gap: envclone / naive", "worst run: envclone / naive"),
+                common.row(*["---"] * 11)]
         for r in results["downtime"]:
             if r["root"] == "xfs-reflink" and r["size_mib"] >= 1024:
                 target = "<= 500 ms: " + ("met" if r["ours_ms"] <= 500 else "MISSED")
@@ -65,7 +68,9 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(common.row(r["root"], r["stack"], f"{r['size_mib']} MiB", volume, r["method"],
                                   f"{r['ours_ms']:.0f} ms", f"{r['naive_ms']:.0f} ms", f"{r['ratio']:.1f}x", target,
                                   f"{r['write_gap_ours_ms']:.0f} / {r['write_gap_naive_ms']:.0f} ms"
-                                  if "write_gap_ours_ms" in r else "not measured"))
+                                  if "write_gap_ours_ms" in r else "not measured",
+                                  f"{r['ours_worst_ms']:.0f} / {r['naive_worst_ms']:.0f} ms"
+                                  if "ours_worst_ms" in r else "not recorded"))
         out += ["", "![downtime vs size](downtime.png)", ""]
     if "orchestration" in results:
         out += ["## Orchestration overhead (tiny volumes, 4 worker processes)", "",

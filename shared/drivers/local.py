@@ -208,10 +208,17 @@ class LocalDriver(Driver):
 
     # ---- snapshots -----------------------------------------------------------------------------
     def prepare_snapshot(self, node_id: str, snapshot_id: str) -> int:
-        stack, _ = self._node(node_id)
+        stack, ctx = self._node(node_id)
         final = self._snapshot_dir(snapshot_id)
         staging = self.snaps_dir / f".{snapshot_id}.staging"
-        if self.reflink or not stack.precopy or final.exists():
+        if final.exists():
+            return 0
+        if process.running_pid(self._pid_path(node_id)) is not None:
+            try:
+                stack.settle(ctx)
+            except Exception as exc:  # noqa: BLE001
+                raise TransientDriverError(f"{stack.name} did not settle before the snapshot: {exc}") from exc
+        if self.reflink or not stack.precopy:
             return 0
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

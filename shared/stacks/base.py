@@ -64,6 +64,10 @@ class Stack(ABC):
         for it to exit); False: the driver sends ``stop_signal``."""
         return False
 
+    def settle(self, ctx: NodeContext) -> None:
+        """Before the window, while serving: let background work that would otherwise be waited
+        for inside the window finish first (e.g. a rewrite of the persistence files)."""
+
     def pause_writes(self, ctx: NodeContext, hold_s: float) -> None:
         """(online_quiesce) Hold writes for at most ``hold_s`` -- the server lets them go by itself
         after that, so a lost worker can never leave a source held -- and return once everything

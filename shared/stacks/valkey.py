@@ -70,6 +70,17 @@ class ValkeyStack(Stack):
                 pass
         return True
 
+    def settle(self, ctx: NodeContext) -> None:
+        """An append-only rewrite in progress (valkey starts one by itself as the file grows) would
+        be waited for inside the window; wait for it here instead, while writes still flow."""
+        with self._client(ctx, timeout=10.0) as client:
+            deadline = time.monotonic() + 300.0
+            while time.monotonic() < deadline:
+                p = client.info("persistence")
+                if not (p["aof_rewrite_in_progress"] or p["aof_rewrite_scheduled"]):
+                    return
+                time.sleep(0.05)  # poll: valkey reports the rewrite's end only through INFO
+
     def pause_writes(self, ctx: NodeContext, hold_s: float) -> None:
         """CLIENT PAUSE WRITE also stops expiry and eviction, so the dataset is frozen. Then wait
         until the append-only file holds every acknowledged write (a write postponed behind a slow

@@ -75,6 +75,29 @@ def test_valkey_snapshot_and_clone(driver: LocalDriver) -> None:
     assert info is not None and info.method in ("copy", "delta", "reflink") and info.size_bytes > 0
 
 
+def test_valkey_rewrite_in_progress_finishes_before_the_window(driver: LocalDriver) -> None:
+    """A rewrite of the append-only file running when a clone starts is waited for while the node
+    still takes writes, not inside the window."""
+    driver.create_node(NodeSpec("src", "valkey", SRC, 6379))
+    src = redis.Redis(host=SRC)
+    blob = os.urandom(1024 * 1024)
+    for start in range(0, 100, 20):
+        src.mset({f"b{i}": blob for i in range(start, start + 20)})
+    try:
+        src.bgrewriteaof()
+    except redis.ResponseError:
+        pass  # valkey's auto-rewrite (the file passed 64 MB) is already at it
+    persistence = src.info("persistence")
+    assert persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"]
+    driver.prepare_snapshot("src", "snap")
+    persistence = src.info("persistence")
+    assert persistence["aof_rewrite_in_progress"] == 0 and persistence["aof_rewrite_scheduled"] == 0
+    driver.quiesce("src")
+    info = driver.snapshot("src", "snap")
+    driver.restart("src", 30)
+    assert info.size_bytes >= 100 * 1024 * 1024
+
+
 def test_postgres_snapshot_and_clone(driver: LocalDriver) -> None:
     driver.create_node(NodeSpec("src", "postgres", SRC, 5432))
     src_url = driver.url("src")
