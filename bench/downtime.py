@@ -166,8 +166,6 @@ def measure(root: Path, stack: str, mib: int, repeats: int) -> dict[str, Any]:
                 "filesystem": filesystem(root), "reflink": driver.reflink, "fill_ms": fill_ms,
                 "ours_ms": o, "naive_ms": b, "ratio": ratio(b, o), "method": runs_ours[-1]["method"],
                 "write_gap_ours_ms": gap_o, "write_gap_naive_ms": gap_b,
-                "ours_worst_ms": max(r["downtime_ms"] for r in runs_ours),
-                "naive_worst_ms": max(r["downtime_ms"] for r in runs_naive),
                 "runs_ours": runs_ours, "runs_naive": runs_naive}
     finally:
         driver.destroy_node(node_id)

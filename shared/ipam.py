@@ -10,6 +10,7 @@ transaction holds -- the effect of SELECT ... FOR UPDATE SKIP LOCKED without a p
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +33,24 @@ def _hosts(cidr: str) -> Iterator[str]:
         yield str(host)
 
 
-def listening_addresses() -> set[str]:
-    """IPv4 addresses some socket on this machine listens on: never lease one a live process holds."""
+_listening_cache: tuple[float, set[str]] = (float("-inf"), set())
+
+
+def listening_addresses(max_age_s: float = 0.0) -> set[str]:
+    """IPv4 addresses some socket on this machine listens on: never lease one a live process holds.
+    The kernel writes every socket (TIME_WAIT ones too) into /proc/net/tcp, so on a busy API the
+    read costs milliseconds: ``max_age_s`` lets a caller reuse a scan that recent. A process that
+    began listening since then is still caught when the clone node starts (address in use)."""
+    global _listening_cache
+    read_at, cached = _listening_cache
+    if time.monotonic() - read_at <= max_age_s:
+        return set(cached)
+    found = _scan_listening()
+    _listening_cache = (time.monotonic(), found)
+    return set(found)
+
+
+def _scan_listening() -> set[str]:
     found: set[str] = set()
     try:
         lines = Path("/proc/net/tcp").read_text().splitlines()[1:]

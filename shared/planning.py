@@ -102,6 +102,9 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
     return env
 
 
+LISTENER_SCAN_MAX_AGE_S = 1.0  # clone requests in the same second share one scan of /proc/net/tcp
+
+
 @dataclass
 class ClonePlan:
     source: Environment | None
@@ -125,7 +128,7 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
     if find_environment(session, tenant, target_name) is not None:
         conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
     addresses: dict[str, str] = {}
-    busy = ipam.listening_addresses()
+    busy = ipam.listening_addresses(max_age_s=LISTENER_SCAN_MAX_AGE_S)
     try:
         planned = ipam.plan(session, settings.address_pool, len(source.nodes), busy=busy)
         addresses = {n.name: a for n, a in zip(source.nodes, planned, strict=True)}

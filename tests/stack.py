@@ -3,7 +3,6 @@ database of its own, a data root, and a real Celery worker process (prefork, 2 p
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import signal
@@ -18,11 +17,42 @@ import redis
 from tests.conftest import create_database, destroy_everything, drop_database, make_data_root
 from tests.helpers import processes_under, wait_for
 
-_redis_dbs = itertools.cycle(range(2, 16))  # one Redis database per back end alive at a time
+TEST_DBS = range(2, 16)
+# Claims live in Redis database 1 under the owner's pid, so two test processes on one machine (a
+# run and a benchmark, say) never share a broker database -- a worker would take the other's tasks.
+_claims = redis.Redis(host="127.0.0.1", port=6379, db=1)
 
 
-def next_redis_db() -> int:
-    return next(_redis_dbs)
+def _claim_key(n: int) -> str:
+    return f"envclone:test-db:{n}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_redis_db() -> int:
+    """A Redis database no live back end of any process uses; give it back with release_redis_db."""
+    for _ in range(2):
+        for n in TEST_DBS:
+            if _claims.set(_claim_key(n), os.getpid(), nx=True):
+                return n
+        for n in TEST_DBS:  # claims of processes that died without giving them back
+            owner = _claims.get(_claim_key(n))
+            if owner is not None and not _pid_alive(int(owner)):
+                _claims.delete(_claim_key(n))
+    raise RuntimeError(f"every Redis test database ({TEST_DBS.start}-{TEST_DBS.stop - 1}) is claimed")
+
+
+def release_redis_db(n: int) -> None:
+    if _claims.get(_claim_key(n)) == str(os.getpid()).encode():
+        _claims.delete(_claim_key(n))
 
 
 def point_celery_at(broker_url: str) -> None:
@@ -62,7 +92,8 @@ class Backend:
         else:
             self.db_url = database
         # Its own Redis database: a worker of another back end still alive must not take its tasks.
-        self.broker_url = broker_url or f"redis://127.0.0.1:6379/{next_redis_db()}"
+        self.redis_db = None if broker_url else claim_redis_db()
+        self.broker_url = broker_url or f"redis://127.0.0.1:6379/{self.redis_db}"
         self.env = {
             "ENVCLONE_DATA_DIR": str(self.data_dir),
             "ENVCLONE_DATABASE_URL": self.db_url,
@@ -149,6 +180,9 @@ class Backend:
             else:
                 os.environ[key] = value
         reset_caches()
+        if self.redis_db is not None:
+            redis.Redis.from_url(self.broker_url).flushdb()
+            release_redis_db(self.redis_db)
         assert not leftovers, f"processes left behind: {leftovers}"
 
     def processes(self) -> list[tuple[int, str]]:

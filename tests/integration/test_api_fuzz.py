@@ -27,12 +27,13 @@ def fuzz_app(request) -> Iterator[object]:  # noqa: ANN001
 
     import redis
 
-    from tests.stack import next_redis_db
+    from tests.stack import claim_redis_db, release_redis_db
 
     mp = pytest.MonkeyPatch()
     root = make_data_root()
     name, url = create_database()
-    broker = f"redis://127.0.0.1:6379/{next_redis_db()}"
+    db = claim_redis_db()
+    broker = f"redis://127.0.0.1:6379/{db}"
     for key, value in {"ENVCLONE_DATA_DIR": str(root), "ENVCLONE_DATABASE_URL": url,
                        "ENVCLONE_BROKER_URL": broker, "ENVCLONE_ADDRESS_POOL": "127.98.0.0/16"}.items():
         mp.setenv(key, value)
@@ -45,6 +46,7 @@ def fuzz_app(request) -> Iterator[object]:  # noqa: ANN001
     app = create_app()
     yield app
     redis.Redis.from_url(broker).flushdb()
+    release_redis_db(db)
     reset_caches()
     drop_database(name)
     mp.undo()
