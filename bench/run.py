@@ -74,18 +74,26 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["", "![downtime vs size](downtime.png)", ""]
     if "orchestration" in results:
         out += ["## Orchestration overhead (tiny volumes, 4 worker processes)", "",
-                common.row("nodes", "wall", "steps' own work (sum)", "overhead/step median", "overhead/step max"),
-                common.row(*["---"] * 5)]
+                common.row("nodes", "wall", "steps' own work (sum)", "chain overhead/step median", "max",
+                           "floor: max(chain work, work / cores)", "wall beyond floor per step"),
+                common.row(*["---"] * 7)]
         for r in results["orchestration"]:
             out.append(common.row(r["nodes"], f"{r['wall_ms']:.0f} ms", f"{r['work_ms_sum']:.0f} ms",
                                   f"{r['overhead_per_step_ms_median']:.1f} ms",
-                                  f"{r['overhead_per_step_ms_max']:.1f} ms"))
+                                  f"{r['overhead_per_step_ms_max']:.1f} ms", f"{r['floor_ms']:.0f} ms",
+                                  f"{r['beyond_floor_per_step_ms']:.1f} ms"))
         scale = results["orchestration"][-1].get("wall_50_over_10")
         if scale:
-            out += ["", f"wall(N=50) / wall(N=10) = {scale:.2f} (target <= 2: {'met' if scale <= 2 else 'MISSED'})"]
+            floors = {r["nodes"]: r["floor_ms"] for r in results["orchestration"]}
+            out += ["", f"wall(N=50) / wall(N=10) = {scale:.2f} (target <= 2: {'met' if scale <= 2 else 'MISSED'}); "
+                        f"the machine's floor itself grows {floors[50] / floors[10]:.2f}x "
+                        f"(the steps' own work grows with N and {results['machine']['cores']} cores run it)"]
         med = max(r["overhead_per_step_ms_median"] for r in results["orchestration"])
-        verdict = "met" if med <= 30 else "MISSED"
-        out += [f"worst median overhead per step {med:.1f} ms (target <= 30 ms: {verdict})", ""]
+        beyond = max(r["beyond_floor_per_step_ms"] for r in results["orchestration"] if r["nodes"] > 1)
+        out += [f"worst chain overhead per step (median) {med:.1f} ms (target <= 30 ms: "
+                f"{'met' if med <= 30 else 'MISSED'}; beyond N = 1 it is mostly waiting for a free worker process)",
+                f"worst wall beyond the machine's floor per step, N > 1: {beyond:.1f} ms "
+                f"(against the same 30 ms: {'met' if beyond <= 30 else 'MISSED'})", ""]
     if "throughput" in results:
         t = results["throughput"]
         two, four = t["jobs_per_minute"]
