@@ -3,7 +3,7 @@ double lease impossible, across processes and machines). Lowest free address fir
 plan names the addresses a clone submitted right after really gets.
 
 Concurrent leasers would all try the same lowest address and PostgreSQL would make each wait for
-the other's commit, serializing every clone request. So on PostgreSQL a leaser first takes a
+the other's commit. So on PostgreSQL a leaser first takes a
 transaction-scoped advisory lock on the address and skips any address another in-flight
 transaction holds -- the effect of SELECT ... FOR UPDATE SKIP LOCKED without a pool table."""
 
@@ -90,16 +90,17 @@ def plan(session: Session, cidr: str, count: int, *, busy: set[str] | None = Non
     return out
 
 
+_LOCK_SPACE = 0x1EA5E  # advisory lock class for addresses (two-int form: class, address)
+
+
 def _claim(session: Session, address: str) -> bool:
     """On PostgreSQL: False if another open transaction is leasing ``address`` right now (its lock
     is held until it commits or rolls back). Elsewhere writers are serialized already."""
     if session.get_bind().dialect.name != "postgresql":
         return True
-    key = int(ipaddress.ip_address(address))
-    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK_SPACE, key - 2**31))))
-
-
-_LOCK_SPACE = 0x1EA5E  # advisory lock class for addresses (two-int form: class, address)
+    # The lock takes signed 32-bit ints; an IPv6 collision only makes us skip to the next address.
+    key = int(ipaddress.ip_address(address)) % 2**32 - 2**31
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(_LOCK_SPACE, key))))
 
 
 def try_lease(session: Session, address: str, *, job_id: str | None = None, node_id: str | None = None) -> bool:
