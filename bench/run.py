@@ -75,13 +75,15 @@ def markdown(results: dict[str, Any]) -> str:
     if "orchestration" in results:
         out += ["## Orchestration overhead (tiny volumes, 4 worker processes)", "",
                 common.row("nodes", "wall", "steps' own work (sum)", "chain overhead/step median", "max",
-                           "floor: max(chain work, work / cores)", "wall beyond floor per step"),
-                common.row(*["---"] * 7)]
+                           "floor: max(chain work, work / cores)", "wall beyond floor per step",
+                           "source downtime in the workflow: median / max"),
+                common.row(*["---"] * 8)]
         for r in results["orchestration"]:
             out.append(common.row(r["nodes"], f"{r['wall_ms']:.0f} ms", f"{r['work_ms_sum']:.0f} ms",
                                   f"{r['overhead_per_step_ms_median']:.1f} ms",
                                   f"{r['overhead_per_step_ms_max']:.1f} ms", f"{r['floor_ms']:.0f} ms",
-                                  f"{r['beyond_floor_per_step_ms']:.1f} ms"))
+                                  f"{r['beyond_floor_per_step_ms']:.1f} ms",
+                                  f"{r['workflow_downtime_ms_median']:.0f} / {r['workflow_downtime_ms_max']:.0f} ms"))
         scale = results["orchestration"][-1].get("wall_50_over_10")
         if scale:
             floors = {r["nodes"]: r["floor_ms"] for r in results["orchestration"]}
