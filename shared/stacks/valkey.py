@@ -50,8 +50,8 @@ class ValkeyStack(Stack):
         return argv, {}
 
     def _client(self, ctx: NodeContext, timeout: float = 2.0) -> redis.Redis:
-        # No client-side retries: a health check must answer now, and SHUTDOWN's dropped
-        # connection is the expected outcome, not something to retry for seconds.
+        # No client-side retries: a health check must answer now, and a pause must not be sent
+        # twice by a retry that redis-py decides on.
         return redis.Redis(host=ctx.address, port=ctx.port, socket_timeout=timeout,
                            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
@@ -59,16 +59,6 @@ class ValkeyStack(Stack):
         with self._client(ctx) as client:
             client.ping()
             return "PONG"
-
-    def quiesce(self, ctx: NodeContext) -> bool:
-        """SHUTDOWN: fsyncs the append-only file and exits (no RDB to write). The connection drops
-        by design. (Used when the node is stopped for good; clones pause writes instead.)"""
-        with self._client(ctx, timeout=30.0) as client:
-            try:
-                client.shutdown(nosave=True)
-            except redis.ConnectionError:
-                pass
-        return True
 
     def settle(self, ctx: NodeContext) -> None:
         """An append-only rewrite in progress (valkey starts one by itself as the file grows) would
