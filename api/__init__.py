@@ -8,7 +8,7 @@ from flask_openapi3 import Info, OpenAPI
 
 from api import errors
 from shared.config import get_settings
-from workers.celery_app import fail_fast_publishing
+from workers.celery_app import Role, make_celery
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -37,6 +37,6 @@ def create_app() -> OpenAPI:
     def openapi_json() -> Response:
         return jsonify(app.api_doc)
 
-    fail_fast_publishing()
     get_settings()  # fail at start, not at the first request, on bad configuration
+    app.extensions["celery"] = make_celery(Role.PUBLISHER)
     return app

@@ -6,26 +6,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from celery import Celery
+from flask import current_app
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
 from api.errors import ApiError
-from workers.celery_app import celery_app
 
 BROKER_ERRORS = (BrokerError, RedisError, ConnectionError, OSError)
 # Celery reports an unreachable Redis result store as a bare RuntimeError.
 DISPATCH_ERRORS = (*BROKER_ERRORS, RuntimeError)
 
 
+def publisher() -> Celery:
+    """This API process's Celery app (publish only), made by create_app."""
+    return current_app.extensions["celery"]
+
+
 def broker_reachable() -> None:
-    with celery_app.connection_for_write() as conn:
+    with publisher().connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 
-def send(dispatch: Callable[[], object], undo: Callable[[], None]) -> None:
+def send(dispatch: Callable[[Celery], object], undo: Callable[[], None]) -> None:
     try:
         broker_reachable()  # a fast, clear answer in the common case of a broker that is down
-        dispatch()
+        dispatch(publisher())
     except DISPATCH_ERRORS as exc:
         undo()
         raise ApiError(503, "broker_unavailable",

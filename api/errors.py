@@ -8,7 +8,9 @@ from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from shared.planning import PlanError
+from shared.errors import PlanError, Problem
+
+STATUS = {Problem.NOT_FOUND: 404, Problem.INVALID: 422, Problem.CONFLICT: 409}
 
 
 class ApiError(Exception):
@@ -55,7 +57,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(PlanError)
     def _plan_error(exc: PlanError) -> Response:
         c = exc.conflict
-        return error_response(exc.status, c.code, c.message, c.field)
+        return error_response(STATUS[exc.problem], c.code, c.message, c.field)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

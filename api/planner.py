@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.drivers import get_driver
-from shared.models import CLONE_STEPS, JobNode
+from shared.models import JobNode
 from shared.planning import check_clone
+from shared.states import CLONE_STEPS
 
 STOP_START_MS = 300  # stop + start of a stack, the floor of any window
 COPY_BYTES_PER_MS = 200_000  # ~200 MB/s: a conservative local-disk copy rate
@@ -27,12 +27,11 @@ def _measured_downtime(session: Session, source_node_id: str) -> int | None:
 
 def dry_run_plan(session: Session, tenant: str, source: str, target: str) -> dict[str, Any]:
     plan = check_clone(session, tenant, source, target)
-    driver = get_driver()
-    reflink = bool(getattr(driver, "reflink", False))
+    reflink = plan.reflink
     nodes, longest = [], 0
     assert plan.source is not None  # check_clone answers 404 otherwise
     for node in plan.source.nodes:
-        size = driver.volume_size(node.id)
+        size = node.size_bytes
         window = STOP_START_MS + (0 if reflink else size // COPY_BYTES_PER_MS)
         downtime = _measured_downtime(session, node.id) or window
         duration = downtime + (0 if reflink else size // COPY_BYTES_PER_MS) + NODE_START_MS

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.stacks import CATALOG
+from shared.states import EnvState, FaultKind, FaultPoint, JobState, NodeState, Step, StepState
 
 DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
 # Config keys are environment-variable names; values must not carry line breaks or other control
@@ -36,10 +37,10 @@ class EnvironmentIn(Strict):
 
 
 class FaultIn(Strict):
-    step: Literal["quiesce", "snapshot", "restart", "provision", "assign_ips", "report"]
+    step: FaultPoint
     node: str = Field(default="*", max_length=63)
     times: int = Field(default=1, ge=1, le=100)
-    kind: Literal["transient", "permanent", "hang"] = "transient"
+    kind: FaultKind = FaultKind.TRANSIENT
     seconds: float = Field(default=0.0, ge=0, le=600, description="How long a `hang` fault stalls.")
 
 
@@ -61,7 +62,7 @@ class JobPath(Strict):
 
 
 class JobQuery(Strict):
-    state: Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"] | None = None
+    state: JobState | None = None
     environment: DnsLabel | None = None
     limit: int = Field(default=50, ge=1, le=500)
     offset: int = Field(default=0, ge=0, le=1_000_000)
@@ -93,13 +94,13 @@ class NodeOut(BaseModel):
     stack: str
     address: str
     port: int
-    state: str
+    state: NodeState
     url: str | None
 
 
 class EnvironmentOut(BaseModel):
     name: str
-    state: str
+    state: EnvState
     source: str | None
     error: str | None
     created_at: datetime
@@ -112,8 +113,8 @@ class EnvironmentList(BaseModel):
 
 
 class StepOut(BaseModel):
-    step: str
-    state: str
+    step: Step
+    state: StepState
     attempts: int
     started_at: datetime | None
     finished_at: datetime | None
@@ -130,7 +131,7 @@ class JobNodeOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    state: str
+    state: JobState
     source: str
     target: str
     percent: int
@@ -154,7 +155,7 @@ class PlanNode(BaseModel):
     stack: str
     source_address: str
     address: str | None
-    steps: list[str]
+    steps: list[Step]
     bytes: int
     estimated_downtime_ms: int
 

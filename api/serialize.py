@@ -1,20 +1,11 @@
-"""Rows to response bodies. Everything here reads the database; nothing asks a worker."""
+"""Rows to response bodies. Everything here reads the database: no driver, no disk, no worker."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from shared.drivers import DriverError, get_driver
-from shared.models import CLONE_STEPS, CloneJob, Environment
-
-
-def node_url(node_id: str, state: str) -> str | None:
-    if state in ("destroyed", "pending", "failed"):
-        return None
-    try:
-        return get_driver().url(node_id)
-    except (DriverError, OSError, KeyError, ValueError):
-        return None  # not on disk (yet)
+from shared.models import CloneJob, Environment
+from shared.states import CLONE_STEPS, NodeState
 
 
 def environment(env: Environment, source_name: str | None = None) -> dict[str, Any]:
@@ -25,7 +16,7 @@ def environment(env: Environment, source_name: str | None = None) -> dict[str, A
         "error": env.error,
         "created_at": env.created_at,
         "nodes": [{"name": n.name, "stack": n.stack, "address": n.address, "port": n.port, "state": n.state,
-                   "url": node_url(n.id, n.state)} for n in env.nodes],
+                   "url": n.url if NodeState(n.state).has_process else None} for n in env.nodes],
     }
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.states import FaultKind, FaultPoint
 
 
 class FaultSpec(BaseModel):
@@ -16,11 +17,10 @@ class FaultSpec(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    step: Literal["quiesce", "snapshot", "restart", "provision", "assign_ips", "report"]
+    step: FaultPoint
     node: str = "*"
     times: int = Field(default=1, ge=1)
-    # "hang": the step does its work, then stalls `seconds` before recording it (to kill it there).
-    kind: Literal["transient", "permanent", "hang"] = "transient"
+    kind: FaultKind = FaultKind.TRANSIENT
     seconds: float = Field(default=0.0, ge=0, le=600)
 
 
@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = ""  # empty: same as broker_url
     address_pool: str = "127.80.0.0/16"
+    host_name: str = "local"  # the machine this process's driver acts on
     # Unprivileged account that runs node processes when envclone itself runs as root.
     node_user: str = "nobody"
     max_nodes: int = 64
@@ -45,6 +46,7 @@ class Settings(BaseSettings):
     health_timeout_s: float = 60.0
     max_downtime_s: float = 120.0
     broker_wait_s: float = 180.0  # a step waits this long for the broker before its chain goes on
+    db_wait_s: float = 180.0  # a worker waits this long for the state database before a step gives up
 
     # Watchdog (celery beat).
     watchdog_interval_s: float = 10.0

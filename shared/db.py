@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from shared.config import get_settings
 
 
-def make_engine(url: str, **extra: Any) -> Engine:
+def make_engine(url: str, *, foreign_keys: bool = True, **extra: Any) -> Engine:
+    """``foreign_keys=False`` is for migrations: SQLite rebuilds a table to alter it, and dropping
+    the old one with foreign keys on would cascade-delete every row that references it."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True, **extra}
     if url.startswith("sqlite"):
         # Several worker processes write at once: WAL plus a generous busy timeout.
@@ -27,7 +32,7 @@ def make_engine(url: str, **extra: Any) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -69,3 +74,20 @@ def session_scope() -> Iterator[Session]:
 def dispose_engine() -> None:
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("envclone.db")
+
+
+def retry_db(fn: F) -> F:
+    """Run a whole transaction function again while the state database is unreachable, for up to
+    ENVCLONE_DB_WAIT_S: a worker waits out an outage where it stands rather than fail a step that
+    did its work. Only for functions whose every effect is in that database."""
+
+    def stop(state: Any) -> bool:
+        return stop_after_delay(get_settings().db_wait_s)(state)
+
+    return retry(retry=retry_if_exception_type(OperationalError), stop=stop, reraise=True,
+                 wait=wait_exponential(multiplier=0.2, max=5), before_sleep=before_sleep_log(log, logging.WARNING),
+                 )(fn)  # type: ignore[return-value]

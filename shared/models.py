@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -18,7 +19,10 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column, relationship
+
+from shared.states import EnvState, HostState, JobState, NodeState, SnapshotState, Step, StepState
 
 
 def new_id() -> str:
@@ -50,18 +54,11 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
 
 
-# Environment states
-ENV_CREATING, ENV_RUNNING, ENV_FAILED, ENV_DELETING = "creating", "running", "failed", "deleting"
-# Job states
-JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED = "queued", "running", "succeeded", "failed"
-JOB_CANCELLING, JOB_CANCELLED = "cancelling", "cancelled"
-JOB_DONE_STATES = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
-# Step states
-STEP_PENDING, STEP_RUNNING, STEP_RETRYING = "pending", "running", "retrying"
-STEP_SUCCEEDED, STEP_FAILED, STEP_SKIPPED, STEP_CANCELLED = "succeeded", "failed", "skipped", "cancelled"
-STEP_DONE_STATES = (STEP_SUCCEEDED, STEP_FAILED, STEP_SKIPPED, STEP_CANCELLED)
-# Clone steps, in order, per source node.
-CLONE_STEPS = ("quiesce", "snapshot", "restart", "provision", "assign_ips")
+def enum_column(enum: type[StrEnum], name: str, **kw: Any) -> MappedColumn[Any]:
+    """A state column: stored as its string value, with a CHECK constraint listing the enum's values
+    (``name`` names the constraint; migrations build the same one from the same enum)."""
+    return mapped_column(SAEnum(enum, native_enum=False, length=16, create_constraint=True, name=name,
+                                values_callable=lambda e: [m.value for m in e], validate_strings=True), **kw)
 
 
 class ApiToken(Base):
@@ -82,7 +79,7 @@ class Environment(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(63), index=True)
     name: Mapped[str] = mapped_column(String(63))
-    state: Mapped[str] = mapped_column(String(16), default=ENV_CREATING)
+    state: Mapped[EnvState] = enum_column(EnvState, "ck_environment_state", default=EnvState.CREATING)
     source_environment_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -105,10 +102,14 @@ class Node(Base):
     stack: Mapped[str] = mapped_column(String(32))
     address: Mapped[str] = mapped_column(String(45))
     port: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[NodeState] = enum_column(NodeState, "ck_node_state", default=NodeState.PENDING)
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     source_node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Written by the worker that made or moved the node, so a response never asks a driver.
+    url: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    # Bytes a snapshot of the node holds, as last measured by a worker (plans read it).
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 
     environment: Mapped[Environment] = relationship(back_populates="nodes")
 
@@ -134,7 +135,7 @@ class CloneJob(Base):
     target_environment_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     source_name: Mapped[str] = mapped_column(String(63))
     target_name: Mapped[str] = mapped_column(String(63))
-    state: Mapped[str] = mapped_column(String(16), default=JOB_QUEUED, index=True)
+    state: Mapped[JobState] = enum_column(JobState, "ck_job_state", default=JobState.QUEUED, index=True)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -144,6 +145,8 @@ class CloneJob(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Which run of the job this is: a retry starts run 2 (percent is monotonic within a run).
     run: Mapped[int] = mapped_column(Integer, default=1)
+    # The run whose per-node canvas a worker has published (at most one canvas per run).
+    canvas_run: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -183,9 +186,9 @@ class StepRun(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("clone_jobs.id", ondelete="CASCADE"), index=True)
     source_node_id: Mapped[str] = mapped_column(String(32))
     node_name: Mapped[str] = mapped_column(String(63))
-    step: Mapped[str] = mapped_column(String(16))
+    step: Mapped[Step] = enum_column(Step, "ck_step_run_step")
     seq: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default=STEP_PENDING)
+    state: Mapped[StepState] = enum_column(StepState, "ck_step_run_state", default=StepState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
@@ -199,7 +202,7 @@ class Snapshot(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     source_node_id: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), default="creating")
+    state: Mapped[SnapshotState] = enum_column(SnapshotState, "ck_snapshot_state", default=SnapshotState.CREATING)
     method: Mapped[str | None] = mapped_column(String(16), nullable=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     window_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -240,3 +243,16 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Host(Base):
+    """A machine that holds nodes, as its worker last reported it: what plans and the API read
+    instead of probing the filesystem themselves."""
+
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    state: Mapped[HostState] = enum_column(HostState, "ck_host_state", default=HostState.UP)
+    reflink: Mapped[bool] = mapped_column(Boolean, default=False)
+    free_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,7 +5,6 @@ so a dry run can list them all."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,34 +13,11 @@ from sqlalchemy.orm import Session
 
 from shared import ipam, templates
 from shared.config import get_settings
-from shared.drivers import get_driver
-from shared.models import (
-    CLONE_STEPS,
-    ENV_RUNNING,
-    JOB_DONE_STATES,
-    CloneJob,
-    Environment,
-    JobNode,
-    Node,
-    StepRun,
-    new_id,
-)
+from shared.errors import Conflict, PlanError, Problem
+from shared.hosts import local_host
+from shared.models import CloneJob, Environment, JobNode, Node, StepRun, new_id
 from shared.stacks import CATALOG
-
-
-@dataclass(frozen=True)
-class Conflict:
-    code: str
-    message: str
-    field: str | None = None
-
-
-class PlanError(Exception):
-    """A request that cannot be carried out; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, conflict: Conflict, status: int = 409) -> None:
-        super().__init__(conflict.message)
-        self.conflict, self.status = conflict, status
+from shared.states import CLONE_STEPS, JOB_DONE, EnvState
 
 
 @dataclass
@@ -60,7 +36,7 @@ def active_job(session: Session, environment_id: str) -> CloneJob | None:
     return session.scalar(
         select(CloneJob).where(
             (CloneJob.source_environment_id == environment_id) | (CloneJob.target_environment_id == environment_id),
-            CloneJob.state.not_in(JOB_DONE_STATES),
+            CloneJob.state.not_in(JOB_DONE),
         ).limit(1)
     )
 
@@ -71,28 +47,28 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
         raise PlanError(Conflict("name_taken", f"environment {name!r} already exists", "name"))
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
-        raise PlanError(Conflict("duplicate_node", "node names must be unique", "nodes"), 422)
+        raise PlanError(Conflict("duplicate_node", "node names must be unique", "nodes"), Problem.INVALID)
     deps: dict[str, set[str]] = {}
     for i, node in enumerate(nodes):
         if node.stack not in CATALOG:
             raise PlanError(Conflict("unknown_stack", f"unknown stack {node.stack!r}; known: "
-                                     f"{', '.join(sorted(CATALOG))}", f"nodes[{i}].stack"), 422)
+                                     f"{', '.join(sorted(CATALOG))}", f"nodes[{i}].stack"), Problem.INVALID)
         refs = templates.references(node.config)
         unknown = refs - set(names)
         if unknown:
             raise PlanError(Conflict("unknown_reference", f"config references unknown node(s) "
-                                     f"{', '.join(sorted(unknown))}", f"nodes[{i}].config"), 422)
+                                     f"{', '.join(sorted(unknown))}", f"nodes[{i}].config"), Problem.INVALID)
         deps[node.name] = refs - {node.name}
     try:
         templates.creation_levels(deps)
     except ValueError as exc:
-        raise PlanError(Conflict("reference_cycle", str(exc), "nodes"), 422) from None
+        raise PlanError(Conflict("reference_cycle", str(exc), "nodes"), Problem.INVALID) from None
     env = Environment(tenant=tenant, name=name)
     session.add(env)
     try:
         addresses = ipam.lease(session, settings.address_pool, len(nodes))
     except ipam.PoolExhausted as exc:
-        raise PlanError(Conflict("pool_exhausted", str(exc), "nodes"), 409) from None
+        raise PlanError(Conflict("pool_exhausted", str(exc), "nodes")) from None
     for node, address in zip(nodes, addresses, strict=True):
         row = Node(id=new_id(), name=node.name, stack=node.stack, address=address,
                    port=CATALOG[node.stack].default_port, config=dict(node.config))
@@ -113,6 +89,7 @@ class ClonePlan:
     conflicts: list[Conflict]
     bytes_needed: int = 0
     bytes_free: int = 0
+    reflink: bool = False
     busy: set[str] = field(default_factory=set)  # addresses something listens on, read once
 
 
@@ -122,8 +99,9 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
     conflicts: list[Conflict] = []
     source = find_environment(session, tenant, source_name)
     if source is None:
-        raise PlanError(Conflict("not_found", f"environment {source_name!r} does not exist", "source"), 404)
-    if source.state != ENV_RUNNING:
+        raise PlanError(Conflict("not_found", f"environment {source_name!r} does not exist", "source"),
+                        Problem.NOT_FOUND)
+    if source.state != EnvState.RUNNING:
         conflicts.append(Conflict("source_not_running", f"environment {source_name!r} is {source.state}", "source"))
     if find_environment(session, tenant, target_name) is not None:
         conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
@@ -134,14 +112,15 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
         addresses = {n.name: a for n, a in zip(source.nodes, planned, strict=True)}
     except ipam.PoolExhausted as exc:
         conflicts.append(Conflict("pool_exhausted", str(exc), "name"))
-    driver = get_driver()
+    # Sizes and the host's disk as the workers last measured them: a plan reads rows, never a disk.
+    host = local_host(session)
+    reflink = bool(host and host.reflink)
     # A snapshot and a clone volume per node, unless reflink shares the blocks.
-    needed = 0 if getattr(driver, "reflink", False) else 2 * sum(driver.volume_size(n.id) for n in source.nodes)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(settings.data_dir).free
-    if needed > free:
+    needed = 0 if reflink else 2 * sum(n.size_bytes for n in source.nodes)
+    free = host.free_bytes if host is not None else 0
+    if host is not None and needed > free:
         conflicts.append(Conflict("disk_full", f"needs {needed} bytes of disk, {free} free", "name"))
-    return ClonePlan(source, target_name, addresses, conflicts, needed, free, busy)
+    return ClonePlan(source, target_name, addresses, conflicts, needed, free, reflink, busy)
 
 
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,

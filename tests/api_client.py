@@ -15,13 +15,13 @@ class Api:
     def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}", **(extra or {})}
 
-    def get(self, path: str, **kw: Any):  # noqa: ANN201
+    def get(self, path: str, **kw: Any):
         return self.client.get(path, headers=self.headers(kw.pop("headers", None)), **kw)
 
-    def post(self, path: str, body: Any = None, **kw: Any):  # noqa: ANN201
+    def post(self, path: str, body: Any = None, **kw: Any):
         return self.client.post(path, json=body, headers=self.headers(kw.pop("headers", None)), **kw)
 
-    def delete(self, path: str, **kw: Any):  # noqa: ANN201
+    def delete(self, path: str, **kw: Any):
         return self.client.delete(path, headers=self.headers(kw.pop("headers", None)), **kw)
 
     def events(self, job_id: str, last_event_id: int | None = None) -> list[dict[str, Any]]:

@@ -8,11 +8,15 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 
 from tests.helpers import processes_under, wait_for
+
+if TYPE_CHECKING:
+    from tests.stack import Backend
 
 PG_ADMIN_URL = os.environ.get("ENVCLONE_TEST_PG", "postgresql://root@127.0.0.1:5432/postgres")
 
@@ -69,6 +73,19 @@ def create_database() -> tuple[str, str]:
 def drop_database(name: str) -> None:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """A real back end for the whole module: fresh state database, own Redis database, a real worker.
+    A module shapes it with ``BACKEND = {...}`` (Backend's keyword arguments: pool, concurrency,
+    extra_env...); ``BEAT = True`` also starts celery beat (the watchdog)."""
+    from tests.stack import Backend
+
+    with Backend(**getattr(request.module, "BACKEND", {})) as b:
+        if getattr(request.module, "BEAT", False):
+            b.start_beat()
+        yield b
 
 
 @pytest.fixture

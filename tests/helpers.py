@@ -21,7 +21,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - keep polling, report the last error on timeout
+        except Exception as exc:  # keep polling, report the last error on timeout
             last_exc = exc
         time.sleep(interval)  # poll
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f": {last_exc!r}" if last_exc else ""))

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import redis
+from celery import Celery
 
 from tests.conftest import create_database, destroy_everything, drop_database, make_data_root
 from tests.helpers import processes_under, wait_for
@@ -55,14 +56,13 @@ def release_redis_db(n: int) -> None:
         _claims.delete(_claim_key(n))
 
 
-def point_celery_at(broker_url: str) -> None:
-    """Make this process's Celery app publish to ``broker_url``: new config, and drop the broker
-    pools and the result backend it may have cached for a previous back end."""
-    from workers.celery_app import celery_app
+_current: list[Celery] = []
 
-    celery_app.conf.update(broker_url=broker_url, result_backend=broker_url)
-    celery_app._after_fork()  # forgets the connection and producer pools
-    celery_app._local.__dict__.pop("backend", None)
+
+def publisher() -> Celery:
+    """The publishing Celery app of the back end this test runs against."""
+    assert _current, "no back end is running"
+    return _current[-1]
 
 
 def reset_caches() -> None:
@@ -120,26 +120,27 @@ class Backend:
         from shared.migrate import upgrade
 
         upgrade(self.db_url)
-        point_celery_at(self.broker_url)
+        from workers.celery_app import Role, make_celery
+
+        self.celery = make_celery(Role.PUBLISHER)
+        _current.append(self.celery)
         self.start_worker()
         return self
 
     def start_worker(self) -> None:
-        from workers.celery_app import celery_app
-
         name = f"test-{uuid.uuid4().hex[:8]}@%h"
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-c", str(self.concurrency),
+            [sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-c", str(self.concurrency),
              "-Q", "envclone.window,envclone", "-n", name, "-l", "info", "-E"],
             env={**os.environ, **self.env}, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_for(lambda: celery_app.control.ping(timeout=0.5), timeout=60, what="worker to answer ping")
+        wait_for(lambda: self.celery.control.ping(timeout=0.5), timeout=60, what="worker to answer ping")
 
     def start_beat(self) -> None:
         """celery beat, which runs the watchdog every ENVCLONE_WATCHDOG_INTERVAL_S."""
         self.beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat", "-l", "info",
+            [sys.executable, "-m", "celery", "-A", "workers.worker", "beat", "-l", "info",
              "-s", str(self.root / "beat-schedule")],
             env={**os.environ, **self.env}, stdout=open(self.root / "beat.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -167,6 +168,8 @@ class Backend:
             os.killpg(self.beat.pid, signal.SIGTERM)
             self.beat.wait(timeout=30)
         self.stop_worker()
+        _current.remove(self.celery)
+        self.celery.close()
         if self.log_path.exists():  # kept for a post-mortem after the data root is gone
             shutil.copy(self.log_path, Path(tempfile.gettempdir()) / "envclone-last-worker.log")
         leftovers = destroy_everything(self.data_dir) if self.data_dir != self.root else []

@@ -8,9 +8,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from shared.db import session_scope
-from shared.models import JOB_DONE_STATES, AddressLease, CloneJob, Environment
+from shared.models import AddressLease, CloneJob, Environment
 from shared.planning import NodeRequest, find_environment, plan_clone, plan_environment
+from shared.states import JOB_DONE
 from tests.helpers import wait_for
+from tests.stack import publisher
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
 
 TENANT = "acme"
@@ -26,7 +28,7 @@ def create_environment(name: str, nodes: list[dict[str, Any]], timeout: float = 
     with session_scope() as session:
         env = plan_environment(session, TENANT, name, [NodeRequest(**n) for n in nodes])
         env_id = env.id
-    dispatch_create_environment(env_id)
+    dispatch_create_environment(publisher(), env_id)
 
     def settled() -> Environment | None:
         with session_scope() as session:
@@ -46,7 +48,7 @@ def start_clone(source: str, target: str, **options: Any) -> str:
     with session_scope() as session:
         job = plan_clone(session, TENANT, source, target, options)
         job_id = job.id
-    dispatch_clone(job_id)
+    dispatch_clone(publisher(), job_id)
     return job_id
 
 
@@ -54,7 +56,7 @@ def wait_job(job_id: str, timeout: float = 180) -> CloneJob:
     def done() -> CloneJob | None:
         with session_scope() as session:
             job = session.get(CloneJob, job_id)
-            if job.state in JOB_DONE_STATES:
+            if job.state in JOB_DONE:
                 job.steps, job.nodes  # noqa: B018
                 session.expunge_all()
                 return job
@@ -79,7 +81,7 @@ def environment(name: str) -> Environment | None:
 def delete_environment(name: str, timeout: float = 60) -> None:
     env = environment(name)
     assert env is not None
-    dispatch_delete_environment(env.id)
+    dispatch_delete_environment(publisher(), env.id)
     wait_for(lambda: environment(name) is None, timeout=timeout, what=f"environment {name} to be deleted")
 
 

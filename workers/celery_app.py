@@ -1,47 +1,63 @@
-"""The Celery app and its configuration. Every setting here closes a bug another project shipped
-(see the handbook's Celery rules): late acks, requeue on worker loss, no hidden prefetch, time limits,
-a visibility timeout above all of them, events on for Flower."""
+"""Celery, configured per process role. The API only publishes: it never runs a task and must
+answer 503 at once when the broker is down. A worker runs tasks and rides out broker outages.
+Every setting closes a bug another project shipped: late acks, requeue on worker loss, no hidden
+prefetch, time limits, a visibility timeout above all of them, events on for Flower."""
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import Any
+
 from celery import Celery
-from celery.signals import worker_process_init
 from kombu import Queue
 
-from shared.config import get_settings
-from shared.db import dispose_engine
+from shared.config import Settings, get_settings
 
-# Snapshot and restart run while a source node is down: their queue is consumed first, so a
+# Snapshot and restart run while a source node is held: their queue is consumed first, so a
 # quiesced node never waits behind other nodes' quiesce or provision work.
 WINDOW_QUEUE = "envclone.window"
 DEFAULT_QUEUE = "envclone"
+TASK_MODULES = ["workers.steps", "workers.environments", "workers.watchdog"]
+
+# Every task: late acks and a retry budget that is the domain's to bound (shared.clone.retry).
+TASK_OPTS: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": None}
 
 
-def make_celery() -> Celery:
-    settings = get_settings()
+class Role(StrEnum):
+    PUBLISHER = "publisher"  # the API and the CLI: send, never run
+    WORKER = "worker"  # workers, beat and Flower
+
+
+def _publish_retry(role: Role) -> tuple[dict[str, Any], float]:
+    """(task publish retry policy, result-store retry timeout) for ``role``."""
+    if role == Role.PUBLISHER:
+        # A broker that is down means 503 now, not a request that hangs.
+        return {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}, 3.0
+    # Workers ride out a Redis outage of a couple of minutes (publishing the next step, the chord
+    # counter) rather than break a chain.
+    return {"max_retries": 90, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}, 180.0
+
+
+def make_celery(role: Role, settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
     app = Celery("envclone", broker=settings.broker_url, backend=settings.resolved_result_backend,
-                 include=["workers.steps", "workers.report", "workers.environments", "workers.watchdog"])
+                 include=TASK_MODULES if role == Role.WORKER else [], set_as_current=role == Role.WORKER)
     limit = settings.task_time_limit_s
-    transport = {
-        "visibility_timeout": settings.visibility_timeout_s,
-        "queue_order_strategy": "priority",
-    }
+    publish_policy, result_timeout = _publish_retry(role)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=limit,
         task_soft_time_limit=max(limit - 30, int(limit * 0.9)),
-        broker_transport_options=transport,
-        # Workers ride out a Redis outage of a couple of minutes (publishing the next step, the chord
-        # counter) rather than break a chain; the API narrows these to answer 503 at once.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "queue_order_strategy": "priority"},
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                          "retry_policy": {"timeout": 180.0}},
+                                          "retry_policy": {"timeout": result_timeout}},
         redis_socket_connect_timeout=3,
         broker_connection_timeout=3,
         broker_connection_max_retries=None,
-        task_publish_retry_policy={"max_retries": 90, "interval_start": 0, "interval_step": 0.5,
-                                   "interval_max": 2},
+        task_publish_retry_policy=publish_policy,
         broker_connection_retry_on_startup=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
@@ -57,22 +73,3 @@ def make_celery() -> Celery:
                                     "options": {"expires": settings.watchdog_interval_s}}},
     )
     return app
-
-
-celery_app = make_celery()
-
-
-def fail_fast_publishing() -> None:
-    """For the API process: a broker that is down means 503 now, not a request that hangs."""
-    celery_app.conf.update(
-        result_backend_transport_options={**celery_app.conf.result_backend_transport_options,
-                                          "retry_policy": {"timeout": 3.0}},
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
-                                   "interval_max": 1},
-    )
-
-
-@worker_process_init.connect
-def _fresh_engine_after_fork(**_: object) -> None:
-    # Never share a database connection across fork.
-    dispose_engine()

@@ -12,7 +12,8 @@ from sqlalchemy import select, update
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.models import ENV_CREATING, JOB_QUEUED, CloneJob, Environment, utcnow
+from shared.models import CloneJob, Environment, utcnow
+from shared.states import EnvState, JobState
 
 
 def mark_dispatched(model: type[CloneJob] | type[Environment], row_id: str) -> bool:
@@ -33,15 +34,15 @@ def send_pending(send_job: Callable[[str], object], send_create: Callable[[str],
     cutoff = utcnow() - timedelta(seconds=get_settings().dispatch_grace_s)
     with session_scope() as session:
         jobs = list(session.scalars(select(CloneJob.id).where(
-            CloneJob.dispatched_at.is_(None), CloneJob.state == JOB_QUEUED, CloneJob.created_at < cutoff)))
+            CloneJob.dispatched_at.is_(None), CloneJob.state == JobState.QUEUED, CloneJob.created_at < cutoff)))
         # A clone's target environment is made by its job, never by a create task.
         envs = list(session.execute(select(Environment.id, Environment.state).where(
             Environment.dispatched_at.is_(None), Environment.updated_at < cutoff,
-            ((Environment.state == ENV_CREATING) & Environment.source_environment_id.is_(None))
-            | (Environment.state == "deleting"))))
+            ((Environment.state == EnvState.CREATING) & Environment.source_environment_id.is_(None))
+            | (Environment.state == EnvState.DELETING))))
     sent = 0
     work: list[tuple[type, str, Callable[[str], object]]] = [(CloneJob, j, send_job) for j in jobs]
-    work += [(Environment, e.id, send_create if e.state == ENV_CREATING else send_delete) for e in envs]
+    work += [(Environment, e.id, send_create if e.state == EnvState.CREATING else send_delete) for e in envs]
     for model, row_id, send in work:
         if not mark_dispatched(model, row_id):
             continue

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from api.cli.client import Client, CliError
 from api.cli.watch import watch
+from shared.states import JobState
 
 console = Console()
 env_app = typer.Typer(no_args_is_help=True, help="Environments.")
@@ -94,12 +95,12 @@ def clone(ctx: typer.Context, source: str, name: str,
             raise typer.Exit(1)
         return
     console.print(f"job {result['id']} {result['state']}")
-    if watch_ and watch(api, result["id"], console)["state"] != "succeeded":
+    if watch_ and watch(api, result["id"], console)["state"] != JobState.SUCCEEDED:
         raise typer.Exit(1)
 
 
 @jobs_app.command("list")
-def jobs_list(ctx: typer.Context, state: str = typer.Option(None, "--state"),
+def jobs_list(ctx: typer.Context, state: JobState = typer.Option(None, "--state"),
               environment: str = typer.Option(None, "--environment")) -> None:
     """List clone jobs, newest first."""
     params = {k: v for k, v in {"state": state, "environment": environment}.items() if v}
@@ -121,7 +122,7 @@ def jobs_show(ctx: typer.Context, job_id: str) -> None:
 @jobs_app.command("watch")
 def jobs_watch(ctx: typer.Context, job_id: str) -> None:
     """Live per-node progress until the job ends (exit 1 unless it succeeded)."""
-    if watch(client(ctx), job_id, console)["state"] != "succeeded":
+    if watch(client(ctx), job_id, console)["state"] != JobState.SUCCEEDED:
         raise typer.Exit(1)
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from api.cli.client import Client, CliError
 from api.cli.watch import watch
+from shared.states import EnvState, JobState
 
 DEMO = {"name": "demo", "nodes": [
     {"name": "db", "stack": "postgres"},
@@ -26,9 +27,9 @@ def _wait_running(api: Client, name: str, console: Console, timeout: float = 180
     with console.status(f"waiting for environment {name} to start"):
         while time.monotonic() < deadline:
             env = api.get(f"/v1/environments/{name}")
-            if env["state"] == "running":
+            if env["state"] == EnvState.RUNNING:
                 return env
-            if env["state"] == "failed":
+            if env["state"] == EnvState.FAILED:
                 raise CliError(f"environment {name} failed: {env['error']}")
             time.sleep(0.5)  # poll: the API offers no environment event stream
     raise CliError(f"environment {name} not running after {timeout:.0f}s")
@@ -56,7 +57,7 @@ def run_demo(api: Client, console: Console | None = None) -> bool:
     target = f"demo-clone-{n}"
     console.print(f"cloning [bold]demo[/] as [bold]{target}[/]")
     job = api.post("/v1/environments/demo/clones", {"name": target})
-    if watch(api, job["id"], console)["state"] != "succeeded":
+    if watch(api, job["id"], console)["state"] != JobState.SUCCEEDED:
         return False
     dst = api.get(f"/v1/environments/{target}")
     httpx.post(f"{web}/items", json={"name": "written-after-the-clone"}, timeout=10).raise_for_status()

@@ -99,11 +99,11 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
                             env=child_env)
     manager.add_process("api", f"{py} -m gunicorn -b 127.0.0.1:{api_port} -k gthread --threads 16 -w 2 "
                         "--graceful-timeout 5 --access-logfile - api.wsgi:app", env=child_env)
-    manager.add_process("worker", f"{py} -m celery -A workers.celery_app worker -c 2 -E -l info "
+    manager.add_process("worker", f"{py} -m celery -A workers.worker worker -c 2 -E -l info "
                         "-Q envclone.window,envclone -n envclone@%h", env=child_env)
-    manager.add_process("beat", f"{py} -m celery -A workers.celery_app beat -l info "
+    manager.add_process("beat", f"{py} -m celery -A workers.worker beat -l info "
                         f"-s {q(str(data_dir / 'celerybeat-schedule'))}", env=child_env)
-    manager.add_process("flower", f"{py} -m celery -A workers.celery_app flower --address=127.0.0.1 "
+    manager.add_process("flower", f"{py} -m celery -A workers.worker flower --address=127.0.0.1 "
                         f"--port={flower_port}", env={**child_env, "FLOWER_UNAUTHENTICATED_API": "true"})
 
     api_url = f"http://127.0.0.1:{api_port}"

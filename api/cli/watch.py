@@ -8,8 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from api.cli.client import Client
+from shared.states import CLONE_STEPS, JobState, Step, StepState
 
-STEPS = ("quiesce", "snapshot", "restart", "provision", "assign_ips")
+STEPS = [str(s) for s in CLONE_STEPS]
 SHARE = 100 / len(STEPS)
 
 
@@ -22,7 +23,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _node_completed(node: dict[str, Any]) -> float:
-    done = sum(SHARE for s in node["steps"] if s["state"] in ("succeeded", "failed", "skipped", "cancelled"))
+    done = sum(SHARE for s in node["steps"] if StepState(s["state"]).done)
     return min(100.0, done)
 
 
@@ -42,9 +43,9 @@ def watch(client: Client, job_id: str, console: Console | None = None) -> dict[s
         for event, data in client.events(job_id):
             if event == "step":
                 node, step, state = data["node"], data["step"], data["state"]
-                done = STEPS.index(step) + (1 if state in ("succeeded", "failed", "skipped", "cancelled") else 0)
+                done = STEPS.index(step) + (1 if StepState(state).done else 0)
                 status = f"{step} {state}" + (f" (attempt {data['attempt']})" if data.get("attempt", 1) > 1 else "")
-                if step == "restart" and state == "succeeded":
+                if step == Step.RESTART and state == StepState.SUCCEEDED:
                     downtime[node] = "source back"
                 progress.update(bars[node], completed=done * SHARE, status=status + (
                     f" · {downtime[node]}" if node in downtime else ""))
@@ -52,7 +53,7 @@ def watch(client: Client, job_id: str, console: Console | None = None) -> dict[s
                 node = data["node"]
                 frac = data["bytes_copied"] / data["bytes_total"] if data["bytes_total"] else 1.0
                 copied = f"{_fmt_bytes(data['bytes_copied'])}/{_fmt_bytes(data['bytes_total'])}"
-                progress.update(bars[node], completed=(STEPS.index("provision") + frac) * SHARE,
+                progress.update(bars[node], completed=(Step.PROVISION.seq + frac) * SHARE,
                                 status=f"provision {copied}")
             if "percent" in data:
                 progress.update(overall, completed=data["percent"], status=data.get("job_state", ""))
@@ -65,6 +66,6 @@ def watch(client: Client, job_id: str, console: Console | None = None) -> dict[s
             extra = f" · downtime {node['downtime_ms']} ms" if node["downtime_ms"] is not None else ""
             progress.update(bars[node["name"]], completed=_node_completed(node),
                             status=f"{last['step']} {last['state']}{extra}")
-    style = "green" if job["state"] == "succeeded" else "red"
+    style = "green" if job["state"] == JobState.SUCCEEDED else "red"
     console.print(f"[{style}]job {job['state']}[/]" + (f": {job['error']}" if job.get("error") else ""))
     return job

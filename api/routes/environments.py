@@ -9,6 +9,7 @@ from flask import Response, jsonify, url_for
 from flask_openapi3 import APIBlueprint, Tag
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api import serialize
 from api.auth import authenticate, tenant
@@ -32,6 +33,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.models import CloneJob, Environment
 from shared.planning import NodeRequest, active_job, find_environment, plan_clone, plan_environment
+from shared.states import EnvState
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
 
 bp = APIBlueprint("environments", __name__, url_prefix="/v1", abp_tags=[Tag(name="environments")],
@@ -40,14 +42,14 @@ bp = APIBlueprint("environments", __name__, url_prefix="/v1", abp_tags=[Tag(name
 bp.before_request(authenticate)
 
 
-def _get_env(session, name: str) -> Environment:  # noqa: ANN001
+def _get_env(session: Session, name: str) -> Environment:
     env = find_environment(session, tenant(), name)
     if env is None:
         raise ApiError(404, "not_found", f"environment {name!r} does not exist", "name")
     return env
 
 
-def _env_out(session, env: Environment) -> dict:  # noqa: ANN001
+def _env_out(session: Session, env: Environment) -> dict:
     source = session.get(Environment, env.source_environment_id) if env.source_environment_id else None
     return serialize.to_json(EnvironmentOut.model_validate(serialize.environment(env, source.name if source else None)))
 
@@ -72,7 +74,7 @@ def create_environment(body: EnvironmentIn) -> Response:
                 ipam.release_node(session, node.id)
             session.delete(row)
 
-    send(lambda: dispatch_create_environment(env_id), undo)
+    send(lambda celery: dispatch_create_environment(celery, env_id), undo)
     response = jsonify(out)
     response.status_code = 202
     response.headers["Location"] = url_for(".get_environment", name=body.name)
@@ -103,14 +105,14 @@ def delete_environment(path: EnvPath) -> Response:
         if busy is not None:
             raise ApiError(409, "busy", f"job {busy.id} is using environment {path.name!r}", "name")
         previous_state = env.state
-        env.state, env.dispatched_at = "deleting", None
+        env.state, env.dispatched_at = EnvState.DELETING, None
         out, env_id = _env_out(session, env), env.id
 
     def undo() -> None:
         with session_scope() as session:
             session.get(Environment, env_id).state = previous_state
 
-    send(lambda: dispatch_delete_environment(env_id), undo)
+    send(lambda celery: dispatch_delete_environment(celery, env_id), undo)
     response = jsonify(out)
     response.status_code = 202
     return response
@@ -121,11 +123,11 @@ def _request_hash(source: str, body: CloneIn) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _job_by_key(session, key: str) -> CloneJob | None:  # noqa: ANN001
+def _job_by_key(session: Session, key: str) -> CloneJob | None:
     return session.scalar(select(CloneJob).where(CloneJob.tenant == tenant(), CloneJob.idempotency_key == key))
 
 
-def _job_response(session, job: CloneJob, status: int) -> Response:  # noqa: ANN001
+def _job_response(session: Session, job: CloneJob, status: int) -> Response:
     response = jsonify(serialize.to_json(JobOut.model_validate(serialize.job(job))))
     response.status_code = status
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
@@ -182,5 +184,5 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
             session.execute(delete(Environment).where(Environment.id == target.id))
             session.delete(job)
 
-    send(lambda: dispatch_clone(job_id), undo)
+    send(lambda celery: dispatch_clone(celery, job_id), undo)
     return response

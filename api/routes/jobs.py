@@ -9,15 +9,17 @@ from collections.abc import Iterator
 from flask import Response, jsonify, request, stream_with_context, url_for
 from flask_openapi3 import APIBlueprint, Tag
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from api import serialize
 from api.auth import authenticate, tenant
 from api.dispatch import send
 from api.errors import ApiError
 from api.schemas import ErrorOut, JobList, JobOut, JobPath, JobQuery
+from shared.clone.control import request_cancel, request_retry
 from shared.db import session_scope
-from shared.job_control import prepare_retry, request_cancel
-from shared.models import JOB_DONE_STATES, JOB_FAILED, CloneJob, JobEvent, utcnow
+from shared.models import CloneJob, JobEvent, utcnow
+from shared.states import JobState
 from workers.workflow import dispatch_clone
 
 bp = APIBlueprint("jobs", __name__, url_prefix="/v1", abp_tags=[Tag(name="jobs")], abp_security=[{"bearer": []}],
@@ -28,7 +30,7 @@ SSE_POLL_S = 0.25  # the database is the source of truth; poll it rather than ad
 SSE_KEEPALIVE_S = 15.0
 
 
-def _get_job(session, job_id: str) -> CloneJob:  # noqa: ANN001
+def _get_job(session: Session, job_id: str) -> CloneJob:
     job = session.get(CloneJob, job_id)
     if job is None or job.tenant != tenant():
         raise ApiError(404, "not_found", f"job {job_id} does not exist", "job_id")
@@ -80,14 +82,14 @@ def retry_job(path: JobPath) -> Response:
     """Resume a failed job from its failed steps, reusing what succeeded and still exists."""
     with session_scope() as session:
         job = _get_job(session, path.job_id)
-        prepare_retry(session, job)
+        request_retry(session, job)
 
     def undo() -> None:
         with session_scope() as session:
             row = session.get(CloneJob, path.job_id)
-            row.state, row.error, row.finished_at = JOB_FAILED, "retry could not be dispatched", utcnow()
+            row.state, row.error, row.finished_at = JobState.FAILED, "retry could not be dispatched", utcnow()
 
-    send(lambda: dispatch_clone(path.job_id), undo)
+    send(lambda celery: dispatch_clone(celery, path.job_id), undo)
     with session_scope() as session:
         return _accepted(session.get(CloneJob, path.job_id))
 
@@ -121,7 +123,7 @@ def job_events(path: JobPath) -> Response:
             if events:
                 quiet_since = time.monotonic()
                 continue
-            if state in JOB_DONE_STATES:
+            if state is not None and JobState(state).done:
                 yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
                 return
             if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:

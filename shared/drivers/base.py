@@ -60,6 +60,11 @@ class Rewrite:
 
 
 class Driver(ABC):
+    @property
+    @abstractmethod
+    def reflink(self) -> bool:
+        """Whether a snapshot shares its blocks with the volume (copy-on-write), as probed on the host."""
+
     @abstractmethod
     def create_node(self, spec: NodeSpec) -> None:
         """Make the node's volume and initialise its stack (not started)."""

@@ -16,6 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
+
 from shared import snapshots
 from shared.drivers import process
 from shared.drivers.base import (
@@ -145,7 +147,7 @@ class LocalDriver(Driver):
         _, ctx = self._node(spec.node_id)
         try:
             stack.first_start(ctx)
-        except Exception as exc:  # noqa: BLE001 - the stack's client library decides what it raises
+        except Exception as exc:  # the stack's client library decides what it raises
             raise TransientDriverError(f"first-start setup of {spec.stack} failed: {exc}") from exc
 
     def start(self, node_id: str) -> None:
@@ -180,28 +182,31 @@ class LocalDriver(Driver):
             return Health(False, False, "not running")
         try:
             return Health(True, True, stack.check(ctx))
-        except Exception as exc:  # noqa: BLE001 - any client error means "not healthy yet"
+        except Exception as exc:  # any client error means "not healthy yet"
             return Health(True, False, f"{type(exc).__name__}: {exc}")
 
     def wait_healthy(self, node_id: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            health = self.health(node_id)
-            if health.healthy:
-                return
+        """Poll until healthy (the server gives no readiness notification); a process that exited
+        fails at once rather than at the deadline."""
+
+        def exited(health: Health) -> bool:
             if not health.running:
-                raise TransientDriverError(
-                    f"node {node_id} exited during start: {self._log_tail(node_id)!r}")
-            if time.monotonic() >= deadline:
-                raise TransientDriverError(f"node {node_id} not healthy after {timeout:.0f}s: {health.detail}")
-            time.sleep(0.02)  # poll: the server gives no readiness notification
+                raise TransientDriverError(f"node {node_id} exited during start: {self._log_tail(node_id)!r}")
+            return not health.healthy
+
+        try:
+            Retrying(retry=retry_if_result(exited), stop=stop_after_delay(timeout), wait=wait_fixed(0.02),
+                     reraise=True)(self.health, node_id)
+        except RetryError as exc:
+            health = exc.last_attempt.result()
+            raise TransientDriverError(f"node {node_id} not healthy after {timeout:.0f}s: {health.detail}") from None
 
     def restart(self, node_id: str, timeout: float) -> None:
         stack, ctx = self._node(node_id)
         if stack.online_quiesce and process.running_pid(self._pid_path(node_id)) is not None:
             try:
                 stack.resume_writes(ctx)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise TransientDriverError(f"resuming writes on {stack.name} failed: {exc}") from exc
         self.start(node_id)
         self.wait_healthy(node_id, timeout)
@@ -216,7 +221,7 @@ class LocalDriver(Driver):
         if process.running_pid(self._pid_path(node_id)) is not None:
             try:
                 stack.settle(ctx)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise TransientDriverError(f"{stack.name} did not settle before the snapshot: {exc}") from exc
         if self.reflink or not stack.precopy:
             return 0
@@ -232,12 +237,12 @@ class LocalDriver(Driver):
         if stack.online_quiesce:
             try:
                 stack.pause_writes(ctx, self.max_pause_s)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise TransientDriverError(f"pausing writes on {stack.name} failed: {exc}") from exc
             return
         try:
             asked = stack.quiesce(ctx)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TransientDriverError(f"quiesce of {stack.name} failed: {exc}") from exc
         if not asked:
             pid = process.running_pid(pid_path)

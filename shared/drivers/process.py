@@ -8,9 +8,10 @@ import os
 import pwd
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 _children: list[subprocess.Popen[bytes]] = []
 
@@ -101,12 +102,13 @@ def running_pid(pid_path: Path) -> int | None:
 
 
 def wait_exit(pid_path: Path, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if running_pid(pid_path) is None:
-            return True
-        time.sleep(0.02)  # poll: a process exit of a non-child cannot be waited on
-    return running_pid(pid_path) is None
+    """Whether the process ended within ``timeout`` (a non-child's exit cannot be waited on: poll)."""
+    try:
+        Retrying(retry=retry_if_result(lambda pid: pid is not None), stop=stop_after_delay(timeout),
+                 wait=wait_fixed(0.02))(running_pid, pid_path)
+    except RetryError:
+        return False
+    return True
 
 
 def terminate(pid_path: Path, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:

@@ -4,14 +4,30 @@
 from __future__ import annotations
 
 import shutil
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from shared.stacks.base import NodeContext, Stack
+
+
+def _poll(done: Callable[[], bool], timeout: float, every: float) -> None:
+    """Ask until ``done()``; valkey reports rewrites and buffers only through INFO. RetryError at the deadline."""
+    Retrying(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(timeout), wait=wait_fixed(every))(done)
+
+
+def _rewriting(p: dict) -> bool:
+    return bool(p["aof_rewrite_in_progress"] or p["aof_rewrite_scheduled"])
+
+
+def _aof_settled(p: dict) -> bool:
+    if p.get("aof_last_write_status") != "ok":
+        raise RuntimeError(f"append-only file write failing: {p.get('aof_last_write_status')}")
+    return not (_rewriting(p) or p["aof_buffer_length"])
 
 
 def valkey_binary() -> str:
@@ -64,37 +80,25 @@ class ValkeyStack(Stack):
         """An append-only rewrite in progress (valkey starts one by itself as the file grows) would
         be waited for inside the window; wait for it here instead, while writes still flow."""
         with self._client(ctx, timeout=10.0) as client:
-            deadline = time.monotonic() + 300.0
-            while time.monotonic() < deadline:
-                p = client.info("persistence")
-                if not (p["aof_rewrite_in_progress"] or p["aof_rewrite_scheduled"]):
-                    return
-                time.sleep(0.05)  # poll: valkey reports the rewrite's end only through INFO
+            try:
+                _poll(lambda: not _rewriting(client.info("persistence")), 300.0, 0.05)
+            except RetryError:
+                pass  # a rewrite this long is the window's to wait for, as before
 
     def pause_writes(self, ctx: NodeContext, hold_s: float) -> None:
         """CLIENT PAUSE WRITE also stops expiry and eviction, so the dataset is frozen. Then wait
         until the append-only file holds every acknowledged write (a write postponed behind a slow
         fsync sits in aof_buffer) and no rewrite is swapping its files."""
-        deadline = time.monotonic() + min(hold_s, 30.0)
         with self._client(ctx, timeout=10.0) as client:
             client.client_pause(max(1, int(hold_s * 1000)), all=False)
             try:
-                self._wait_aof_settled(client, deadline)
-            except BaseException:
+                _poll(lambda: _aof_settled(client.info("persistence")), min(hold_s, 30.0), 0.005)
+            except RetryError:
                 client.client_unpause()  # no snapshot will come: do not hold the source's writes
+                raise RuntimeError("append-only file did not settle (rewrite still running)") from None
+            except BaseException:
+                client.client_unpause()
                 raise
-
-    @staticmethod
-    def _wait_aof_settled(client: redis.Redis, deadline: float) -> None:
-        while True:
-            p = client.info("persistence")
-            if p.get("aof_last_write_status") != "ok":
-                raise RuntimeError(f"append-only file write failing: {p.get('aof_last_write_status')}")
-            if not (p["aof_rewrite_in_progress"] or p["aof_rewrite_scheduled"] or p["aof_buffer_length"]):
-                return
-            if time.monotonic() >= deadline:
-                raise RuntimeError("append-only file did not settle (rewrite still running)")
-            time.sleep(0.005)  # poll: valkey reports this only through INFO
 
     def writes_paused(self, ctx: NodeContext) -> bool:
         with self._client(ctx) as client:

@@ -99,7 +99,7 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
             except (LookupError, psycopg.Error, redis.RedisError, OSError) as exc:
                 self._send(503, {"error": f"{type(exc).__name__}: {exc}"})
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             path = urlparse(self.path).path
             if path == "/healthz":
                 self._send(200, {"ok": True})
@@ -108,13 +108,13 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
             else:
                 self._send(404, {"error": "not found"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             if urlparse(self.path).path != "/items":
                 self._send(404, {"error": "not found"})
                 return
             self._guard(lambda: self._send(201, {"id": app.add_item(str(self._json_body()["name"]))}))
 
-        def do_PUT(self) -> None:  # noqa: N802
+        def do_PUT(self) -> None:
             if urlparse(self.path).path != "/cache":
                 self._send(404, {"error": "not found"})
                 return
@@ -126,7 +126,7 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
 
             self._guard(put)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             pass  # one line per request would drown the node log
 
     return Handler

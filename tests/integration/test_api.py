@@ -24,24 +24,21 @@ SHOP = {"name": "shop", "nodes": SHOP_NODES}
 SOLO = {"name": "solo", "nodes": [{"name": "cache", "stack": "valkey"}]}
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend(pool="127.95.0.0/16") as b:
-        yield b
+BACKEND = {"pool": "127.95.0.0/16"}
 
 
 @pytest.fixture(scope="module")
-def app(backend: Backend):  # noqa: ANN201
+def app(backend: Backend):
     return create_app()
 
 
 @pytest.fixture(scope="module")
-def api(app) -> Api:  # noqa: ANN001
+def api(app) -> Api:
     return Api(app.test_client(), create_token("acme"))
 
 
 @pytest.fixture(scope="module")
-def other(app) -> Api:  # noqa: ANN001
+def other(app) -> Api:
     return Api(app.test_client(), create_token("globex"))
 
 
@@ -70,7 +67,7 @@ def wait_job(api: Api, job_id: str, timeout: float = 180) -> dict:
 
 
 # ---- auth and bad input ---------------------------------------------------------------------------------
-def test_auth_failures(app) -> None:  # noqa: ANN001
+def test_auth_failures(app) -> None:
     client = app.test_client()
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}):
         response = client.get("/v1/environments", headers=headers)

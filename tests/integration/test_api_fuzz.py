@@ -14,7 +14,7 @@ from schemathesis.checks import not_a_server_error
 from api import create_app
 from api.auth import create_token
 from tests.conftest import create_database, drop_database, make_data_root
-from tests.stack import point_celery_at, reset_caches
+from tests.stack import reset_caches
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ STATE: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def fuzz_app(request) -> Iterator[object]:  # noqa: ANN001
+def fuzz_app(request) -> Iterator[object]:
     import shutil
 
     import redis
@@ -40,7 +40,6 @@ def fuzz_app(request) -> Iterator[object]:  # noqa: ANN001
     reset_caches()
     from shared.migrate import upgrade
 
-    point_celery_at(broker)
     upgrade(url)
     STATE["token"] = create_token("fuzz")
     app = create_app()
@@ -54,7 +53,7 @@ def fuzz_app(request) -> Iterator[object]:  # noqa: ANN001
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_no_input_causes_a_server_error(fuzz_app) -> None:  # noqa: ANN001
+def test_no_input_causes_a_server_error(fuzz_app) -> None:
     """Every operation of the document, 40 generated requests each (valid and invalid ones)."""
     schema = schemathesis.openapi.from_wsgi("/openapi.json", fuzz_app)
     headers = {"Authorization": f"Bearer {STATE['token']}"}
@@ -65,7 +64,7 @@ def test_no_input_causes_a_server_error(fuzz_app) -> None:  # noqa: ANN001
 
         @given(case=operation.as_strategy())
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def run(case) -> None:  # noqa: ANN001
+        def run(case) -> None:
             if case.path.endswith("/events"):
                 case.query = {**(case.query or {}), "last_event_id": "0"}
             calls["n"] += 1

@@ -45,7 +45,7 @@ def api_server(env: dict[str, str], processes: int = 1, threads: int = 8) -> Ite
         proc.wait(timeout=30)
 
 
-def test_real_server_create_clone_and_stream(tmp_path) -> None:  # noqa: ANN001
+def test_real_server_create_clone_and_stream(tmp_path) -> None:
     with Backend(pool="127.96.0.0/16") as backend, api_server(backend.env) as base:
         token = create_token("acme")
         h = {"Authorization": f"Bearer {token}"}

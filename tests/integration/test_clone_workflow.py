@@ -12,7 +12,7 @@ import redis
 from shared.db import session_scope
 from shared.drivers import get_driver
 from shared.models import StepRun
-from tests.stack import Backend
+from tests.stack import Backend, publisher
 from tests.workflow_client import (
     SHOP,
     clone,
@@ -26,10 +26,7 @@ from tests.workflow_client import (
 
 pytestmark = pytest.mark.integration
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend() as b:
-        yield b
+BACKEND = {}
 
 
 @pytest.fixture
@@ -48,12 +45,12 @@ def clean(backend: Backend) -> Iterator[Backend]:
     assert lease_count() == 0
 
 
-def web_url(env, name: str = "web") -> str:  # noqa: ANN001
+def web_url(env, name: str = "web") -> str:
     node = next(n for n in env.nodes if n.name == name)
     return f"http://{node.address}:{node.port}"
 
 
-def addr(env, name: str) -> str:  # noqa: ANN001
+def addr(env, name: str) -> str:
     return next(n.address for n in env.nodes if n.name == name)
 
 
@@ -185,13 +182,11 @@ def test_steps_run_twice_do_no_harm(clean: Backend) -> None:
     volumes, processes = clean.volumes(), clean.processes()
     # As if the worker died after doing provision and assign_ips but before recording it:
     # the redelivered tasks run their bodies again.
-    from workers.celery_app import celery_app
-
     for step in ("provision", "assign_ips"):
         with session_scope() as session:
             row = session.query(StepRun).filter_by(job_id=job.id, step=step).one()
             row.state = "running"
-        celery_app.signature(f"envclone.{step}", args=(job.id, src.nodes[0].id)).apply_async()
+        publisher().signature(f"envclone.{step}", args=(job.id, src.nodes[0].id)).apply_async()
         wait_job(job.id)  # job row stays done
 
         def finished(step: str = step) -> bool:
@@ -211,7 +206,7 @@ def test_steps_run_twice_do_no_harm(clean: Backend) -> None:
 
 
 def test_two_clones_of_one_source_take_turns_at_the_node(clean: Backend) -> None:
-    from shared.planning import PlanError
+    from shared.errors import PlanError
 
     create_environment("src", [{"name": "cache", "stack": "valkey"}])
     first, second = start_clone("src", "dst1"), start_clone("src", "dst2")

@@ -4,8 +4,6 @@ snapshots and leases before and after."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 from sqlalchemy import select
@@ -27,10 +25,7 @@ from tests.workflow_client import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend(pool="127.100.0.0/16", extra_env={"ENVCLONE_WATCHDOG_INTERVAL_S": "1"}) as b:
-        yield b
+BACKEND = {"pool": "127.100.0.0/16", "extra_env": {"ENVCLONE_WATCHDOG_INTERVAL_S": "1"}}
 
 
 def _job_node(job_id: str) -> JobNode:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 POOL = "127.92.0.0/26"  # 62 usable addresses
 
 
-def _lease_worker(url: str, count: int, barrier, out) -> None:  # noqa: ANN001
+def _lease_worker(url: str, count: int, barrier, out) -> None:
     engine = make_engine(url)
     barrier.wait()  # all processes hit the pool at the same moment
     got = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 
 import httpx
 import psycopg
@@ -17,16 +16,13 @@ from shared.drivers import get_driver
 from shared.models import CloneJob
 from shared.planning import plan_clone
 from tests.fault_helpers import counts
-from tests.stack import Backend
+from tests.stack import Backend, publisher
 from tests.workflow_client import SHOP, TENANT, create_environment, delete_environment, environment, wait_job
 from workers.workflow import dispatch_clone
 
 pytestmark = pytest.mark.integration
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend(pool="127.106.0.0/16", concurrency=4) as b:
-        yield b
+BACKEND = {"pool": "127.106.0.0/16", "concurrency": 4}
 
 
 def submit_all(source: str, targets: list[str], options: list[dict]) -> list[str]:
@@ -36,7 +32,7 @@ def submit_all(source: str, targets: list[str], options: list[dict]) -> list[str
         with session_scope() as session:
             ids.append(plan_clone(session, TENANT, source, target, opts).id)
     for job_id in ids:
-        dispatch_clone(job_id)
+        dispatch_clone(publisher(), job_id)
     return ids
 
 

@@ -19,7 +19,8 @@ from tests.integration.test_api_server import free_port
 
 pytestmark = pytest.mark.integration
 
-STEP_TASKS = ["envclone.quiesce", "envclone.snapshot", "envclone.restart", "envclone.provision",
+# The start task builds the per-node canvas on a worker; Flower shows the job from it on.
+STEP_TASKS = ["envclone.start_clone", "envclone.quiesce", "envclone.snapshot", "envclone.restart", "envclone.provision",
               "envclone.assign_ips", "envclone.report"]
 
 

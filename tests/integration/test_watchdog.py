@@ -31,11 +31,8 @@ WATCHDOG_ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    with Backend(pool="127.102.0.0/16", concurrency=3, extra_env=WATCHDOG_ENV) as b:
-        b.start_beat()
-        yield b
+BACKEND = {"pool": "127.102.0.0/16", "concurrency": 3, "extra_env": WATCHDOG_ENV}
+BEAT = True
 
 
 @pytest.fixture

@@ -1,0 +1,106 @@
+"""Cancel and retry: the row changes an API request makes (no filesystem work: that is the
+worker's, in ``begin_run``), and preparing a run of a job before its canvas is published.
+
+Retry resumes each node from its first step that did not succeed, stepping back where what that
+step needs is gone: a snapshot needs a freshly quiesced source, provisioning needs the snapshot,
+assigning addresses needs the clone's volume."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared import ipam
+from shared.clone.events import record_event
+from shared.config import get_settings
+from shared.db import retry_db, session_scope
+from shared.drivers import get_driver
+from shared.errors import Conflict, PlanError
+from shared.models import AddressLease, CloneJob, Environment, JobNode, Node, StepRun
+from shared.states import CLONE_STEPS, EnvState, JobState, NodeState, Step, StepState
+
+
+def request_cancel(session: Session, job: CloneJob) -> None:
+    if job.state.done:
+        raise PlanError(Conflict("job_finished", f"job {job.id} already {job.state}", "job_id"))
+    job.cancel_requested = True
+    job.state = JobState.CANCELLING
+    record_event(session, job, "job", state=JobState.CANCELLING)
+
+
+def request_retry(session: Session, job: CloneJob) -> None:
+    """Queue a new run of a failed job; the worker that starts the run decides where each node resumes."""
+    if job.state != JobState.FAILED:
+        raise PlanError(Conflict("not_failed", f"only a failed job can be retried; job {job.id} is {job.state}",
+                                 "job_id"))
+    target = session.get(Environment, job.target_environment_id) if job.target_environment_id else None
+    if target is None:
+        raise PlanError(Conflict("target_deleted", f"environment {job.target_name!r} was deleted", "job_id"))
+    job.state, job.error, job.finished_at, job.cancel_requested = JobState.QUEUED, None, None, False
+    job.dispatched_at = None  # the outbox: set again once the broker has it
+    job.run += 1
+    job.percent = 0  # a new run: percent is monotonic within a run
+    target.state, target.error = EnvState.CREATING, None
+    record_event(session, job, "job", state=JobState.QUEUED, retried=True)
+
+
+def resume_index(states: list[StepState], snapshot_ok: bool, clone_ok: bool) -> int:
+    """Where a node's steps (in CLONE_STEPS order) start again on a retry."""
+    r = next((i for i, s in enumerate(states) if s != StepState.SUCCEEDED), len(states))
+    if r > Step.PROVISION.seq and not clone_ok:
+        r = Step.PROVISION.seq
+    if r == Step.PROVISION.seq and not snapshot_ok:
+        r = Step.QUIESCE.seq
+    if r == Step.SNAPSHOT.seq:
+        r = Step.QUIESCE.seq  # the source was restarted after the failure: quiesce it again
+    return r
+
+
+def _relet_address(session: Session, node: Node) -> None:
+    """Lease the clone node's address again, or a new one if someone took it meanwhile."""
+    held = session.get(AddressLease, node.address)
+    if held is not None and held.node_id == node.id:
+        return
+    if (held is None and node.address not in ipam.listening_addresses()
+            and ipam.try_lease(session, node.address, node_id=node.id)):
+        return
+    node.address = ipam.lease(session, get_settings().address_pool, 1)[0]
+    ipam.bind(session, node.address, node.id)
+
+
+def _resume(session: Session, job: CloneJob) -> None:
+    """Reset each node's steps from where it resumes, removing what the resumed steps remake."""
+    driver = get_driver()
+    snapshots, volumes = driver.snapshot_ids(), driver.node_ids()
+    order = {s: i for i, s in enumerate(CLONE_STEPS)}
+    for jn in session.scalars(select(JobNode).where(JobNode.job_id == job.id)):
+        steps = sorted(session.scalars(select(StepRun).where(StepRun.job_id == job.id,
+                                                             StepRun.source_node_id == jn.source_node_id)),
+                       key=lambda s: order[s.step])
+        resume = resume_index([s.state for s in steps], jn.snapshot_id in snapshots, jn.clone_node_id in volumes)
+        for step in steps[resume:]:
+            step.state, step.error, step.started_at, step.finished_at = StepState.PENDING, None, None, None
+        if resume <= Step.QUIESCE.seq:
+            driver.delete_snapshot(jn.snapshot_id)
+            jn.quiesced_at = jn.restarted_at = jn.downtime_ms = None
+        if resume <= Step.PROVISION.seq:
+            driver.destroy_node(jn.clone_node_id)
+            jn.bytes_copied = jn.bytes_total = 0
+        clone = session.get(Node, jn.clone_node_id)
+        if resume < len(steps):
+            clone.state, clone.url = NodeState.PENDING, None
+        _relet_address(session, clone)
+
+
+@retry_db
+def begin_run(job_id: str, run: int) -> bool:
+    """Claim the publishing of run ``run``'s canvas (False: it is stale, or already published).
+    A run that follows a failure first resets its steps (filesystem work: only ever on a worker)."""
+    with session_scope() as session:
+        job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one_or_none()
+        if job is None or job.run != run or job.canvas_run >= run:
+            return False
+        if job.state == JobState.QUEUED and job.run > 1:
+            _resume(session, job)
+        session.execute(update(CloneJob).where(CloneJob.id == job_id).values(canvas_run=run))
+        return True

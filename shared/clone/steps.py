@@ -1,0 +1,152 @@
+"""The five clone steps of one source node: quiesce -> snapshot -> restart -> provision ->
+assign_ips. Every body is idempotent: names derive from job and node ids, and each looks for what
+an earlier run already made. A body raises to fail (RETRYABLE errors are tried again); what it
+returns is kept in the step's ``detail``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from shared import locks
+from shared.clone.events import record_event
+from shared.clone.gate import Ticket, job_node
+from shared.clone.sources import restart_source
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.drivers import PermanentDriverError, get_driver
+from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
+from shared.states import NodeState, SnapshotState, Step
+
+Notify = Callable[..., None]  # best-effort progress to watchers outside the database (Flower)
+PROGRESS_EVERY_S = 0.5
+
+
+def _job_node(ticket: Ticket) -> JobNode:
+    with session_scope() as session:
+        jn = job_node(session, ticket.job_id, ticket.source_node_id)
+        session.expunge(jn)
+    return jn
+
+
+def _lock_ttl() -> float:
+    s = get_settings()
+    return s.task_time_limit_s + 2 * s.max_downtime_s
+
+
+def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
+    with session_scope() as session:
+        locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())  # NodeBusy: wait our turn
+    jn = _job_node(ticket)
+    driver = get_driver()
+    precopied = 0
+    if jn.quiesced_at is None:
+        precopied = driver.prepare_snapshot(ticket.source_node_id, jn.snapshot_id)  # slow work, still serving
+        with session_scope() as session:
+            # Durable before the stop: from here on the source must be restarted, whatever happens.
+            job_node(session, ticket.job_id, ticket.source_node_id).quiesced_at = utcnow()
+    driver.quiesce(ticket.source_node_id)
+    return {"precopied_bytes": precopied}
+
+
+def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
+    jn = _job_node(ticket)
+    info = get_driver().snapshot(ticket.source_node_id, jn.snapshot_id)
+    if _job_node(ticket).restarted_at is not None:
+        # The watchdog restarted the source while we copied: the snapshot may be torn.
+        get_driver().delete_snapshot(jn.snapshot_id)
+        raise PermanentDriverError("the source was restarted during the snapshot (downtime limit)")
+    with session_scope() as session:
+        row = session.get(Snapshot, jn.snapshot_id) or Snapshot(id=jn.snapshot_id, job_id=ticket.job_id,
+                                                                source_node_id=ticket.source_node_id)
+        row.state, row.method = SnapshotState.READY, info.method
+        row.size_bytes, row.window_ms = info.size_bytes, info.window_ms
+        session.add(row)
+        # The freshest size of the source, for the next plan of a clone of it.
+        session.get(Node, ticket.source_node_id).size_bytes = info.size_bytes
+    return {"method": info.method, "size_bytes": info.size_bytes, "window_ms": info.window_ms}
+
+
+def restart(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
+    with session_scope() as session:
+        jn = job_node(session, ticket.job_id, ticket.source_node_id)
+        restart_source(session, jn)
+        if jn.quiesced_at is None:
+            return {"source": "was not stopped by this job"}
+        return {"downtime_ms": jn.downtime_ms}
+
+
+def bring_back_source(ticket: Ticket, _exc: BaseException) -> None:
+    """A step inside the window failed for good: the source comes back before the step is closed."""
+    restart(ticket, lambda **_: None)
+
+
+def provision(ticket: Ticket, notify: Notify) -> dict[str, Any]:
+    jn = _job_node(ticket)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY_S and done < total:
+            return
+        last[0] = now
+        with session_scope() as session:
+            row = job_node(session, ticket.job_id, ticket.source_node_id)
+            row.bytes_copied, row.bytes_total = done, total
+            record_event(session, session.get(CloneJob, ticket.job_id), "progress", node=ticket.node_name,
+                         bytes_copied=done, bytes_total=total)
+        notify(current=done, total=total, node=ticket.node_name)
+
+    copied = get_driver().provision(jn.snapshot_id, jn.clone_node_id, progress)
+    with session_scope() as session:
+        clone = session.get(Node, jn.clone_node_id)
+        clone.state, clone.size_bytes = NodeState.PROVISIONED, copied
+    return {"bytes": copied}
+
+
+def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
+    jn = _job_node(ticket)
+    driver = get_driver()
+    with session_scope() as session:
+        clone = session.get(Node, jn.clone_node_id)
+        pairs = session.execute(
+            select(Node.address, JobNode.clone_node_id).join(JobNode, JobNode.source_node_id == Node.id)
+            .where(JobNode.job_id == ticket.job_id)).all()
+        clone_addr = {n.id: n.address for n in session.scalars(
+            select(Node).where(Node.id.in_([c for _, c in pairs])))}
+        address_map = {src_addr: clone_addr[clone_id] for src_addr, clone_id in pairs}
+        address, port = clone.address, clone.port
+    driver.assign_address(jn.clone_node_id, address, port)
+    rewrites = driver.rewrite_config(jn.clone_node_id, address_map)
+    driver.restart(jn.clone_node_id, get_settings().health_timeout_s)
+    with session_scope() as session:
+        clone = session.get(Node, jn.clone_node_id)
+        clone.state, clone.url = NodeState.RUNNING, driver.url(jn.clone_node_id)
+    return {"address": address, "rewrites": [
+        {"node": ticket.node_name, "file": r.file, "old": r.old, "new": r.new, "count": r.count} for r in rewrites]}
+
+
+Body = Callable[[Ticket, Notify], dict[str, Any] | None]
+FailureHook = Callable[[Ticket, BaseException], None]
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    body: Body
+    # Runs when the step fails for good, before the failure is recorded.
+    on_failure: FailureHook | None = None
+    # Runs even after an earlier step failed or the job was cancelled: what keeps sources up.
+    always_run: bool = False
+
+
+STEPS: dict[Step, StepSpec] = {
+    Step.QUIESCE: StepSpec(quiesce, on_failure=bring_back_source),
+    Step.SNAPSHOT: StepSpec(snapshot, on_failure=bring_back_source),
+    Step.RESTART: StepSpec(restart, always_run=True),
+    Step.PROVISION: StepSpec(provision),
+    Step.ASSIGN_IPS: StepSpec(assign_ips),
+}

@@ -1,0 +1,80 @@
+"""The watchdog's rules for jobs, kept even when workers die, the broker blinks or a step hangs:
+
+* a source quiesced longer than ENVCLONE_MAX_DOWNTIME_S is restarted and its open window steps fail;
+* a job with no progress for ENVCLONE_JOB_STALL_S is run again (its steps are idempotent, tasks of
+  the older run stand down); after ENVCLONE_MAX_RESUMES it is given up: failed, with compensation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from shared.clone.events import record_event
+from shared.clone.outcome import fail_open_steps, finish_job
+from shared.clone.sources import restart_source
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.drivers import DriverError
+from shared.models import CloneJob, JobEvent, JobNode, utcnow
+from shared.states import JOB_DONE, Step, StepState
+
+log = logging.getLogger("envclone.watchdog")
+
+
+def restart_overdue_sources() -> int:
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.max_downtime_s)
+    fixed = 0
+    with session_scope() as session:
+        overdue = session.execute(
+            select(JobNode, CloneJob).join(CloneJob, CloneJob.id == JobNode.job_id)
+            .where(JobNode.quiesced_at < cutoff, JobNode.restarted_at.is_(None),
+                   CloneJob.state.not_in(JOB_DONE)).with_for_update(of=JobNode)).all()
+        for jn, job in overdue:
+            try:
+                restart_source(session, jn)
+            except DriverError as exc:
+                log.error("job=%s node=%s watchdog could not restart the source: %s", job.id, jn.name, exc)
+                continue
+            reason = f"watchdog: source was down longer than {settings.max_downtime_s:.0f}s; restarted"
+            for step in fail_open_steps(session, job.id, reason, [Step.QUIESCE, Step.SNAPSHOT], jn.source_node_id):
+                record_event(session, job, "step", node=jn.name, step=step.step, state=StepState.FAILED,
+                             error=reason)
+            log.warning("job=%s node=%s %s", job.id, jn.name, reason)
+            fixed += 1
+    return fixed
+
+
+def resume_or_give_up_stalled_jobs(dispatch: Callable[[str], object]) -> tuple[int, int]:
+    """``dispatch(job_id)`` publishes the job's next run."""
+    settings = get_settings()
+    stall_s = settings.resolved_job_stall_s
+    cutoff = utcnow() - timedelta(seconds=stall_s)
+    resumed = reaped = 0
+    with session_scope() as session:
+        last = select(JobEvent.job_id, func.max(JobEvent.at).label("at")).group_by(JobEvent.job_id).subquery()
+        stalled = list(session.execute(
+            select(CloneJob.id).outerjoin(last, last.c.job_id == CloneJob.id)
+            .where(CloneJob.state.not_in(JOB_DONE), CloneJob.dispatched_at.is_not(None),
+                   func.coalesce(last.c.at, CloneJob.created_at) < cutoff)).scalars())
+    for job_id in stalled:
+        with session_scope() as session:
+            job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
+            resumes = session.scalar(select(func.count()).where(JobEvent.job_id == job_id, JobEvent.kind == "resumed"))
+            resume = resumes < settings.max_resumes
+            if resume:
+                job.run += 1  # tasks of the older run now stand down
+                record_event(session, job, "resumed", reason=f"no progress for {stall_s:.0f}s")
+            else:
+                fail_open_steps(session, job_id, f"reaped: no progress for {stall_s:.0f}s after {resumes} resumes")
+        if resume:
+            dispatch(job_id)
+            resumed += 1
+        else:
+            finish_job(job_id)
+            reaped += 1
+        log.warning("job=%s stalled: %s", job_id, "resumed" if resume else "given up")
+    return resumed, reaped

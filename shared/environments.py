@@ -1,0 +1,132 @@
+"""Environment lifecycle on the workers: create (level by level, so a node's config can name the
+URL of a node created before it), finish, delete, and bringing back nodes that died."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from shared import ipam, locks, templates
+from shared.clone.outcome import delete_snapshots
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.drivers import DriverError, NodeSpec, TransientDriverError, get_driver
+from shared.models import CloneJob, Environment, EnvironmentEvent, JobNode, Node
+from shared.states import EnvState, NodeState
+
+log = logging.getLogger("envclone.environments")
+
+
+def levels(env: Environment) -> list[list[str]]:
+    """Node names grouped so that each level only references nodes of earlier levels."""
+    return templates.creation_levels({n.name: templates.references(n.config) - {n.name} for n in env.nodes})
+
+
+def level_node_ids(env_id: str, level: int) -> list[tuple[str, str]] | None:
+    """(node id, name) of one creation level; None once every level is made (or the environment failed)."""
+    with session_scope() as session:
+        env = session.get(Environment, env_id)
+        all_levels = levels(env)
+        if level >= len(all_levels) or env.state == EnvState.FAILED:
+            return None
+        return [(n.id, n.name) for n in env.nodes if n.name in all_levels[level]]
+
+
+def _lookup(env: Environment) -> Callable[[str, str], str]:
+    by_name = {n.name: n for n in env.nodes}
+
+    def lookup(name: str, attr: str) -> str:
+        node = by_name[name]
+        if attr == "url":
+            return get_driver().url(node.id)  # with credentials: this is a config, not a response
+        if attr == "port":
+            return str(node.port)
+        return node.address  # address | host
+
+    return lookup
+
+
+def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
+    """Make and start one node. TransientDriverError escapes only while ``may_retry``."""
+    with session_scope() as session:
+        env = session.get(Environment, env_id)
+        node = session.get(Node, node_id)
+        if node.state == NodeState.RUNNING:
+            return
+        spec = NodeSpec(node.id, node.stack, node.address, node.port, templates.resolve(node.config, _lookup(env)))
+    driver = get_driver()
+    url, size, error = None, 0, None
+    try:
+        driver.create_node(spec)
+        url, size = driver.url(node_id), driver.volume_size(node_id)
+    except TransientDriverError as exc:
+        if may_retry:
+            raise
+        error = str(exc)
+    except DriverError as exc:
+        error = str(exc)
+    with session_scope() as session:
+        node = session.get(Node, node_id)
+        node.state = NodeState.FAILED if error else NodeState.RUNNING
+        node.url, node.size_bytes = url, size
+        if error:
+            env = session.get(Environment, env_id)
+            env.state, env.error = EnvState.FAILED, f"{node.name}: {error}"
+    log.info("env=%s node=%s create state=%s%s", env_id, node_id, node.state, f" error={error!r}" if error else "")
+
+
+def finish_environment(env_id: str) -> EnvState:
+    with session_scope() as session:
+        env = session.execute(select(Environment).where(Environment.id == env_id).with_for_update()).scalar_one()
+        if all(n.state == NodeState.RUNNING for n in env.nodes) and env.state != EnvState.FAILED:
+            env.state = EnvState.RUNNING
+            return env.state
+        env.state = EnvState.FAILED
+        driver = get_driver()
+        for node in env.nodes:  # a half-made environment is not left behind
+            driver.destroy_node(node.id)
+            ipam.release_node(session, node.id)
+            node.state, node.url = NodeState.DESTROYED, None
+        return env.state
+
+
+def delete_environment(env_id: str) -> None:
+    driver = get_driver()
+    with session_scope() as session:
+        env = session.get(Environment, env_id)
+        if env is None:
+            return
+        for node in env.nodes:
+            driver.destroy_node(node.id)
+            ipam.release_node(session, node.id)
+        # Snapshots kept for a clone (retain_snapshots, keep_on_failure) go with it.
+        for job in session.scalars(select(CloneJob).where(CloneJob.target_environment_id == env_id)):
+            delete_snapshots(session, job)
+        session.delete(env)
+    log.info("env=%s deleted", env_id)
+
+
+def reconcile_nodes() -> int:
+    """Restart nodes that should run but do not (not those a job is holding down on purpose)."""
+    settings = get_settings()
+    driver, fixed = get_driver(), 0
+    with session_scope() as session:
+        held = locks.held(session)
+        down_on_purpose = set(session.scalars(select(JobNode.source_node_id).where(
+            JobNode.quiesced_at.is_not(None), JobNode.restarted_at.is_(None))))
+        rows = session.execute(select(Node, Environment).join(Environment, Environment.id == Node.environment_id)
+                               .where(Node.state == NodeState.RUNNING, Environment.state == EnvState.RUNNING)).all()
+        for node, env in rows:
+            if node.id in held or node.id in down_on_purpose or driver.health(node.id).running:
+                continue
+            try:
+                driver.restart(node.id, settings.health_timeout_s)
+                message = f"node {node.name} was not running; restarted"
+            except DriverError as exc:
+                message = f"node {node.name} was not running; restart failed: {exc}"
+            session.add(EnvironmentEvent(environment_id=env.id, kind="node_restarted", message=message))
+            log.warning("env=%s node=%s %s", env.name, node.name, message)
+            fixed += 1
+    return fixed
