@@ -46,6 +46,8 @@ class FaultIn(Strict):
 
 class CloneIn(Strict):
     name: DnsLabel
+    rename_db_users: bool = Field(default=False, description="Give the clone's database application role a new "
+                                  "name (its dependents' configs follow).")
     keep_on_failure: bool = False
     retain_snapshots: bool = False
     dry_run: bool = False
@@ -55,6 +57,17 @@ class CloneIn(Strict):
 
 class EnvPath(Strict):
     name: DnsLabel
+
+
+class NodePath(Strict):
+    name: DnsLabel
+    node: DnsLabel
+
+
+class CredentialsOut(BaseModel):
+    username: str | None
+    password: str
+    url: str
 
 
 class JobPath(Strict):

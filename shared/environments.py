@@ -8,12 +8,13 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
-from shared import ipam, locks, templates
+from shared import identity, ipam, locks, templates
 from shared.clone.outcome import delete_snapshots
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.drivers import DriverError, NodeSpec, TransientDriverError, get_driver
 from shared.models import CloneJob, Environment, EnvironmentEvent, JobNode, Node
+from shared.stacks import CATALOG
 from shared.states import EnvState, NodeState
 
 log = logging.getLogger("envclone.environments")
@@ -39,8 +40,8 @@ def _lookup(env: Environment) -> Callable[[str, str], str]:
 
     def lookup(name: str, attr: str) -> str:
         node = by_name[name]
-        if attr == "url":
-            return get_driver().url(node.id)  # with credentials: this is a config, not a response
+        if attr == "url":  # with credentials: this is a config, not a response
+            return CATALOG[node.stack].url(node.address, node.port, node.credentials, secret=True)
         if attr == "port":
             return str(node.port)
         return node.address  # address | host
@@ -55,12 +56,16 @@ def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
         node = session.get(Node, node_id)
         if node.state == NodeState.RUNNING:
             return
-        spec = NodeSpec(node.id, node.stack, node.address, node.port, templates.resolve(node.config, _lookup(env)))
+        config = templates.resolve(node.config, _lookup(env))
+        spec_args = (node.id, node.stack, node.address, node.port, config, dict(node.credentials))
     driver = get_driver()
-    url, size, error = None, 0, None
+    size, error = 0, None
     try:
+        spec = NodeSpec(*spec_args, owner=identity.ensure_account(env_id))
         driver.create_node(spec)
-        url, size = driver.url(node_id), driver.volume_size(node_id)
+        size = driver.volume_size(node_id)
+    except RuntimeError as exc:  # no account could be made for the environment
+        error = str(exc)
     except TransientDriverError as exc:
         if may_retry:
             raise
@@ -70,7 +75,7 @@ def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
     with session_scope() as session:
         node = session.get(Node, node_id)
         node.state = NodeState.FAILED if error else NodeState.RUNNING
-        node.url, node.size_bytes = url, size
+        node.size_bytes = size
         if error:
             env = session.get(Environment, env_id)
             env.state, env.error = EnvState.FAILED, f"{node.name}: {error}"
@@ -88,7 +93,8 @@ def finish_environment(env_id: str) -> EnvState:
         for node in env.nodes:  # a half-made environment is not left behind
             driver.destroy_node(node.id)
             ipam.release_node(session, node.id)
-            node.state, node.url = NodeState.DESTROYED, None
+            node.state = NodeState.DESTROYED
+        identity.remove_account(env_id)
         return env.state
 
 
@@ -104,6 +110,7 @@ def delete_environment(env_id: str) -> None:
         # Snapshots kept for a clone (retain_snapshots, keep_on_failure) go with it.
         for job in session.scalars(select(CloneJob).where(CloneJob.target_environment_id == env_id)):
             delete_snapshots(session, job)
+        identity.remove_account(env_id)  # before the row goes: a deleted environment has no account left
         session.delete(env)
     log.info("env=%s deleted", env_id)
 

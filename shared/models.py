@@ -108,6 +108,9 @@ class Node(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Written by the worker that made or moved the node, so a response never asks a driver.
     url: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    # The node's own credentials (stack-defined keys: username, password, ...). Only the credentials
+    # call of the API hands them out; responses carry ``url`` without them.
+    credentials: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Bytes a snapshot of the node holds, as last measured by a worker (plans read it).
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
 

@@ -70,8 +70,11 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
     except ipam.PoolExhausted as exc:
         raise PlanError(Conflict("pool_exhausted", str(exc), "nodes")) from None
     for node, address in zip(nodes, addresses, strict=True):
-        row = Node(id=new_id(), name=node.name, stack=node.stack, address=address,
-                   port=CATALOG[node.stack].default_port, config=dict(node.config))
+        stack = CATALOG[node.stack]
+        credentials = stack.new_credentials()
+        row = Node(id=new_id(), name=node.name, stack=node.stack, address=address, port=stack.default_port,
+                   config=dict(node.config), credentials=credentials,
+                   url=stack.url(address, stack.default_port, credentials, secret=False))
         env.nodes.append(row)
         ipam.bind(session, address, row.id)
     session.flush()
@@ -146,8 +149,12 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
     # of a persistent object would load it first, a query per list per request.
     rows: list[object] = [job, target]
     for src, address, clone_id in zip(sources, addresses, clone_ids, strict=True):
+        # A clone never shares a secret with its source: new credentials, set before it first listens.
+        stack = CATALOG[src.stack]
+        credentials = stack.new_credentials(src.credentials, rename_users=bool(options.get("rename_db_users")))
         rows.append(Node(id=clone_id, environment_id=target.id, name=src.name, stack=src.stack, address=address,
-                         port=src.port, config=dict(src.config), source_node_id=src.id))
+                         port=src.port, config=dict(src.config), source_node_id=src.id, credentials=credentials,
+                         url=stack.url(address, src.port, credentials, secret=False)))
         rows.append(JobNode(job_id=job.id, source_node_id=src.id, name=src.name, clone_node_id=clone_id,
                             snapshot_id=new_id()))
         rows += [StepRun(job_id=job.id, source_node_id=src.id, node_name=src.name, step=step, seq=seq)

@@ -25,3 +25,15 @@ def rewrite_text(text: str, address_map: dict[str, str]) -> tuple[str, Counter[s
         return address_map[match.group(1)]
 
     return _pattern(list(address_map)).sub(swap, text), counts
+
+
+def replace_secrets(text: str, secret_map: dict[str, str]) -> tuple[str, Counter[str]]:
+    """Replace each old secret by its new value, longest first (``user:password@`` of a renamed user
+    before the bare password inside it)."""
+    counts: Counter[str] = Counter()
+    for old in sorted(secret_map, key=len, reverse=True):
+        n = text.count(old)
+        if n:
+            text = text.replace(old, secret_map[old])
+            counts[old] += n
+    return text, counts

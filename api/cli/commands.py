@@ -63,6 +63,13 @@ def env_show(ctx: typer.Context, name: str) -> None:
     console.print(_nodes_table(client(ctx).get(f"/v1/environments/{name}")))
 
 
+@env_app.command("credentials")
+def env_credentials(ctx: typer.Context, name: str, node: str) -> None:
+    """Print a node's credentials (username, password, full URL); the read is recorded."""
+    creds = client(ctx).get(f"/v1/environments/{name}/nodes/{node}/credentials")
+    console.print_json(json.dumps(creds))
+
+
 @env_app.command("delete")
 def env_delete(ctx: typer.Context, name: str) -> None:
     """Delete an environment: stop and destroy its nodes, free their addresses."""

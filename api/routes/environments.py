@@ -18,6 +18,7 @@ from api.errors import ApiError
 from api.planner import dry_run_plan
 from api.schemas import (
     CloneIn,
+    CredentialsOut,
     EnvironmentIn,
     EnvironmentList,
     EnvironmentOut,
@@ -26,13 +27,15 @@ from api.schemas import (
     IdempotencyHeader,
     JobOut,
     ListQuery,
+    NodePath,
     PlanOut,
 )
 from shared import ipam
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.models import CloneJob, Environment
+from shared.models import CloneJob, Environment, EnvironmentEvent
 from shared.planning import NodeRequest, active_job, find_environment, plan_clone, plan_environment
+from shared.stacks import CATALOG
 from shared.states import EnvState
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
 
@@ -96,6 +99,24 @@ def get_environment(path: EnvPath) -> Response:
         return jsonify(_env_out(session, _get_env(session, path.name)))
 
 
+@bp.get("/environments/<name>/nodes/<node>/credentials", responses={200: CredentialsOut, 404: ErrorOut})
+def node_credentials(path: NodePath) -> Response:
+    """The one call that hands out a node's credentials (its full URL included); every call is
+    recorded as an event of the environment."""
+    with session_scope() as session:
+        env = _get_env(session, path.name)
+        node = next((n for n in env.nodes if n.name == path.node), None)
+        if node is None:
+            raise ApiError(404, "not_found", f"node {path.node!r} does not exist in {path.name!r}", "node")
+        if not node.credentials:
+            raise ApiError(404, "no_credentials", f"a {node.stack} node has no credentials", "node")
+        session.add(EnvironmentEvent(environment_id=env.id, kind="credentials_read",
+                                     message=f"credentials of node {node.name} read by tenant {tenant()}"))
+        stack = CATALOG[node.stack]
+        return jsonify({"username": node.credentials.get("username"), "password": node.credentials["password"],
+                        "url": stack.url(node.address, node.port, node.credentials, secret=True)})
+
+
 @bp.delete("/environments/<name>", responses={202: EnvironmentOut, 404: ErrorOut, 409: ErrorOut})
 def delete_environment(path: EnvPath) -> Response:
     """Stop and destroy the environment's nodes and free their addresses. 409 while a job uses it."""
@@ -156,7 +177,7 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
                     raise ApiError(409, "idempotency_key_reused",
                                    "this Idempotency-Key was used with a different request", "Idempotency-Key")
                 return _job_response(session, existing, 202)
-    options = body.model_dump(include={"keep_on_failure", "retain_snapshots"})
+    options = body.model_dump(include={"keep_on_failure", "retain_snapshots", "rename_db_users"})
     if body.faults:
         options["faults"] = [f.model_dump() for f in body.faults]
     try:

@@ -17,6 +17,7 @@ from shared.db import retry_db, session_scope
 from shared.drivers import get_driver
 from shared.errors import Conflict, PlanError
 from shared.models import AddressLease, CloneJob, Environment, JobNode, Node, StepRun
+from shared.stacks import CATALOG
 from shared.states import CLONE_STEPS, EnvState, JobState, NodeState, Step, StepState
 
 
@@ -88,8 +89,10 @@ def _resume(session: Session, job: CloneJob) -> None:
             jn.bytes_copied = jn.bytes_total = 0
         clone = session.get(Node, jn.clone_node_id)
         if resume < len(steps):
-            clone.state, clone.url = NodeState.PENDING, None
+            clone.state = NodeState.PENDING
         _relet_address(session, clone)
+        stack = CATALOG[clone.stack]
+        clone.url = stack.url(clone.address, clone.port, clone.credentials, secret=False)
 
 
 @retry_db

@@ -11,7 +11,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import ipam
+from shared import identity, ipam
 from shared.clone.events import record_event
 from shared.clone.sources import restart_source
 from shared.db import session_scope
@@ -59,8 +59,10 @@ def tear_down_clone(session: Session, job: CloneJob) -> None:
         ipam.release_node(session, jn.clone_node_id)
         node = session.get(Node, jn.clone_node_id)
         if node is not None:
-            node.state, node.url = NodeState.DESTROYED, None
+            node.state = NodeState.DESTROYED
     delete_snapshots(session, job)
+    if job.target_environment_id:
+        identity.remove_account(job.target_environment_id)
     log.info("job=%s torn down the partial clone %s", job.id, job.target_name)
 
 

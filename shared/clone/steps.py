@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from shared import locks
+from shared import identity, locks
 from shared.clone.events import record_event
 from shared.clone.gate import Ticket, job_node
 from shared.clone.sources import restart_source
@@ -24,6 +25,7 @@ from shared.states import NodeState, SnapshotState, Step
 
 Notify = Callable[..., None]  # best-effort progress to watchers outside the database (Flower)
 PROGRESS_EVERY_S = 0.5
+REDACTED = "[redacted]"
 
 
 def _job_node(ticket: Ticket) -> JobNode:
@@ -101,11 +103,33 @@ def provision(ticket: Ticket, notify: Notify) -> dict[str, Any]:
                          bytes_copied=done, bytes_total=total)
         notify(current=done, total=total, node=ticket.node_name)
 
-    copied = get_driver().provision(jn.snapshot_id, jn.clone_node_id, progress)
+    with session_scope() as session:
+        target = session.get(CloneJob, ticket.job_id).target_environment_id
+    copied = get_driver().provision(jn.snapshot_id, jn.clone_node_id, progress, owner=identity.ensure_account(target))
     with session_scope() as session:
         clone = session.get(Node, jn.clone_node_id)
         clone.state, clone.size_bytes = NodeState.PROVISIONED, copied
     return {"bytes": copied}
+
+
+def _maps(session: Session, job_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(address map, secret map) from every source node of the job to its clone: the clone's
+    configs must name the clone's nodes, with the clone's credentials."""
+    addresses: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for src, clone in session.execute(
+            select(Node, JobNode.clone_node_id).join(JobNode, JobNode.source_node_id == Node.id)
+            .where(JobNode.job_id == job_id)).all():
+        copy = session.get(Node, clone)
+        addresses[src.address] = copy.address
+        old, new = src.credentials, copy.credentials
+        for key, value in old.items():
+            if key.endswith("password") and value != new.get(key):
+                secrets[value] = new[key]
+        if old.get("username") != new.get("username") and old.get("password"):
+            # A renamed user, where URLs name it: user:password@ moves as one.
+            secrets[f"{old['username']}:{old['password']}@"] = f"{new['username']}:{new['password']}@"
+    return addresses, secrets
 
 
 def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
@@ -113,21 +137,18 @@ def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     driver = get_driver()
     with session_scope() as session:
         clone = session.get(Node, jn.clone_node_id)
-        pairs = session.execute(
-            select(Node.address, JobNode.clone_node_id).join(JobNode, JobNode.source_node_id == Node.id)
-            .where(JobNode.job_id == ticket.job_id)).all()
-        clone_addr = {n.id: n.address for n in session.scalars(
-            select(Node).where(Node.id.in_([c for _, c in pairs])))}
-        address_map = {src_addr: clone_addr[clone_id] for src_addr, clone_id in pairs}
-        address, port = clone.address, clone.port
+        address_map, secret_map = _maps(session, ticket.job_id)
+        address, port, credentials = clone.address, clone.port, dict(clone.credentials)
     driver.assign_address(jn.clone_node_id, address, port)
-    rewrites = driver.rewrite_config(jn.clone_node_id, address_map)
+    driver.set_credentials(jn.clone_node_id, credentials)  # stopped: no client can use the old ones
+    rewrites = driver.rewrite_config(jn.clone_node_id, address_map, secret_map)
     driver.restart(jn.clone_node_id, get_settings().health_timeout_s)
     with session_scope() as session:
-        clone = session.get(Node, jn.clone_node_id)
-        clone.state, clone.url = NodeState.RUNNING, driver.url(jn.clone_node_id)
-    return {"address": address, "rewrites": [
-        {"node": ticket.node_name, "file": r.file, "old": r.old, "new": r.new, "count": r.count} for r in rewrites]}
+        session.get(Node, jn.clone_node_id).state = NodeState.RUNNING
+    return {"address": address, "credentials_rotated": bool(credentials), "rewrites": [
+        {"node": ticket.node_name, "file": r.file, "kind": "credential" if r.secret else "address",
+         "old": REDACTED if r.secret else r.old, "new": REDACTED if r.secret else r.new, "count": r.count}
+        for r in rewrites]}
 
 
 Body = Callable[[Ticket, Notify], dict[str, Any] | None]

@@ -34,6 +34,8 @@ class NodeSpec:
     address: str
     port: int
     config: dict[str, str] = field(default_factory=dict)
+    credentials: dict[str, str] = field(default_factory=dict)  # empty: the stack makes its own
+    owner: str | None = None  # the account the node runs as (its environment's)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Rewrite:
     old: str
     new: str
     count: int
+    secret: bool = False  # a credential: never shown, only counted
 
 
 class Driver(ABC):
@@ -106,16 +109,23 @@ class Driver(ABC):
         """Resume writes or start the node, and wait until it is healthy."""
 
     @abstractmethod
-    def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None) -> int:
-        """Make a new node's volume from a snapshot. Returns bytes copied."""
+    def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None,
+                  owner: str | None = None) -> int:
+        """Make a new node's volume from a snapshot, owned by ``owner``. Returns bytes copied."""
+
+    @abstractmethod
+    def set_credentials(self, node_id: str, credentials: dict[str, str]) -> None:
+        """Make a stopped node accept these credentials and no others (before a clone first starts)."""
 
     @abstractmethod
     def assign_address(self, node_id: str, address: str, port: int) -> None:
         """Write the node's own bind address into its launch config."""
 
     @abstractmethod
-    def rewrite_config(self, node_id: str, address_map: dict[str, str]) -> list[Rewrite]:
-        """Replace every old address by its new one in the config files the node's stack declares."""
+    def rewrite_config(self, node_id: str, address_map: dict[str, str],
+                       secret_map: dict[str, str] | None = None) -> list[Rewrite]:
+        """Replace every old address (and old credential) by its new one in the config files the
+        node's stack declares."""
 
     @abstractmethod
     def destroy_node(self, node_id: str) -> None:

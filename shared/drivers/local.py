@@ -30,7 +30,7 @@ from shared.drivers.base import (
     SnapshotInfo,
     TransientDriverError,
 )
-from shared.rewire import rewrite_text
+from shared.rewire import replace_secrets, rewrite_text
 from shared.stacks import NodeContext, Stack, get_stack
 
 _ID = re.compile(r"^[a-z0-9]{1,64}$")
@@ -60,20 +60,23 @@ def _atomic_write(path: Path, text: str) -> None:
 
 class LocalDriver(Driver):
     def __init__(self, data_dir: Path | str, node_user: str = "nobody", max_pause_s: float = 120.0) -> None:
-        """``max_pause_s``: how long a server that quiesces online holds writes at most, on its own
-        clock -- the bound holds even if every worker dies mid-window."""
+        """``node_user``: the account of a node made without an owner (an environment's nodes run as
+        the environment's own account). ``max_pause_s``: how long a server that quiesces online
+        holds writes at most, on its own clock -- the bound holds even if every worker dies mid-window."""
         self.max_pause_s = max_pause_s
         self.root = Path(data_dir).resolve()
         self.nodes_dir = self.root / "nodes"
         self.snaps_dir = self.root / "snapshots"
-        self.run_as = process.RunAs.for_user(node_user)
+        self.node_user = node_user
         self._reflink: bool | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _ensure_root(self) -> None:
-        for d in (self.nodes_dir, self.snaps_dir):
+        # Node accounts may pass through the root and nodes/ to their own volume, and list nothing.
+        for d, mode in ((self.nodes_dir, 0o711), (self.snaps_dir, 0o700)):
             d.mkdir(parents=True, exist_ok=True)
-        if self.run_as is not None:
+            d.chmod(mode)
+        if os.geteuid() == 0:
             for d in (self.root, self.nodes_dir, *self.root.parents):
                 if not os.stat(d).st_mode & 0o001:
                     raise PermanentDriverError(
@@ -102,10 +105,17 @@ class LocalDriver(Driver):
         except FileNotFoundError:
             raise PermanentDriverError(f"node {node_id} does not exist") from None
 
+    def _run_as(self, owner: object) -> process.RunAs | None:
+        try:
+            return process.RunAs.for_user(str(owner or self.node_user))
+        except LookupError as exc:
+            raise PermanentDriverError(str(exc)) from None
+
     def _node(self, node_id: str) -> tuple[Stack, NodeContext]:
         meta = self._meta(node_id)
         stack = get_stack(str(meta["stack"]))
-        ctx = NodeContext(self.volume(node_id), str(meta["address"]), int(meta["port"]), self.run_as)  # type: ignore[call-overload]
+        ctx = NodeContext(self.volume(node_id), str(meta["address"]), int(meta["port"]),  # type: ignore[call-overload]
+                          self._run_as(meta.get("owner")))
         return stack, ctx
 
     def _pid_path(self, node_id: str) -> Path:
@@ -117,9 +127,12 @@ class LocalDriver(Driver):
         except OSError:
             return ""
 
-    def _chown(self, path: Path) -> None:
-        if self.run_as is not None:
-            self.run_as.chown_tree(path)
+    @staticmethod
+    def _own(path: Path, run_as: process.RunAs | None) -> None:
+        """The volume is its account's alone: owned by it, 0700."""
+        if run_as is not None:
+            run_as.chown_tree(path)
+        path.chmod(0o700)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def create_node(self, spec: NodeSpec) -> None:
@@ -130,17 +143,18 @@ class LocalDriver(Driver):
         if not final.exists():
             staging = self.nodes_dir / f".{spec.node_id}.creating"
             shutil.rmtree(staging, ignore_errors=True)
+            run_as = self._run_as(spec.owner)
             for sub in ("data", "config", "run"):
                 (staging / sub).mkdir(parents=True)
-            self._chown(staging)
-            meta = {"stack": spec.stack, "address": spec.address, "port": spec.port}
+            self._own(staging, run_as)
+            meta = {"stack": spec.stack, "address": spec.address, "port": spec.port, "owner": spec.owner}
             (staging / "node.json").write_text(json.dumps(meta))
             try:
-                stack.init(NodeContext(staging, spec.address, spec.port, self.run_as), spec.config)
+                stack.init(NodeContext(staging, spec.address, spec.port, run_as), spec.config, spec.credentials)
             except (OSError, RuntimeError) as exc:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise PermanentDriverError(f"initialising {spec.stack} failed: {exc}") from exc
-            self._chown(staging)
+            self._own(staging, run_as)
             staging.rename(final)
         self.start(spec.node_id)
         self.wait_healthy(spec.node_id, 60.0)
@@ -155,18 +169,17 @@ class LocalDriver(Driver):
         pid_path = self._pid_path(node_id)
         if process.running_pid(pid_path) is not None:
             return
-        argv, extra_env = stack.command(ctx)
+        try:
+            argv, extra_env = stack.command(ctx)
+        except RuntimeError as exc:
+            raise PermanentDriverError(f"{stack.name} cannot start: {exc}") from exc
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ctx.volume),
                "LANG": "C.UTF-8", **extra_env}
         (ctx.volume / "run").mkdir(exist_ok=True)
-        self._chown(ctx.volume / "run")
-        run_as = self.run_as
-        if run_as is not None and not run_as.can_execute(argv[0]) and not stack.refuses_root:
-            # e.g. the webapp's interpreter lives in a venv under /root: run it as ourselves rather
-            # than not at all. PostgreSQL never gets here (it refuses root and its binaries are public).
-            run_as = None
+        if ctx.run_as is not None:
+            ctx.run_as.chown_tree(ctx.volume / "run")
         process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log",
-                      pid_path=pid_path, env=env, run_as=run_as)
+                      pid_path=pid_path, env=env, run_as=ctx.run_as)
 
     def stop(self, node_id: str) -> None:
         if not self.volume(node_id).exists():
@@ -302,7 +315,8 @@ class LocalDriver(Driver):
         meta = self._snapshot_dir(snapshot_id) / "meta.json"
         return SnapshotInfo(**json.loads(meta.read_text())) if meta.exists() else None
 
-    def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None) -> int:
+    def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None,
+                  owner: str | None = None) -> int:
         info = self.snapshot_info(snapshot_id)
         if info is None:
             raise PermanentDriverError(f"snapshot {snapshot_id} does not exist")
@@ -329,7 +343,10 @@ class LocalDriver(Driver):
             shutil.rmtree(staging, ignore_errors=True)
             raise PermanentDriverError(f"provisioning from snapshot failed: {exc}") from exc
         (staging / "run").mkdir(exist_ok=True)
-        self._chown(staging)
+        meta = json.loads((staging / "node.json").read_text())
+        meta["owner"] = owner
+        (staging / "node.json").write_text(json.dumps(meta))
+        self._own(staging, self._run_as(owner))  # the clone's account, not its source's
         staging.rename(final)
         return copied
 
@@ -341,7 +358,19 @@ class LocalDriver(Driver):
         meta.update(address=address, port=port)
         _atomic_write(self.volume(node_id) / "node.json", json.dumps(meta))
 
-    def rewrite_config(self, node_id: str, address_map: dict[str, str]) -> list[Rewrite]:
+    def set_credentials(self, node_id: str, credentials: dict[str, str]) -> None:
+        stack, ctx = self._node(node_id)
+        if process.running_pid(self._pid_path(node_id)) is not None:
+            raise PermanentDriverError(f"node {node_id} is running: credentials change only while it is stopped")
+        try:
+            stack.apply_credentials(ctx, credentials)
+        except (OSError, RuntimeError) as exc:
+            raise PermanentDriverError(f"new credentials for {stack.name} failed: {exc}") from exc
+        if ctx.run_as is not None:
+            ctx.run_as.chown_tree(ctx.config_dir)
+
+    def rewrite_config(self, node_id: str, address_map: dict[str, str],
+                       secret_map: dict[str, str] | None = None) -> list[Rewrite]:
         stack, ctx = self._node(node_id)
         rewrites: list[Rewrite] = []
         for rel in stack.config_files:
@@ -349,9 +378,14 @@ class LocalDriver(Driver):
             if not path.exists():
                 continue
             text = path.read_text()
+            # Secrets first: a whole connection URL (credentials, address and renamed user at once),
+            # then any secret left on its own; addresses last.
+            text, secret_counts = replace_secrets(text, secret_map or {})
             new_text, counts = rewrite_text(text, address_map)
-            if counts:
+            if counts or secret_counts:
                 _atomic_write(path, new_text)
+                rewrites += [Rewrite(rel, old, (secret_map or {})[old], n, secret=True)
+                             for old, n in secret_counts.items()]
                 rewrites += [Rewrite(rel, old, address_map[old], n) for old, n in sorted(counts.items())]
         return rewrites
 
@@ -387,4 +421,4 @@ class LocalDriver(Driver):
 
     def url(self, node_id: str) -> str:
         stack, ctx = self._node(node_id)
-        return stack.url(ctx)
+        return stack.url(ctx.address, ctx.port, ctx.secrets())

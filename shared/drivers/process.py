@@ -27,19 +27,11 @@ class RunAs:
         """The account node processes run as: ``name`` when we are root, else ourselves (None)."""
         if os.geteuid() != 0:
             return None
-        entry = pwd.getpwnam(name)
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise LookupError(f"no account {name!r} to run the node as") from None
         return cls(entry.pw_uid, entry.pw_gid, entry.pw_dir)
-
-    def can_execute(self, path: str) -> bool:
-        """Whether this account can reach and run ``path`` (every parent searchable, file executable)."""
-        real = Path(os.path.realpath(path))
-        for part in (*reversed(real.parents), real):
-            st = part.stat()
-            bits = 0o001 if st.st_uid != self.uid and st.st_gid != self.gid else (
-                0o100 if st.st_uid == self.uid else 0o010)
-            if not st.st_mode & bits:
-                return False
-        return True
 
     def chown_tree(self, root: Path) -> None:
         os.chown(root, self.uid, self.gid)
@@ -77,7 +69,7 @@ def spawn(argv: list[str], *, cwd: Path, log_path: Path, pid_path: Path, env: di
             kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
         child = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, **kwargs,  # type: ignore[arg-type]
+            start_new_session=True, close_fds=True, umask=0o077, **kwargs,  # type: ignore[arg-type]
         )
     _children.append(child)
     start = _start_time(child.pid) or ""

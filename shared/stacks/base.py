@@ -3,8 +3,11 @@ Stacks are operator-owned code; API callers only ever pick one by name."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,32 @@ class NodeContext:
     def config_dir(self) -> Path:
         return self.volume / "config"
 
+    @property
+    def secrets_path(self) -> Path:
+        return self.config_dir / "secrets.json"
+
+    def secrets(self) -> dict[str, str]:
+        try:
+            return json.loads(self.secrets_path.read_text())
+        except FileNotFoundError:
+            return {}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (secrets, server configs holding them), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    if path.exists():
+        st = path.stat()
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
+    os.replace(tmp, path)
+
+
+Credentials = Mapping[str, str]
+
 
 class Stack(ABC):
     name: str
@@ -43,10 +72,27 @@ class Stack(ABC):
     # the restart is a resume -- no dataset to reload, so the window is as short as the copy.
     online_quiesce: bool = False
 
-    def init(self, ctx: NodeContext, config: dict[str, str]) -> None:
+    def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
+        """Fresh credentials for a node of this stack (a clone's differ from ``previous`` in every
+        secret; ``rename_users`` also renames the application user). Pure: plans call it."""
+        return {}
+
+    def url(self, address: str, port: int, credentials: Credentials, secret: bool = True) -> str:
+        """The connection URL; ``secret=False`` leaves the password out (what responses show)."""
+        return f"tcp://{address}:{port}"
+
+    def init(self, ctx: NodeContext, config: dict[str, str], credentials: Credentials) -> None:
         """Create the stack's files in a fresh volume (runs once, before the first start)."""
         ctx.data_dir.mkdir(parents=True, exist_ok=True)
         ctx.config_dir.mkdir(parents=True, exist_ok=True)
+        if credentials:
+            write_private(ctx.secrets_path, json.dumps(dict(credentials)))
+
+    def apply_credentials(self, ctx: NodeContext, credentials: Credentials) -> None:
+        """Make a stopped node accept ``credentials`` and nothing else (a clone's, before its first
+        start: no client can connect in between). Idempotent."""
+        if credentials:
+            write_private(ctx.secrets_path, json.dumps(dict(credentials)))
 
     def first_start(self, ctx: NodeContext) -> None:
         """One-time setup that needs the server running (e.g. create the application database)."""
@@ -81,5 +127,3 @@ class Stack(ABC):
     def resume_writes(self, ctx: NodeContext) -> None:
         """(online_quiesce) Let writes through again; harmless when they are not held."""
 
-    @abstractmethod
-    def url(self, ctx: NodeContext) -> str: ...

@@ -4,7 +4,6 @@ that could outgrow the 107-byte limit). Quiesce = online CHECKPOINT, then fast s
 from __future__ import annotations
 
 import glob
-import json
 import os
 import secrets
 import shutil
@@ -13,8 +12,9 @@ import subprocess
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
-from shared.stacks.base import NodeContext, Stack
+from shared.stacks.base import Credentials, NodeContext, Stack, write_private
 
 SUPERUSER = "envclone"
 APP_USER = APP_DB = "app"
@@ -49,47 +49,88 @@ class PostgresStack(Stack):
     refuses_root = True
     stop_signal = signal.SIGINT  # "fast" shutdown: rolls back clients, writes a shutdown checkpoint
 
-    def _secrets(self, ctx: NodeContext) -> dict[str, str]:
-        return json.loads((ctx.config_dir / "secrets.json").read_text())
+    def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
+        user = (previous or {}).get("username", APP_USER)
+        if rename_users:
+            user = f"{APP_USER}_{secrets.token_hex(4)}"
+        return {"username": user, "password": secrets.token_hex(16),
+                "superuser": SUPERUSER, "superuser_password": secrets.token_hex(16)}
 
-    def init(self, ctx: NodeContext, config: dict[str, str]) -> None:
-        super().init(ctx, config)
-        creds = {"superuser_password": secrets.token_hex(16), "app_password": secrets.token_hex(16)}
-        (ctx.config_dir / "secrets.json").write_text(json.dumps(creds))
+    def url(self, address: str, port: int, credentials: Credentials, secret: bool = True) -> str:
+        user = credentials.get("username", APP_USER)
+        auth = f"{user}:{credentials['password']}" if secret and credentials.get("password") else user
+        return f"postgresql://{auth}@{address}:{port}/{APP_DB}"
+
+    def init(self, ctx: NodeContext, config: dict[str, str], credentials: Credentials) -> None:
+        credentials = credentials or self.new_credentials()
+        super().init(ctx, config, credentials)
         pwfile = ctx.config_dir / ".initdb-pw"
-        pwfile.write_text(creds["superuser_password"])
+        write_private(pwfile, credentials["superuser_password"])
+        if ctx.run_as:
+            os.chown(pwfile, ctx.run_as.uid, ctx.run_as.gid)
+            os.chown(ctx.data_dir, ctx.run_as.uid, ctx.run_as.gid)
+        try:
+            self._run_as_node(ctx, [str(postgres_bindir() / "initdb"), "-D", str(ctx.data_dir), "-U", SUPERUSER,
+                                    f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=scram-sha-256",
+                                    "-E", "UTF8", "--locale=C", "--no-instructions"])
+        finally:
+            pwfile.unlink(missing_ok=True)
+        write_private(ctx.data_dir / "pg_hba.conf", "host all all 0.0.0.0/0 scram-sha-256\n")
+
+    @staticmethod
+    def _run_as_node(ctx: NodeContext, argv: list[str], stdin: str | None = None) -> str:
         kwargs: dict[str, object] = {}
         if ctx.run_as:
             kwargs = {"user": ctx.run_as.uid, "group": ctx.run_as.gid, "extra_groups": []}
         try:
-            subprocess.run(
-                [str(postgres_bindir() / "initdb"), "-D", str(ctx.data_dir), "-U", SUPERUSER,
-                 f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=scram-sha-256",
-                 "-E", "UTF8", "--locale=C", "--no-instructions"],
-                check=True, capture_output=True, text=True, env={"PATH": os.environ.get("PATH", ""),
-                                                                 "LC_ALL": "C"},
-                **kwargs,  # type: ignore[arg-type]
-            )
+            out = subprocess.run(argv, check=True, capture_output=True, text=True, input=stdin, umask=0o077,
+                                 env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"},
+                                 **kwargs)  # type: ignore[arg-type]
         except subprocess.CalledProcessError as exc:
-            raise RuntimeError(f"initdb failed: {exc.stderr.strip()[-500:]}") from exc
-        finally:
-            pwfile.unlink(missing_ok=True)
-        with open(ctx.data_dir / "pg_hba.conf", "w") as hba:
-            hba.write("host all all 127.0.0.0/8 scram-sha-256\n")
+            raise RuntimeError(f"{Path(argv[0]).name} failed: {(exc.stderr or exc.stdout).strip()[-500:]}") from exc
+        return out.stdout + out.stderr
 
     def _connect(self, ctx: NodeContext, timeout: int = 2, dbname: str = "postgres") -> psycopg.Connection:
-        return psycopg.connect(host=ctx.address, port=ctx.port, user=SUPERUSER, dbname=dbname,
-                               password=self._secrets(ctx)["superuser_password"],
-                               connect_timeout=timeout, autocommit=True)
+        creds = ctx.secrets()
+        return psycopg.connect(host=ctx.address, port=ctx.port, user=creds.get("superuser", SUPERUSER),
+                               dbname=dbname, password=creds["superuser_password"], connect_timeout=timeout,
+                               autocommit=True)
 
     def first_start(self, ctx: NodeContext) -> None:
-        app_pw = self._secrets(ctx)["app_password"]
+        creds = ctx.secrets()
+        user, password = creds.get("username", APP_USER), creds["password"]
         with self._connect(ctx, timeout=10) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (APP_USER,)).fetchone()
-            if not exists:
-                conn.execute(f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{app_pw}'")
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(user),
+                                                                                  sql.Literal(password)))
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (APP_DB,)).fetchone():
-                conn.execute(f"CREATE DATABASE {APP_DB} OWNER {APP_USER}")
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(APP_DB),
+                                                                            sql.Identifier(user)))
+
+    def apply_credentials(self, ctx: NodeContext, credentials: Credentials) -> None:
+        """In single-user mode, which opens no socket: every login role gets its new password (and
+        the application role its new name) before the server first listens. Safe to repeat."""
+        before = ctx.secrets()
+        if before == dict(credentials):
+            return
+        old_user, new_user = before.get("username", APP_USER), credentials["username"]
+        statements = [
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(SUPERUSER),
+                                                        sql.Literal(credentials["superuser_password"])),
+            sql.SQL("DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {}) AND {} <> {} THEN "
+                    "ALTER ROLE {} RENAME TO {}; END IF; END $$").format(
+                sql.Literal(old_user), sql.Literal(old_user), sql.Literal(new_user),
+                sql.Identifier(old_user), sql.Identifier(new_user)),
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(new_user),
+                                                        sql.Literal(credentials["password"])),
+        ]
+        script = "\n".join(s.as_string(None) for s in statements) + "\n"
+        out = self._run_as_node(ctx, [str(postgres_bindir() / "postgres"), "--single", "-D", str(ctx.data_dir),
+                                      "-c", "listen_addresses=", "-c", "unix_socket_directories=", "postgres"],
+                                stdin=script)
+        if "ERROR:" in out:
+            raise RuntimeError(f"setting new credentials failed: {out.strip()[-500:]}")
+        super().apply_credentials(ctx, credentials)
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
         argv = [
@@ -110,7 +151,3 @@ class PostgresStack(Stack):
         with self._connect(ctx, timeout=10) as conn:
             conn.execute("CHECKPOINT")
         return False
-
-    def url(self, ctx: NodeContext) -> str:
-        pw = self._secrets(ctx)["app_password"]
-        return f"postgresql://{APP_USER}:{pw}@{ctx.address}:{ctx.port}/{APP_DB}"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from shared.stacks.base import NodeContext, Stack
+from shared.stacks.base import Credentials, NodeContext, Stack, write_private
 
 
 def _poll(done: Callable[[], bool], timeout: float, every: float) -> None:
@@ -54,21 +55,43 @@ class ValkeyStack(Stack):
     default_port = 6379
     online_quiesce = True
 
+    def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
+        return {"username": "default", "password": secrets.token_hex(16)}
+
+    def url(self, address: str, port: int, credentials: Credentials, secret: bool = True) -> str:
+        auth = f":{credentials['password']}@" if secret and credentials.get("password") else ""
+        return f"redis://{auth}{address}:{port}/0"
+
+    def init(self, ctx: NodeContext, config: dict[str, str], credentials: Credentials) -> None:
+        credentials = credentials or self.new_credentials()
+        super().init(ctx, config, credentials)
+        self._write_conf(ctx, credentials)
+
+    def apply_credentials(self, ctx: NodeContext, credentials: Credentials) -> None:
+        self._write_conf(ctx, credentials)
+        super().apply_credentials(ctx, credentials)
+
+    @staticmethod
+    def _write_conf(ctx: NodeContext, credentials: Credentials) -> None:
+        # The password lives in a 0600 file, never on the command line (any user can read /proc/*/cmdline).
+        write_private(ctx.config_dir / "valkey.conf", f"requirepass {credentials['password']}\nprotected-mode yes\n")
+
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
         argv = [
-            valkey_binary(),
+            valkey_binary(), str(ctx.config_dir / "valkey.conf"),
             "--bind", ctx.address, "--port", str(ctx.port),
             "--dir", str(ctx.data_dir),
             "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "",
-            "--daemonize", "no", "--logfile", "", "--protected-mode", "no",
+            "--daemonize", "no", "--logfile", "",
         ]
         return argv, {}
 
     def _client(self, ctx: NodeContext, timeout: float = 2.0) -> redis.Redis:
         # No client-side retries: a health check must answer now, and a pause must not be sent
         # twice by a retry that redis-py decides on.
-        return redis.Redis(host=ctx.address, port=ctx.port, socket_timeout=timeout,
+        return redis.Redis(host=ctx.address, port=ctx.port, password=ctx.secrets().get("password"),
+                           socket_timeout=timeout,
                            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
     def check(self, ctx: NodeContext) -> str:
@@ -107,6 +130,3 @@ class ValkeyStack(Stack):
     def resume_writes(self, ctx: NodeContext) -> None:
         with self._client(ctx) as client:
             client.client_unpause()
-
-    def url(self, ctx: NodeContext) -> str:
-        return f"redis://{ctx.address}:{ctx.port}/0"

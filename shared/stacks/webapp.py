@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+from functools import lru_cache
+from pathlib import Path
 
 import httpx
 
-from shared.stacks.base import NodeContext, Stack
+from shared.stacks import webapp_server
+from shared.stacks.base import Credentials, NodeContext, Stack, write_private
 
 ENV_FILE = "config/.env"
+APP_DIR = "app"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@lru_cache(maxsize=8)
+def _usable(python: str, uid: int | None, gid: int | None) -> bool:
+    """Whether the node account can run ``python`` with the app's libraries (psycopg, redis)."""
+    kwargs: dict[str, object] = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
+    try:
+        done = subprocess.run([python, "-c", "import psycopg, redis"], capture_output=True, timeout=30,
+                              cwd="/", **kwargs)  # type: ignore[arg-type]
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def node_python(ctx: NodeContext) -> str:
+    """This interpreter when the node account can use it, else the system's (a root checkout's
+    interpreter usually lies under /root, which other accounts cannot reach). Never root instead."""
+    uid, gid = (ctx.run_as.uid, ctx.run_as.gid) if ctx.run_as else (None, None)
+    for python in (sys.executable, SYSTEM_PYTHON):
+        if _usable(python, uid, gid):
+            return python
+    raise RuntimeError(f"the webapp's account (uid {uid}) can run no Python with psycopg and redis: "
+                       "install python3-psycopg and python3-redis (Debian) or run envclone from a "
+                       "world-readable virtualenv")
 
 
 class WebappStack(Stack):
@@ -16,13 +47,17 @@ class WebappStack(Stack):
     default_port = 8080
     config_files = (ENV_FILE,)
 
-    def init(self, ctx: NodeContext, config: dict[str, str]) -> None:
-        super().init(ctx, config)
+    def init(self, ctx: NodeContext, config: dict[str, str], credentials: Credentials) -> None:
+        super().init(ctx, config, credentials)
         lines = [f"{key}={value}" for key, value in sorted(config.items())]
-        (ctx.volume / ENV_FILE).write_text("\n".join(lines) + "\n")
+        write_private(ctx.volume / ENV_FILE, "\n".join(lines) + "\n")
+        # The app's code is part of its volume, as an app server's is: it is cloned with the node and
+        # runs as the node's own account, which need not reach this checkout.
+        (ctx.volume / APP_DIR).mkdir(exist_ok=True)
+        shutil.copy(Path(webapp_server.__file__), ctx.volume / APP_DIR / "webapp_server.py")
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
-        argv = [sys.executable, "-m", "shared.stacks.webapp_server",
+        argv = [node_python(ctx), str(ctx.volume / APP_DIR / "webapp_server.py"),
                 "--env-file", str(ctx.volume / ENV_FILE), "--address", ctx.address, "--port", str(ctx.port)]
         return argv, {}
 
@@ -31,5 +66,5 @@ class WebappStack(Stack):
         response.raise_for_status()
         return "HTTP 200"
 
-    def url(self, ctx: NodeContext) -> str:
-        return f"http://{ctx.address}:{ctx.port}/"
+    def url(self, address: str, port: int, credentials: Credentials, secret: bool = True) -> str:
+        return f"http://{address}:{port}/"

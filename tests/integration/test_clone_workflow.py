@@ -80,11 +80,16 @@ def check_three_node_clone(backend: Backend) -> None:
     assert httpx.get(web_url(dst) + "/").json()["items"] == 3
     assert httpx.get(web_url(src) + "/").json()["database"] == f"{addr(src, 'db')}:5432"
 
-    rewrites = {(r["node"], r["file"], r["old"], r["new"]) for r in job.rewrites}
+    rewrites = {(r["node"], r["file"], r["old"], r["new"]) for r in job.rewrites if r["kind"] == "address"}
     assert rewrites == {
         ("web", "config/.env", addr(src, "db"), addr(dst, "db")),
         ("web", "config/.env", addr(src, "cache"), addr(dst, "cache")),
     }
+    # The clone's credentials are new; the job says so without showing a value.
+    credential_rewrites = [r for r in job.rewrites if r["kind"] == "credential"]
+    assert credential_rewrites and all(r["old"] == r["new"] == "[redacted]" for r in credential_rewrites)
+    secrets = {v for n in src.nodes + dst.nodes for k, v in n.credentials.items() if k.endswith("password")}
+    assert not any(s in repr(job.rewrites) for s in secrets)
     for jn in job.nodes:
         assert jn.downtime_ms is not None and jn.downtime_ms > 0
     assert all(s.state == "succeeded" and s.attempts == 1 for s in job.steps)

@@ -1,0 +1,22 @@
+"""node credentials
+
+Revision ID: 0005
+Revises: 0004
+"""
+from alembic import op
+import sqlalchemy as sa
+
+revision = '0005'
+down_revision = '0004'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('nodes') as batch_op:
+        batch_op.add_column(sa.Column('credentials', sa.JSON(), nullable=False, server_default='{}'))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('nodes') as batch_op:
+        batch_op.drop_column('credentials')

@@ -1,0 +1,76 @@
+"""An identity per environment: its nodes run as a Unix account of its own, made when its first
+node is made and removed with the environment. Without root, nodes run as envclone's own user
+(there is no one else to be), which `envclone up` says once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import signal
+import subprocess
+
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_attempt, wait_fixed
+
+log = logging.getLogger("envclone.identity")
+USERADD_EXISTS, USERDEL_MISSING = 9, 6  # shadow-utils exit codes
+
+
+def can_switch_users() -> bool:
+    return os.geteuid() == 0
+
+
+def account_name(environment_id: str) -> str:
+    return f"ec-{environment_id[:24]}"  # useradd allows 32 characters
+
+
+def ensure_account(environment_id: str) -> str | None:
+    """The environment's account (made if missing); None when envclone cannot switch users."""
+    if not can_switch_users():
+        return None
+    name = account_name(environment_id)
+    try:
+        pwd.getpwnam(name)
+        return name
+    except KeyError:
+        pass
+    done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                           "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True, check=False)
+    if done.returncode not in (0, USERADD_EXISTS):  # another worker may have made it a moment ago
+        raise RuntimeError(f"useradd {name} failed: {done.stderr.strip()}")
+    return name
+
+
+def _kill_processes_of(uid: int) -> None:
+    """What still runs as the account once its nodes are destroyed is a leftover (a server's child
+    that outlived it): it goes with the account."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid == uid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+
+
+def remove_account(environment_id: str) -> None:
+    """Remove the environment's account once its nodes are gone (a failure is logged, not raised:
+    an account without files or processes gives no access)."""
+    if not can_switch_users():
+        return
+    name = account_name(environment_id)
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
+
+    def attempt() -> subprocess.CompletedProcess[str]:
+        _kill_processes_of(uid)
+        return subprocess.run(["userdel", name], capture_output=True, text=True, check=False)
+
+    try:  # a killed process may take a moment to be gone from the process table
+        Retrying(retry=retry_if_result(lambda done: done.returncode not in (0, USERDEL_MISSING)),
+                 stop=stop_after_attempt(20), wait=wait_fixed(0.05))(attempt)
+    except RetryError as exc:
+        log.warning("userdel %s failed: %s", name, exc.last_attempt.result().stderr.strip())
