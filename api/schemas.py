@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints
 
 from shared.stacks import CATALOG
 from shared.states import EnvState, FaultKind, FaultPoint, JobState, NodeState, Step, StepState
@@ -31,9 +31,16 @@ class NodeIn(Strict):
     config: dict[ConfigKey, ConfigValue] = Field(default_factory=dict, max_length=64)
 
 
+class EgressIn(Strict):
+    cidr: IPvAnyNetwork
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=32)
+
+
 class EnvironmentIn(Strict):
     name: DnsLabel
     nodes: list[NodeIn] = Field(min_length=1, max_length=1024)
+    egress: list[EgressIn] = Field(default_factory=list, max_length=32, description=(
+        "Where the nodes may connect besides each other (the kernel refuses everything else)."))
 
 
 class FaultIn(Strict):
@@ -114,6 +121,8 @@ class NodeOut(BaseModel):
 class EnvironmentOut(BaseModel):
     name: str
     state: EnvState
+    fence: str | None
+    egress: list[dict[str, Any]]
     source: str | None
     error: str | None
     created_at: datetime
@@ -145,6 +154,7 @@ class JobNodeOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     state: JobState
+    fence: str | None
     source: str
     target: str
     percent: int

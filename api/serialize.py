@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.orm import object_session
+
 from shared.models import CloneJob, Environment
 from shared.states import CLONE_STEPS, NodeState
 
@@ -12,6 +14,8 @@ def environment(env: Environment, source_name: str | None = None) -> dict[str, A
     return {
         "name": env.name,
         "state": env.state,
+        "fence": env.fence,
+        "egress": env.egress,
         "source": source_name,
         "error": env.error,
         "created_at": env.created_at,
@@ -21,6 +25,8 @@ def environment(env: Environment, source_name: str | None = None) -> dict[str, A
 
 
 def job(row: CloneJob) -> dict[str, Any]:
+    session = object_session(row)
+    target = session.get(Environment, row.target_environment_id) if session and row.target_environment_id else None
     order = {s: i for i, s in enumerate(CLONE_STEPS)}
     nodes = []
     for jn in row.nodes:
@@ -35,7 +41,8 @@ def job(row: CloneJob) -> dict[str, Any]:
         })
     options = {k: v for k, v in row.options.items() if k != "faults"}
     return {
-        "id": row.id, "state": row.state, "source": row.source_name, "target": row.target_name,
+        "id": row.id, "state": row.state, "fence": target and target.fence,
+        "source": row.source_name, "target": row.target_name,
         "percent": row.percent, "run": row.run, "error": row.error, "options": options,
         "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
         "rewrites": row.rewrites, "nodes": nodes,

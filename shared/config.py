@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # Unprivileged account that runs node processes when envclone itself runs as root.
     node_user: str = "nobody"
     max_nodes: int = 64
+    # Refuse to run an environment whose kernel fence cannot be set up (no nftables, not root).
+    require_fence: bool = False
 
     # Workflow timing.
     task_time_limit_s: int = 900

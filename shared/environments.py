@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
-from shared import identity, ipam, locks, templates
+from shared import fence, identity, ipam, locks, templates
 from shared.clone.outcome import delete_snapshots
 from shared.config import get_settings
 from shared.db import session_scope
@@ -49,6 +49,42 @@ def _lookup(env: Environment) -> Callable[[str, str], str]:
     return lookup
 
 
+def fence_environment(env_id: str) -> str:
+    """(Re)write the environment's kernel fence (its nodes reach each other and its egress, nothing
+    else) before any of its processes starts; record and return the status. With
+    ENVCLONE_REQUIRE_FENCE a fence that cannot be set up refuses the environment (RuntimeError)."""
+    with session_scope() as session:
+        env = session.get(Environment, env_id)
+        own = [n.address for n in env.nodes]
+        egress = [fence.Egress(e["cidr"], tuple(e.get("ports", ()))) for e in env.egress]
+    account = identity.ensure_account(env_id)
+    uid = identity.uid_of(env_id) if account else None
+    try:
+        if uid is None:
+            raise fence.FenceUnavailable(fence.unavailable_reason() or "the environment has no account of its own")
+        fence.apply(uid, own, egress)
+        status = fence.ENFORCED
+    except fence.FenceUnavailable as exc:
+        status = f"unavailable: {exc}"
+    with session_scope() as session:
+        session.get(Environment, env_id).fence = status
+    if status != fence.ENFORCED and get_settings().require_fence:
+        raise RuntimeError(f"the network fence is required (ENVCLONE_REQUIRE_FENCE) but {status}")
+    return status
+
+
+def rebuild_fences() -> int:
+    """After a restart of the machine (or a flushed ruleset) every environment's fence comes back."""
+    with session_scope() as session:
+        ids = list(session.scalars(select(Environment.id).where(Environment.state != EnvState.DELETING)))
+    for env_id in ids:
+        try:
+            fence_environment(env_id)
+        except RuntimeError as exc:
+            log.error("env=%s fence: %s", env_id, exc)
+    return len(ids)
+
+
 def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
     """Make and start one node. TransientDriverError escapes only while ``may_retry``."""
     with session_scope() as session:
@@ -61,10 +97,11 @@ def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
     driver = get_driver()
     size, error = 0, None
     try:
+        fence_environment(env_id)
         spec = NodeSpec(*spec_args, owner=identity.ensure_account(env_id))
         driver.create_node(spec)
         size = driver.volume_size(node_id)
-    except RuntimeError as exc:  # no account could be made for the environment
+    except RuntimeError as exc:  # no account could be made for the environment, or no fence
         error = str(exc)
     except TransientDriverError as exc:
         if may_retry:

@@ -12,12 +12,21 @@ import subprocess
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_attempt, wait_fixed
 
+from shared import fence
+
 log = logging.getLogger("envclone.identity")
 USERADD_EXISTS, USERDEL_MISSING = 9, 6  # shadow-utils exit codes
 
 
 def can_switch_users() -> bool:
     return os.geteuid() == 0
+
+
+def uid_of(environment_id: str) -> int | None:
+    try:
+        return pwd.getpwnam(account_name(environment_id)).pw_uid
+    except KeyError:
+        return None
 
 
 def account_name(environment_id: str) -> str:
@@ -64,6 +73,7 @@ def remove_account(environment_id: str) -> None:
         uid = pwd.getpwnam(name).pw_uid
     except KeyError:
         return
+    fence.remove(uid)  # the uid may be given to another environment next
 
     def attempt() -> subprocess.CompletedProcess[str]:
         _kill_processes_of(uid)

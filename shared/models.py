@@ -86,6 +86,10 @@ class Environment(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # Outbox for create/delete: set once the task reached the broker; the dispatcher sends the rest.
     dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Where its nodes may connect besides each other: [{"cidr": ..., "ports": [...]}].
+    egress: Mapped[list[Any]] = mapped_column(default=list)
+    # "enforced", or "unavailable: <why>" (no nftables, not root), as the worker last set it up.
+    fence: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     nodes: Mapped[list[Node]] = relationship(
         back_populates="environment", order_by="Node.name", cascade="all, delete-orphan"

@@ -41,7 +41,8 @@ def active_job(session: Session, environment_id: str) -> CloneJob | None:
     )
 
 
-def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeRequest]) -> Environment:
+def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeRequest],
+                     egress: list[dict[str, Any]] | None = None) -> Environment:
     settings = get_settings()
     if find_environment(session, tenant, name) is not None:
         raise PlanError(Conflict("name_taken", f"environment {name!r} already exists", "name"))
@@ -63,7 +64,7 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
         templates.creation_levels(deps)
     except ValueError as exc:
         raise PlanError(Conflict("reference_cycle", str(exc), "nodes"), Problem.INVALID) from None
-    env = Environment(tenant=tenant, name=name)
+    env = Environment(tenant=tenant, name=name, egress=list(egress or []))
     session.add(env)
     try:
         addresses = ipam.lease(session, settings.address_pool, len(nodes))
@@ -135,7 +136,10 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
     source = plan.source
     assert source is not None
     settings = get_settings()
-    target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id)
+    # The clone reaches what its source may reach (the same configuration), never the source itself:
+    # its fence admits its own nodes' addresses, not the source's.
+    target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id,
+                         egress=list(source.egress))
     job = CloneJob(id=new_id(), tenant=tenant, source_environment_id=source.id, source_name=source.name,
                    target_name=target_name, target_environment_id=target.id, options=dict(options))
     sources = list(source.nodes)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import redis
 from celery import Task, shared_task
 
+from shared import fence
 from shared.clone import supervision
 from shared.config import get_settings
-from shared.environments import reconcile_nodes
+from shared.environments import rebuild_fences, reconcile_nodes
 from shared.hosts import report_local_host
 from workers.dispatcher import send_pending
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
@@ -23,6 +24,8 @@ def run_once(task: Task) -> dict[str, int]:
     sent = send_pending(lambda j: dispatch_clone(app, j), lambda e: dispatch_create_environment(app, e),
                         lambda e: dispatch_delete_environment(app, e))
     report_local_host()
+    if not fence.unavailable_reason() and not fence.present():
+        rebuild_fences()  # the ruleset was flushed (or the machine restarted) under us
     return {"sources_restarted": sources, "jobs_resumed": resumed, "jobs_reaped": reaped,
             "nodes_restarted": nodes, "dispatched": sent}
 

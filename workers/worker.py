@@ -8,6 +8,7 @@ import logging
 from celery.signals import worker_process_init, worker_ready
 
 from shared.db import dispose_engine
+from shared.environments import rebuild_fences
 from shared.hosts import report_local_host
 from workers.celery_app import Role, make_celery
 
@@ -24,3 +25,4 @@ def _fresh_engine_after_fork(**_: object) -> None:
 def _report_host(**_: object) -> None:
     host = report_local_host()
     log.info("host=%s reflink=%s free_bytes=%s", host.name, host.reflink, host.free_bytes)
+    log.info("fences rebuilt for %d environment(s)", rebuild_fences())

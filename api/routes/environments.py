@@ -65,7 +65,8 @@ def create_environment(body: EnvironmentIn) -> Response:
     requests = [NodeRequest(n.name, n.stack.value, dict(n.config)) for n in body.nodes]
     try:
         with session_scope() as session:
-            env = plan_environment(session, tenant(), body.name, requests)
+            env = plan_environment(session, tenant(), body.name, requests,
+                                   [{"cidr": str(e.cidr), "ports": e.ports} for e in body.egress])
             out, env_id = _env_out(session, env), env.id
     except IntegrityError:
         raise ApiError(409, "name_taken", f"environment {body.name!r} already exists", "name") from None

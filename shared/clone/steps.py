@@ -20,6 +20,7 @@ from shared.clone.sources import restart_source
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.drivers import PermanentDriverError, get_driver
+from shared.environments import fence_environment
 from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
 from shared.states import NodeState, SnapshotState, Step
 
@@ -139,6 +140,9 @@ def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
         clone = session.get(Node, jn.clone_node_id)
         address_map, secret_map = _maps(session, ticket.job_id)
         address, port, credentials = clone.address, clone.port, dict(clone.credentials)
+    with session_scope() as session:
+        target = session.get(CloneJob, ticket.job_id).target_environment_id
+    fence_environment(target)  # fenced from its source before its first process starts
     driver.assign_address(jn.clone_node_id, address, port)
     driver.set_credentials(jn.clone_node_id, credentials)  # stopped: no client can use the old ones
     rewrites = driver.rewrite_config(jn.clone_node_id, address_map, secret_map)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -27,7 +29,7 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
-BACKEND = {"pool": "127.108.0.0/16"}
+BACKEND = {"pool": "127.110.0.0/16"}
 CACHE_APP = [{"name": "cache", "stack": "valkey"},
              {"name": "web", "stack": "webapp", "config": {"CACHE_URL": "{{cache.url}}"}}]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="separate accounts need root")
@@ -48,8 +50,8 @@ def bob(app) -> Api:  # noqa: ANN001
     return Api(app.test_client(), create_token("bob"))
 
 
-def make_env(api: Api, name: str, nodes: list[dict]) -> dict:
-    response = api.post("/v1/environments", {"name": name, "nodes": nodes})
+def make_env(api: Api, name: str, nodes: list[dict], egress: list[dict] | None = None) -> dict:
+    response = api.post("/v1/environments", {"name": name, "nodes": nodes, "egress": egress or []})
     assert response.status_code == 202, response.json
     return wait_for(lambda: (e := api.get(f"/v1/environments/{name}").json)["state"] == "running" and e,
                     timeout=120, what=f"environment {name} running")
@@ -123,7 +125,10 @@ def test_a_tenant_cannot_reach_another_tenants_cache(alice: Api, bob: Api) -> No
     target = f"redis://{address(bobs, 'cache')}:6379/0"
     mine = make_env(alice, "shop", [{"name": "web", "stack": "webapp", "config": {"CACHE_URL": target}}])
     attack = httpx.put(web(mine) + "/cache", json={"value": "written-by-alice"}, timeout=10)
-    assert attack.status_code == 503 and "AuthenticationError" in attack.text, attack.text
+    # Refused by the fence where the kernel has one, else by the cache's password.
+    assert attack.status_code == 503, attack.text
+    assert ("ConnectionError" if alice.get("/v1/environments/shop").json["fence"] == "enforced"
+            else "AuthenticationError") in attack.text, attack.text
     _, nodes = rows("bob", "shop")
     password = nodes["cache"][1]["password"]
     bobs_cache = redis.Redis(host=address(bobs, "cache"), password=password, socket_timeout=5)
@@ -186,3 +191,54 @@ def test_a_clone_has_new_credentials_refused_by_its_source_and_the_other_way(ali
     assert s_db["password"] not in str(job) and d_db["password"] not in str(job)
     delete_env(alice, "stage")
     delete_env(alice, "shop")
+
+
+def connects(account: str, host: str, port: int) -> bool:
+    """Whether a process under ``account`` can open a TCP connection to host:port."""
+    code = (f"import socket\ns = socket.create_connection(({host!r}, {port}), timeout=3)\n"
+            "s.close()\n")
+    return as_account(account, "/usr/bin/python3", "-c", code).returncode == 0
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nftables is not installed")
+def test_the_kernel_fences_each_environment_in(alice: Api, bob: Api) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # something on the machine outside every environment
+    allowed_port = listener.getsockname()[1]
+    other = socket.create_server(("127.0.0.1", 0))
+    try:
+        bobs = make_env(bob, "shop", CACHE_APP)
+        mine = make_env(alice, "shop", [*CACHE_APP[:1], {"name": "web", "stack": "webapp", "config": {
+            "CACHE_URL": f"redis://{address(bobs, 'cache')}:6379/0"}}],
+            egress=[{"cidr": "127.0.0.1/32", "ports": [allowed_port]}])
+        assert mine["fence"] == bobs["fence"] == "enforced"
+        a_env, _ = rows("alice", "shop")
+        account = account_name(a_env)
+        assert connects(account, address(mine, "cache"), 6379)  # its own node
+        assert not connects(account, address(bobs, "cache"), 6379)  # another tenant's
+        assert connects(account, "127.0.0.1", allowed_port)  # declared egress
+        assert not connects(account, "127.0.0.1", other.getsockname()[1])  # anything else
+        # The attack through the API: alice's webapp at bob's cache is cut off by the kernel.
+        attack = httpx.put(web(mine) + "/cache", json={"value": "written-by-alice"}, timeout=20)
+        assert attack.status_code == 503 and "ConnectionError" in attack.text, attack.text
+        # A clone is fenced from its source and reaches its own nodes.
+        job = alice.post("/v1/environments/shop/clones", {"name": "stage"}).json
+        job = wait_for(lambda: (j := alice.get(f"/v1/jobs/{job['id']}").json)["state"] in ("succeeded", "failed")
+                       and j, timeout=120, what="clone")
+        assert job["state"] == "succeeded" and job["fence"] == "enforced", job
+        stage = alice.get("/v1/environments/stage").json
+        c_env, _ = rows("alice", "stage")
+        assert not connects(account_name(c_env), address(mine, "cache"), 6379)
+        assert connects(account_name(c_env), address(stage, "cache"), 6379)
+        uids = [pwd.getpwnam(account_name(e)).pw_uid for e in (a_env, c_env, rows("bob", "shop")[0])]
+        chains = subprocess.run(["nft", "list", "table", "inet", "envclone"], capture_output=True, text=True).stdout
+        assert all(f"chain env_{uid} " in chains for uid in uids)
+        delete_env(alice, "stage")
+        delete_env(alice, "shop")
+        delete_env(bob, "shop")
+        # Removed with the environments: no chain of theirs is left in the kernel.
+        chains = subprocess.run(["nft", "list", "table", "inet", "envclone"], capture_output=True, text=True).stdout
+        assert not any(f"chain env_{uid} " in chains for uid in uids), chains
+    finally:
+        listener.close()
+        other.close()
