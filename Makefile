@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint up bench clean
+.PHONY: install node-runtime test lint up bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +13,22 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# As root, node processes run as per-environment accounts: they need the kernel fence (nftables)
+# and a Python they can run with the webapp's libraries (this checkout's may sit under /root).
+NODE_PACKAGES := nftables python3-psycopg python3-redis
+node-runtime:
+	@if [ "$$(id -u)" = 0 ] && ! dpkg -s $(NODE_PACKAGES) >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NODE_PACKAGES) >/dev/null; fi
+
 test: install
 	$(PY) -m ruff check api workers shared tests bench migrations
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(PY) -m ruff check api workers shared tests bench migrations
 
 # Set up and run envclone on this machine: the embedded stack, then the demo clone.
-up: install
+up: install node-runtime
 	$(VENV)/bin/envclone up --demo
 
 # Benchmarks: figures beside their baselines, written to bench/results/ (needs the test services).
