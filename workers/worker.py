@@ -4,6 +4,7 @@ with every task module, and keeps the process hygiene a prefork pool needs."""
 from __future__ import annotations
 
 import logging
+import os
 
 from celery.signals import worker_process_init, worker_ready
 
@@ -12,6 +13,7 @@ from shared.environments import rebuild_fences
 from shared.hosts import report_local_host
 from workers.celery_app import Role, make_celery
 
+os.umask(0o077)  # snapshots, staging copies, logs: private unless made otherwise on purpose
 app = make_celery(Role.WORKER)
 log = logging.getLogger("envclone.worker")
 

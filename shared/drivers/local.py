@@ -76,6 +76,8 @@ class LocalDriver(Driver):
         for d, mode in ((self.nodes_dir, 0o711), (self.snaps_dir, 0o700)):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
+        if self.root.stat().st_uid == os.geteuid():
+            self.root.chmod(self.root.stat().st_mode | 0o111)
         if os.geteuid() == 0:
             for d in (self.root, self.nodes_dir, *self.root.parents):
                 if not os.stat(d).st_mode & 0o001:
