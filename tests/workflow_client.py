@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from sqlalchemy import func, select
 
 from shared.db import session_scope
+from shared.drivers import get_driver
 from shared.models import AddressLease, CloneJob, Environment
 from shared.planning import NodeRequest, find_environment, plan_clone, plan_environment
 from shared.states import JOB_DONE
@@ -83,6 +85,11 @@ def delete_environment(name: str, timeout: float = 60) -> None:
     assert env is not None
     dispatch_delete_environment(publisher(), env.id)
     wait_for(lambda: environment(name) is None, timeout=timeout, what=f"environment {name} to be deleted")
+
+
+def valkey(env: Environment, name: str = "cache") -> redis.Redis:
+    """A client of the environment's valkey node, with the node's own credentials."""
+    return redis.Redis.from_url(get_driver().url(next(n.id for n in env.nodes if n.name == name)))
 
 
 def lease_count() -> int:

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis
 
 from shared.db import session_scope
 from shared.drivers import get_driver
@@ -21,6 +20,7 @@ from tests.workflow_client import (
     environment,
     lease_count,
     start_clone,
+    valkey,
     wait_job,
 )
 
@@ -104,11 +104,11 @@ def test_clone_three_node_environment(clean: Backend) -> None:
 
 def test_one_node_environment(clean: Backend) -> None:
     src = create_environment("solo", [{"name": "cache", "stack": "valkey"}])
-    redis.Redis(host=addr(src, "cache")).set("k", "v")
+    valkey(src).set("k", "v")
     job = clone("solo", "solo-copy")
     assert job.state == "succeeded", job.error
     dst = environment("solo-copy")
-    assert redis.Redis(host=addr(dst, "cache")).get("k") == b"v"
+    assert valkey(dst).get("k") == b"v"
 
 
 def test_twelve_nodes_run_in_parallel(clean: Backend) -> None:
@@ -180,7 +180,7 @@ def test_keep_on_failure_keeps_the_partial_clone(clean: Backend) -> None:
 
 def test_steps_run_twice_do_no_harm(clean: Backend) -> None:
     src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
-    redis.Redis(host=addr(src, "cache")).set("k", "v")
+    valkey(src).set("k", "v")
     job = clone("src", "dst", retain_snapshots=True)
     assert job.state == "succeeded", job.error
     dst = environment("dst")
@@ -203,7 +203,7 @@ def test_steps_run_twice_do_no_harm(clean: Backend) -> None:
         wait_for(finished, timeout=60, what=f"{step} re-run")
     assert clean.volumes() == volumes
     assert sorted(p for p, _ in clean.processes()) == sorted(p for p, _ in processes)
-    assert redis.Redis(host=addr(dst, "cache")).get("k") == b"v"
+    assert valkey(dst).get("k") == b"v"
     with session_scope() as session:
         attempts = {r.step: r.attempts for r in session.query(StepRun).filter_by(job_id=job.id)}
     assert attempts["provision"] == 2 and attempts["assign_ips"] == 2

@@ -46,14 +46,14 @@ def check_valkey_clone(driver: LocalDriver) -> None:
     """Valkey quiesces online: reads go on, a write waits for the restart (the resume) and is in
     the source afterwards but not in the clone."""
     driver.create_node(NodeSpec("src", "valkey", SRC, 6379))
-    src = redis.Redis(host=SRC)
+    src = redis.Redis.from_url(driver.url("src"))
     src.mset({f"k{i}": f"v{i}" for i in range(100)})
     pid = (driver.volume("src") / "run/node.pid").read_text()
     driver.prepare_snapshot("src", "snap")
     driver.quiesce("src")
     assert driver.health("src").healthy and src.get("k5") == b"v5"  # still serving reads
     with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(redis.Redis(host=SRC).set, "during", "pause")
+        held = pool.submit(redis.Redis.from_url(driver.url("src")).set, "during", "pause")
         wait_for(lambda: blocked_clients(src) == 1, timeout=10, what="the write to be held")
         driver.snapshot("src", "snap")
         assert not held.done()
@@ -62,7 +62,7 @@ def check_valkey_clone(driver: LocalDriver) -> None:
     assert (driver.volume("src") / "run/node.pid").read_text() == pid  # never stopped
     src.set("after", "snapshot")
     clone_from(driver, "snap", "copy", COPY, 6379)
-    copy = redis.Redis(host=COPY)
+    copy = redis.Redis.from_url(driver.url("copy"))
     assert copy.mget([f"k{i}" for i in range(100)]) == [f"v{i}".encode() for i in range(100)]
     assert copy.get("during") is None and copy.get("after") is None
     assert src.get("during") == b"pause" and src.get("after") == b"snapshot" and src.get("k5") == b"v5"
@@ -79,7 +79,7 @@ def test_valkey_rewrite_in_progress_finishes_before_the_window(driver: LocalDriv
     """A rewrite of the append-only file running when a clone starts is waited for while the node
     still takes writes, not inside the window."""
     driver.create_node(NodeSpec("src", "valkey", SRC, 6379))
-    src = redis.Redis(host=SRC)
+    src = redis.Redis.from_url(driver.url("src"))
     blob = os.urandom(1024 * 1024)
     for start in range(0, 100, 20):
         src.mset({f"b{i}": blob for i in range(start, start + 20)})
@@ -141,7 +141,7 @@ def test_webapp_reads_env_and_rewrite_repoints_it(driver: LocalDriver) -> None:
 def test_operations_are_idempotent(driver: LocalDriver) -> None:
     spec = NodeSpec("src", "valkey", SRC, 6379)
     driver.create_node(spec)
-    redis.Redis(host=SRC).set("a", "1")
+    redis.Redis.from_url(driver.url("src")).set("a", "1")
     driver.create_node(spec)  # finds what the first call made
     driver.quiesce("src")
     driver.quiesce("src")
@@ -156,7 +156,7 @@ def test_operations_are_idempotent(driver: LocalDriver) -> None:
     driver.start("copy")
     driver.start("copy")
     driver.wait_healthy("copy", 30)
-    assert redis.Redis(host=COPY).get("a") == b"1"
+    assert redis.Redis.from_url(driver.url("copy")).get("a") == b"1"
     driver.destroy_node("copy")
     driver.destroy_node("copy")
     driver.delete_snapshot("snap")
@@ -170,8 +170,8 @@ def test_snapshot_refuses_a_running_node_and_bad_ids(driver: LocalDriver) -> Non
         driver.snapshot("src", "snap")
     # Writes let through behind the driver's back (a pause that ran out): no snapshot.
     driver.quiesce("src")
-    redis.Redis(host=SRC).client_unpause()
-    redis.Redis(host=SRC).set("sneaked", "in")
+    redis.Redis.from_url(driver.url("src")).client_unpause()
+    redis.Redis.from_url(driver.url("src")).set("sneaked", "in")
     with pytest.raises(PermanentDriverError, match="quiesced"):
         driver.snapshot("src", "snap")
     assert driver.snapshot_ids() == set()

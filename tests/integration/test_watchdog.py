@@ -8,7 +8,6 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-import redis
 from sqlalchemy import select
 
 from shared.db import session_scope
@@ -18,7 +17,7 @@ from shared.planning import plan_clone
 from tests.fault_helpers import counts
 from tests.helpers import wait_for
 from tests.stack import Backend
-from tests.workflow_client import TENANT, create_environment, delete_environment, start_clone, wait_job
+from tests.workflow_client import TENANT, create_environment, delete_environment, start_clone, valkey, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +37,7 @@ BEAT = True
 @pytest.fixture
 def source(backend: Backend) -> Iterator[str]:
     env = create_environment("src", [{"name": "cache", "stack": "valkey"}])
-    redis.Redis(host=env.nodes[0].address).set("k", "v")
+    valkey(env).set("k", "v")
     yield env.nodes[0].id
     delete_environment("src")
     assert counts(backend).volumes == frozenset() and counts(backend).leases == 0
