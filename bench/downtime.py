@@ -33,8 +33,8 @@ ADDRESSES = {"postgres": ("127.110.0.1", 5432), "valkey": ("127.110.0.2", 6379)}
 def fill(driver: LocalDriver, node_id: str, stack: str, mib: int) -> None:
     address, port = ADDRESSES[stack]
     if stack == "postgres":
-        stack_obj, ctx = driver._node(node_id)
-        env = {**os.environ, "PGPASSWORD": stack_obj._secrets(ctx)["superuser_password"]}
+        _, ctx = driver._node(node_id)
+        env = {**os.environ, "PGPASSWORD": ctx.secrets()["superuser_password"]}
         scale = max(1, round(mib / 15))  # pgbench: about 15 MiB per scale unit
         subprocess.run([str(postgres_bindir() / "pgbench"), "-i", "-q", "-s", str(scale), "-h", address,
                         "-p", str(port), "-U", SUPERUSER, "app"], env=env, check=True, capture_output=True)

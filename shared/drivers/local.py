@@ -362,6 +362,8 @@ class LocalDriver(Driver):
 
     def set_credentials(self, node_id: str, credentials: dict[str, str]) -> None:
         stack, ctx = self._node(node_id)
+        if ctx.secrets() == credentials:
+            return  # set already (a step run twice)
         if process.running_pid(self._pid_path(node_id)) is not None:
             raise PermanentDriverError(f"node {node_id} is running: credentials change only while it is stopped")
         try:

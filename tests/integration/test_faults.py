@@ -193,7 +193,7 @@ def test_state_database_unavailable_mid_job() -> None:
     db_driver = LocalDriver(db_root)
     try:
         db_driver.create_node(NodeSpec("statedb", "postgres", "127.104.255.1", 5432))
-        secret = db_driver._node("statedb")[0]._secrets(db_driver._node("statedb")[1])["superuser_password"]
+        secret = db_driver._node("statedb")[1].secrets()["superuser_password"]
         url = f"postgresql+psycopg://{SUPERUSER}:{secret}@127.104.255.1:5432/postgres"
         with Backend(database=url, pool="127.104.0.0/24") as backend:
             create_environment("src", [{"name": "cache", "stack": "valkey"}])

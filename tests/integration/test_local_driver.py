@@ -66,7 +66,7 @@ def check_valkey_clone(driver: LocalDriver) -> None:
     assert copy.mget([f"k{i}" for i in range(100)]) == [f"v{i}".encode() for i in range(100)]
     assert copy.get("during") is None and copy.get("after") is None
     assert src.get("during") == b"pause" and src.get("after") == b"snapshot" and src.get("k5") == b"v5"
-    assert driver.url("copy") == f"redis://{COPY}:6379/0"
+    assert driver.url("copy").endswith(f"@{COPY}:6379/0")  # with its password
 
 
 def test_valkey_snapshot_and_clone(driver: LocalDriver) -> None:
@@ -252,7 +252,7 @@ def test_copy_path_without_reflink() -> None:
         with psycopg.connect(driver.url("copy")) as conn:
             assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1000
         with psycopg.connect(host=COPY, port=5432, user=SUPERUSER, dbname="app",
-                             password=driver._node("copy")[0]._secrets(driver._node("copy")[1])["superuser_password"]):
+                             password=driver._node("copy")[1].secrets()["superuser_password"]):
             pass
     finally:
         destroy_everything(root)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 WATCHDOG_ENV = {
     "ENVCLONE_WATCHDOG_INTERVAL_S": "1",
     "ENVCLONE_MAX_DOWNTIME_S": "2",
-    "ENVCLONE_JOB_STALL_S": "4",
+    "ENVCLONE_JOB_STALL_S": "8",  # above the slowest step on a loaded 2-core machine
     "ENVCLONE_MAX_RESUMES": "1",
     "ENVCLONE_DISPATCH_GRACE_S": "1",
 }
