@@ -7,11 +7,11 @@ import os
 import signal
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from shared.db import session_scope
 from shared.drivers import get_driver
-from shared.models import JobEvent, StepRun
+from shared.models import JobEvent, NodeLock, StepRun
 from tests.stack import Backend
 from tests.workflow_client import lease_count
 
@@ -22,11 +22,17 @@ class Counts:
     volumes: frozenset[str]
     snapshots: frozenset[str]
     leases: int
+    locks: int  # NodeLock rows: a job that ended must not still hold a source node
+
+
+def lock_count() -> int:
+    with session_scope() as session:
+        return session.scalar(select(func.count()).select_from(NodeLock))
 
 
 def counts(backend: Backend) -> Counts:
     return Counts(frozenset(get_driver().running_node_ids()), frozenset(backend.volumes()),
-                  frozenset(backend.snapshots()), lease_count())
+                  frozenset(backend.snapshots()), lease_count(), lock_count())
 
 
 def step_worker_pid(job_id: str, step: str, node: str | None = None) -> int | None:

@@ -4,11 +4,10 @@ webapp talks to."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 from rich.console import Console
 from rich.table import Table
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from api.cli.client import Client, CliError
 from api.cli.watch import watch
@@ -23,16 +22,18 @@ ROWS = 25
 
 
 def _wait_running(api: Client, name: str, console: Console, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
+    def settled(env: dict) -> bool:
+        if env["state"] == EnvState.FAILED:
+            raise CliError(f"environment {name} failed: {env['error']}")
+        return env["state"] == EnvState.RUNNING
+
+    # Polled: the API offers no environment event stream.
     with console.status(f"waiting for environment {name} to start"):
-        while time.monotonic() < deadline:
-            env = api.get(f"/v1/environments/{name}")
-            if env["state"] == EnvState.RUNNING:
-                return env
-            if env["state"] == EnvState.FAILED:
-                raise CliError(f"environment {name} failed: {env['error']}")
-            time.sleep(0.5)  # poll: the API offers no environment event stream
-    raise CliError(f"environment {name} not running after {timeout:.0f}s")
+        try:
+            return Retrying(retry=retry_if_result(lambda env: not settled(env)), stop=stop_after_delay(timeout),
+                            wait=wait_fixed(0.5))(api.get, f"/v1/environments/{name}")
+        except RetryError:
+            raise CliError(f"environment {name} not running after {timeout:.0f}s") from None
 
 
 def _web(env: dict) -> str:

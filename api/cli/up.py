@@ -10,11 +10,11 @@ import shlex
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 from rich.console import Console
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from api.cli.client import Client, CliError
 
@@ -109,15 +109,15 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
     api_url = f"http://127.0.0.1:{api_port}"
 
     def announce() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             try:
-                if httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200:
-                    break
+                return httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.3)  # poll: waiting for the processes honcho just started
-        else:
+                return False
+
+        try:  # polled: the processes honcho just started send no notice
+            Retrying(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(120), wait=wait_fixed(0.3))(ready)
+        except RetryError:
             console.print("[red]the API did not become ready within 120 s")
             return
         console.rule("envclone is up")

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import select
 
 from api import create_app
 from api.auth import create_token
 from shared.db import session_scope
 from shared.drivers import get_driver
-from shared.models import StepRun
+from shared.models import JobEvent, StepRun
 from tests.api_client import Api
 from tests.helpers import wait_for
 from tests.stack import Backend
@@ -50,6 +51,20 @@ def clean(api: Api, backend: Backend) -> Iterator[Api]:
     wait_for(lambda: api.get("/v1/environments").json["total"] == 0, timeout=60, what="environments deleted")
     assert backend.volumes() == set() and backend.snapshots() == set()
     assert backend.processes() == [] and lease_count() == 0
+
+
+@pytest.fixture
+def both(clean: Api, other: Api) -> Iterator[tuple[Api, Api]]:
+    """Tenants acme and globex. Afterwards every job of either has ended and globex's environments are
+    deleted (then ``clean`` deletes acme's and checks that nothing is left)."""
+    yield clean, other
+    for tenant_api in (clean, other):
+        wait_for(lambda t=tenant_api: all(j["state"] in ("succeeded", "failed", "cancelled")
+                                          for j in t.get("/v1/jobs?limit=100").json["items"]),
+                 timeout=180, what="every job ended")
+    for env in other.get("/v1/environments").json["items"]:
+        assert other.delete(f"/v1/environments/{env['name']}").status_code == 202
+    wait_for(lambda: other.get("/v1/environments").json["total"] == 0, timeout=60, what="globex environments deleted")
 
 
 def make_env(api: Api, body: dict) -> dict:
@@ -239,20 +254,28 @@ def _node_id(env: dict, name: str) -> str:
 
 
 def test_retry_after_teardown_redoes_the_snapshot(clean: Api) -> None:
-    make_env(clean, SOLO)
+    import redis
+
+    source = redis.Redis(host=make_env(clean, SOLO)["nodes"][0]["address"])
+    source.set("k", "v")
     job_id = clean.post("/v1/environments/solo/clones", {
         "name": "solo-copy", "faults": [{"step": "provision", "kind": "permanent"}]}).json["id"]
     assert wait_job(clean, job_id)["state"] == "failed"
+    source.set("k2", "v2")  # after the first snapshot: only the redone one holds it
     assert clean.post(f"/v1/jobs/{job_id}/retry").status_code == 202
     job = wait_job(clean, job_id)
     assert job["state"] == "succeeded" and job["run"] == 2, job
     attempts = {s["step"]: s["attempts"] for s in job["nodes"][0]["steps"]}
     assert attempts == {"quiesce": 2, "snapshot": 2, "restart": 2, "provision": 2, "assign_ips": 1}
+    clone_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
+    assert redis.Redis(host=clone_address).mget("k", "k2") == [b"v", b"v2"]
     assert clean.post(f"/v1/jobs/{job_id}/retry").status_code == 409
 
 
 def test_retry_takes_a_new_address_when_its_old_one_was_leased_meanwhile(clean: Api) -> None:
-    make_env(clean, SOLO)
+    import redis
+
+    redis.Redis(host=make_env(clean, SOLO)["nodes"][0]["address"]).set("k", "v")
     failed_id = clean.post("/v1/environments/solo/clones", {
         "name": "solo-copy", "faults": [{"step": "provision", "kind": "permanent"}]}).json["id"]
     assert wait_job(clean, failed_id)["state"] == "failed"
@@ -267,10 +290,14 @@ def test_retry_takes_a_new_address_when_its_old_one_was_leased_meanwhile(clean: 
     retried_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
     assert retried_address != other_address
     assert lease_count() == 3  # source, solo-other, solo-copy: one lease each
+    assert redis.Redis(host=retried_address).get("k") == b"v"
+    assert redis.Redis(host=other_address).get("k") == b"v"
 
 
 def test_retry_with_kept_clone_resumes_at_the_failed_step(clean: Api) -> None:
-    make_env(clean, SOLO)
+    import redis
+
+    redis.Redis(host=make_env(clean, SOLO)["nodes"][0]["address"]).set("k", "v")
     job_id = clean.post("/v1/environments/solo/clones", {
         "name": "solo-copy", "keep_on_failure": True,
         "faults": [{"step": "assign_ips", "kind": "permanent"}]}).json["id"]
@@ -281,3 +308,74 @@ def test_retry_with_kept_clone_resumes_at_the_failed_step(clean: Api) -> None:
     attempts = {s["step"]: s["attempts"] for s in job["nodes"][0]["steps"]}
     assert attempts == {"quiesce": 1, "snapshot": 1, "restart": 1, "provision": 1, "assign_ips": 2}
     assert clean.get("/v1/environments/solo-copy").json["state"] == "running"
+    clone_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
+    assert redis.Redis(host=clone_address).get("k") == b"v"
+
+
+# ---- tenants do not share idempotency keys, nor each other's jobs -----------------------------------------
+def test_same_idempotency_key_in_two_tenants_makes_a_job_for_each(both: tuple[Api, Api]) -> None:
+    acme, globex = both
+    sources = [make_env(t, SOLO) for t in (acme, globex)]  # the same name in each tenant
+    body, key = {"name": "solo-copy"}, {"Idempotency-Key": "shared-key"}
+    first = acme.post("/v1/environments/solo/clones", body, headers=key)
+    second = globex.post("/v1/environments/solo/clones", body, headers=key)
+    assert first.status_code == 202, first.json
+    assert second.status_code == 202, second.json
+    acme_job, globex_job = first.json["id"], second.json["id"]
+    assert acme_job != globex_job, "globex was handed acme's job for the same Idempotency-Key"
+    assert second.headers["Location"] == f"/v1/jobs/{globex_job}"
+    # Each job is its own tenant's alone.
+    assert globex.get(f"/v1/jobs/{acme_job}").status_code == 404
+    assert acme.get(f"/v1/jobs/{globex_job}").status_code == 404
+    acme_jobs = {j["id"] for j in acme.get("/v1/jobs?limit=100").json["items"]}
+    globex_jobs = {j["id"] for j in globex.get("/v1/jobs?limit=100").json["items"]}
+    assert acme_job in acme_jobs and globex_job not in acme_jobs
+    assert globex_job in globex_jobs and acme_job not in globex_jobs
+    # Replaying the key in either tenant answers that tenant's job, not the other's.
+    assert acme.post("/v1/environments/solo/clones", body, headers=key).json["id"] == acme_job
+    assert globex.post("/v1/environments/solo/clones", body, headers=key).json["id"] == globex_job
+
+    addresses = {s["nodes"][0]["address"] for s in sources}
+    for tenant_api, job_id in ((acme, acme_job), (globex, globex_job)):
+        job = wait_job(tenant_api, job_id)
+        assert job["state"] == "succeeded", job
+        assert (job["source"], job["target"], job["run"]) == ("solo", "solo-copy", 1)
+        clone = tenant_api.get("/v1/environments/solo-copy").json
+        assert clone["state"] == "running" and clone["source"] == "solo"
+        assert [n["name"] for n in clone["nodes"]] == ["cache"]
+        addresses.add(clone["nodes"][0]["address"])
+    assert len(addresses) == 4  # two sources, two clones: four nodes of their own
+
+
+def _event_ids(job_id: str) -> list[int]:
+    with session_scope() as session:
+        return list(session.scalars(select(JobEvent.id).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def test_another_tenant_cannot_retry_or_cancel_a_job(both: tuple[Api, Api]) -> None:
+    acme, globex = both
+    make_env(acme, SOLO)
+    job_id = acme.post("/v1/environments/solo/clones", {
+        "name": "solo-copy", "faults": [{"step": "provision", "kind": "permanent"}]}).json["id"]
+    failed = wait_job(acme, job_id)
+    assert failed["state"] == "failed" and failed["run"] == 1, failed
+    target = acme.get("/v1/environments/solo-copy").json
+    assert target["state"] == "failed"
+    events = _event_ids(job_id)
+
+    for action in ("retry", "cancel"):
+        response = globex.post(f"/v1/jobs/{job_id}/{action}")
+        assert response.status_code == 404, (action, response.status_code, response.json)
+        assert response.json["error"]["code"] == "not_found"
+    # Nothing changed: the job, its target, its events.
+    assert acme.get(f"/v1/jobs/{job_id}").json == failed
+    assert acme.get("/v1/environments/solo-copy").json == target
+    assert _event_ids(job_id) == events
+
+    # No run was started either: the owner's retry is the second run, and the only one.
+    assert acme.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+    assert globex.post(f"/v1/jobs/{job_id}/cancel").status_code == 404  # nor can it cancel a live run
+    job = wait_job(acme, job_id)
+    assert job["state"] == "succeeded" and job["run"] == 2, job
+    attempts = {s["step"]: s["attempts"] for s in job["nodes"][0]["steps"]}
+    assert attempts == {"quiesce": 2, "snapshot": 2, "restart": 2, "provision": 2, "assign_ips": 1}

@@ -1,8 +1,11 @@
 """Faults, with real processes: killed workers, a broker and a state database that go away, a full
 disk, many jobs at once, a soak with injected failures. Every test counts processes, volumes,
-snapshots and leases before and after."""
+snapshots, leases and node locks before and after, and a clone that succeeded must hold the source's
+data."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -11,7 +14,7 @@ from sqlalchemy import select
 from shared.db import session_scope
 from shared.drivers import get_driver
 from shared.models import CloneJob, JobNode, StepRun
-from tests.fault_helpers import counts, kill9, step_worker_pid
+from tests.fault_helpers import Counts, counts, kill9, step_worker_pid
 from tests.helpers import wait_for
 from tests.stack import Backend
 from tests.workflow_client import (
@@ -43,6 +46,18 @@ def _step_state(job_id: str, step: str) -> str:
 def _job_state(job_id: str) -> str:
     with session_scope() as session:
         return session.get(CloneJob, job_id).state
+
+
+def _finished_at(job: CloneJob, step: str) -> datetime:
+    """When ``step`` of the (one-node) job was recorded as ended: aware UTC, written by the worker."""
+    finished = next(s.finished_at for s in job.steps if s.step == step)
+    assert finished is not None, f"{step} has no finished_at"
+    return finished
+
+
+def _clone_value(target: str, key: str = "k") -> bytes | None:
+    """What the (one-node Valkey) clone ``target`` answers for ``key``, read at its own address."""
+    return redis.Redis(host=environment(target).nodes[0].address, socket_timeout=10).get(key)
 
 
 # What a step has visibly done by the time it stalls (hang faults stall after the work).
@@ -80,10 +95,11 @@ def test_kill_9_of_the_worker_process_running_each_step(backend: Backend, step: 
     assert after.volumes == before.volumes | {clone_id}
     assert after.snapshots == before.snapshots == frozenset()
     assert after.leases == before.leases + 1
+    assert after.locks == before.locks == 0  # the source's lock was released
     assert redis.Redis(host=environment("dst").nodes[0].address).get("k") == b"v"
     delete_environment("dst")
     delete_environment("src")
-    assert counts(backend) == counts(backend).__class__(frozenset(), frozenset(), frozenset(), 0)
+    assert counts(backend) == Counts(frozenset(), frozenset(), frozenset(), 0, 0)
 
 
 def test_whole_worker_killed_then_a_new_one_finishes_the_job() -> None:
@@ -93,7 +109,8 @@ def test_whole_worker_killed_then_a_new_one_finishes_the_job() -> None:
     env = {"ENVCLONE_WATCHDOG_INTERVAL_S": "1", "ENVCLONE_JOB_STALL_S": "5"}
     with Backend(pool="127.101.0.0/16", extra_env=env) as backend:
         backend.start_beat()
-        create_environment("src", [{"name": "cache", "stack": "valkey"}])
+        src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
+        redis.Redis(host=src.nodes[0].address).set("k", "v")
         before = counts(backend)
         job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 4}])
         wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
@@ -105,6 +122,8 @@ def test_whole_worker_killed_then_a_new_one_finishes_the_job() -> None:
         after = counts(backend)
         assert after.running == before.running | {job.nodes[0].clone_node_id}
         assert after.snapshots == frozenset() and after.leases == before.leases + 1
+        assert after.locks == before.locks == 0
+        assert _clone_value("dst") == b"v"  # the resumed job's clone holds the source's data
 
 
 # ---- the broker goes away ------------------------------------------------------------------------------
@@ -152,11 +171,13 @@ def test_broker_stopped_and_started_mid_job() -> None:
     broker.start()
     try:
         with Backend(pool="127.103.0.0/16", broker_url=broker.url) as backend:
-            create_environment("src", [{"name": "cache", "stack": "valkey"}])
+            src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
+            redis.Redis(host=src.nodes[0].address).set("k", "v")
             before = counts(backend)
             job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 3}])
             wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
             broker.stop()
+            broker_stopped_at = datetime.now(UTC)
             # Submissions during the outage: a clear 503, nothing half-made.
             client = create_app().test_client()
             headers = {"Authorization": f"Bearer {create_token('acme')}"}
@@ -178,6 +199,12 @@ def test_broker_stopped_and_started_mid_job() -> None:
             after = counts(backend)
             assert after.running == before.running | {job.nodes[0].clone_node_id}
             assert after.leases == before.leases + 1 and after.snapshots == frozenset()
+            assert after.locks == before.locks == 0
+            # The fault really overlapped the step: provision ended after the broker had gone (and,
+            # by the wait above, before it came back).
+            provision_finished = _finished_at(job, "provision")
+            assert provision_finished > broker_stopped_at, (provision_finished, broker_stopped_at)
+            assert _clone_value("dst") == b"v"
     finally:
         broker.close()
 
@@ -196,11 +223,13 @@ def test_state_database_unavailable_mid_job() -> None:
         secret = db_driver._node("statedb")[1].secrets()["superuser_password"]
         url = f"postgresql+psycopg://{SUPERUSER}:{secret}@127.104.255.1:5432/postgres"
         with Backend(database=url, pool="127.104.0.0/24") as backend:
-            create_environment("src", [{"name": "cache", "stack": "valkey"}])
+            src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
+            redis.Redis(host=src.nodes[0].address).set("k", "v")
             before = counts(backend)
             job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 2}])
             wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
             db_driver.stop("statedb")
+            db_stopped_at = datetime.now(UTC)
             wait_for(lambda: "OperationalError" in backend.worker_log(), timeout=60,
                      what="the worker to meet the missing database and retry")
             db_driver.restart("statedb", 30)
@@ -212,6 +241,12 @@ def test_state_database_unavailable_mid_job() -> None:
             after = counts(backend)
             assert after.running == before.running | {jn.clone_node_id}
             assert after.leases == before.leases + 1 and after.snapshots == frozenset()
+            assert after.locks == before.locks == 0
+            # The fault really overlapped the step: provision was recorded as ended only after the
+            # database had gone away.
+            provision_finished = _finished_at(job, "provision")
+            assert provision_finished > db_stopped_at, (provision_finished, db_stopped_at)
+            assert _clone_value("dst") == b"v"
     finally:
         destroy_everything(db_root)
 

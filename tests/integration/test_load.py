@@ -15,7 +15,7 @@ from shared.db import session_scope
 from shared.drivers import get_driver
 from shared.models import CloneJob
 from shared.planning import plan_clone
-from tests.fault_helpers import counts
+from tests.fault_helpers import Counts, counts
 from tests.stack import Backend, publisher
 from tests.workflow_client import SHOP, TENANT, create_environment, delete_environment, environment, wait_job
 from workers.workflow import dispatch_clone
@@ -121,12 +121,31 @@ def test_twenty_clones_of_one_source_at_once(backend: Backend) -> None:
         delete_environment(f"stage-{i:02d}")
     delete_environment("shop")
     after = counts(backend)
-    assert (after.running, after.volumes, after.snapshots, after.leases) == (frozenset(), frozenset(), frozenset(), 0)
+    assert (after.running, after.volumes, after.snapshots, after.leases, after.locks) == \
+        (frozenset(), frozenset(), frozenset(), 0, 0)
+
+
+def _sources_left_stopped(source: str) -> int:
+    """Source nodes that do not answer their health check."""
+    return sum(1 for n in environment(source).nodes if not get_driver().health(n.id).healthy)
+
+
+def _leaks(before: Counts, after: Counts, processes_before: int, processes_after: int) -> dict[str, int]:
+    """What changed between two counts, per kind (every figure is 0 when nothing leaked)."""
+    return {
+        "running": len(after.running ^ before.running),
+        "volumes": len(after.volumes ^ before.volumes),
+        "snapshots": len(after.snapshots ^ before.snapshots),
+        "leases": abs(after.leases - before.leases),
+        "locks": abs(after.locks - before.locks),
+        "processes": abs(processes_after - processes_before),
+    }
 
 
 def test_soak_fifty_jobs_with_injected_transient_failures(backend: Backend) -> None:
     create_environment("src", [{"name": "cache", "stack": "valkey"}])
     before = counts(backend)
+    processes_before = len(backend.processes())
     rng = random.Random(20261127)
     steps = ["quiesce", "snapshot", "restart", "provision", "assign_ips"]
     plans = [[{"step": s, "node": "cache", "times": 1, "kind": "transient"} for s in steps if rng.random() < 0.2]
@@ -138,13 +157,17 @@ def test_soak_fifty_jobs_with_injected_transient_failures(backend: Backend) -> N
     retried = sum(s.attempts - 1 for j in jobs for s in j.steps)
     assert [j.state for j in jobs] == ["succeeded"] * 50, [j.error for j in jobs if j.error]
     assert retried == injected  # every injected failure was met once and retried once
+    sources_left_stopped = _sources_left_stopped("src")
+    assert sources_left_stopped == 0
     assert get_driver().health(environment("src").nodes[0].id).healthy
     for i in range(50):
         delete_environment(f"soak-{i:02d}")
     after = counts(backend)
+    leaks = _leaks(before, after, processes_before, len(backend.processes()))
+    print(f"\nsoak: jobs={len(jobs)} faults_injected={injected} retries={retried} jobs_lost={lost} "
+          f"sources_left_stopped={sources_left_stopped} leaks={sum(leaks.values())}")
+    assert sum(leaks.values()) == 0, leaks
     assert after == before
     with session_scope() as session:
         assert session.query(CloneJob).filter(CloneJob.state != "succeeded").count() == 0
-    print(f"\nsoak: jobs={len(jobs)} faults_injected={injected} retries={retried} jobs_lost={lost} "
-          f"sources_left_stopped=0 leaks=0")
     delete_environment("src")
