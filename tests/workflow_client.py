@@ -10,9 +10,9 @@ from sqlalchemy import func, select
 
 from shared.db import session_scope
 from shared.drivers import get_driver
-from shared.models import AddressLease, CloneJob, Environment
+from shared.models import AddressLease, CloneJob, Environment, Node
 from shared.planning import NodeRequest, find_environment, plan_clone, plan_environment
-from shared.states import JOB_DONE
+from shared.states import JOB_DONE, NodeState
 from tests.helpers import wait_for
 from tests.stack import publisher
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
@@ -90,6 +90,15 @@ def delete_environment(name: str, timeout: float = 60) -> None:
 def valkey(env: Environment, name: str = "cache") -> redis.Redis:
     """A client of the environment's valkey node, with the node's own credentials."""
     return redis.Redis.from_url(get_driver().url(next(n.id for n in env.nodes if n.name == name)))
+
+
+def valkey_at(address: str, **kw: object) -> redis.Redis:
+    """A client of the live valkey node at ``address``, with that node's credentials."""
+    with session_scope() as session:
+        node_id = session.scalar(select(Node.id).where(Node.address == address, Node.stack == "valkey",
+                                                       Node.state != NodeState.DESTROYED))
+    assert node_id, f"no valkey node at {address}"
+    return redis.Redis.from_url(get_driver().url(node_id), **kw)
 
 
 def lease_count() -> int:

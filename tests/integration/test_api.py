@@ -17,7 +17,7 @@ from tests.api_client import Api
 from tests.helpers import wait_for
 from tests.stack import Backend
 from tests.workflow_client import SHOP as SHOP_NODES
-from tests.workflow_client import lease_count
+from tests.workflow_client import lease_count, valkey_at
 
 pytestmark = pytest.mark.integration
 
@@ -254,9 +254,8 @@ def _node_id(env: dict, name: str) -> str:
 
 
 def test_retry_after_teardown_redoes_the_snapshot(clean: Api) -> None:
-    import redis
 
-    source = redis.Redis(host=make_env(clean, SOLO)["nodes"][0]["address"])
+    source = valkey_at(make_env(clean, SOLO)["nodes"][0]["address"])
     source.set("k", "v")
     job_id = clean.post("/v1/environments/solo/clones", {
         "name": "solo-copy", "faults": [{"step": "provision", "kind": "permanent"}]}).json["id"]
@@ -268,14 +267,13 @@ def test_retry_after_teardown_redoes_the_snapshot(clean: Api) -> None:
     attempts = {s["step"]: s["attempts"] for s in job["nodes"][0]["steps"]}
     assert attempts == {"quiesce": 2, "snapshot": 2, "restart": 2, "provision": 2, "assign_ips": 1}
     clone_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
-    assert redis.Redis(host=clone_address).mget("k", "k2") == [b"v", b"v2"]
+    assert valkey_at(clone_address).mget("k", "k2") == [b"v", b"v2"]
     assert clean.post(f"/v1/jobs/{job_id}/retry").status_code == 409
 
 
 def test_retry_takes_a_new_address_when_its_old_one_was_leased_meanwhile(clean: Api) -> None:
-    import redis
 
-    redis.Redis(host=make_env(clean, SOLO)["nodes"][0]["address"]).set("k", "v")
+    valkey_at(make_env(clean, SOLO)["nodes"][0]["address"]).set("k", "v")
     failed_id = clean.post("/v1/environments/solo/clones", {
         "name": "solo-copy", "faults": [{"step": "provision", "kind": "permanent"}]}).json["id"]
     assert wait_job(clean, failed_id)["state"] == "failed"
@@ -290,14 +288,13 @@ def test_retry_takes_a_new_address_when_its_old_one_was_leased_meanwhile(clean: 
     retried_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
     assert retried_address != other_address
     assert lease_count() == 3  # source, solo-other, solo-copy: one lease each
-    assert redis.Redis(host=retried_address).get("k") == b"v"
-    assert redis.Redis(host=other_address).get("k") == b"v"
+    assert valkey_at(retried_address).get("k") == b"v"
+    assert valkey_at(other_address).get("k") == b"v"
 
 
 def test_retry_with_kept_clone_resumes_at_the_failed_step(clean: Api) -> None:
-    import redis
 
-    redis.Redis(host=make_env(clean, SOLO)["nodes"][0]["address"]).set("k", "v")
+    valkey_at(make_env(clean, SOLO)["nodes"][0]["address"]).set("k", "v")
     job_id = clean.post("/v1/environments/solo/clones", {
         "name": "solo-copy", "keep_on_failure": True,
         "faults": [{"step": "assign_ips", "kind": "permanent"}]}).json["id"]
@@ -309,7 +306,7 @@ def test_retry_with_kept_clone_resumes_at_the_failed_step(clean: Api) -> None:
     assert attempts == {"quiesce": 1, "snapshot": 1, "restart": 1, "provision": 1, "assign_ips": 2}
     assert clean.get("/v1/environments/solo-copy").json["state"] == "running"
     clone_address = clean.get("/v1/environments/solo-copy").json["nodes"][0]["address"]
-    assert redis.Redis(host=clone_address).get("k") == b"v"
+    assert valkey_at(clone_address).get("k") == b"v"
 
 
 # ---- tenants do not share idempotency keys, nor each other's jobs -----------------------------------------

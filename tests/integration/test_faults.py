@@ -22,6 +22,7 @@ from tests.workflow_client import (
     delete_environment,
     environment,
     start_clone,
+    valkey_at,
     wait_job,
 )
 
@@ -57,7 +58,7 @@ def _finished_at(job: CloneJob, step: str) -> datetime:
 
 def _clone_value(target: str, key: str = "k") -> bytes | None:
     """What the (one-node Valkey) clone ``target`` answers for ``key``, read at its own address."""
-    return redis.Redis(host=environment(target).nodes[0].address, socket_timeout=10).get(key)
+    return valkey_at(environment(target).nodes[0].address, socket_timeout=10).get(key)
 
 
 # What a step has visibly done by the time it stalls (hang faults stall after the work).
@@ -78,7 +79,7 @@ def _did(step: str, job_id: str, source_id: str) -> bool:
 def test_kill_9_of_the_worker_process_running_each_step(backend: Backend, step: str) -> None:
     src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
     source_id = src.nodes[0].id
-    redis.Redis(host=src.nodes[0].address).set("k", "v")
+    valkey_at(src.nodes[0].address).set("k", "v")
     before = counts(backend)
     job_id = start_clone("src", "dst", faults=[{"step": step, "kind": "hang", "seconds": 60}])
     pid = wait_for(lambda: _did(step, job_id, source_id) and step_worker_pid(job_id, step), timeout=60,
@@ -96,7 +97,7 @@ def test_kill_9_of_the_worker_process_running_each_step(backend: Backend, step: 
     assert after.snapshots == before.snapshots == frozenset()
     assert after.leases == before.leases + 1
     assert after.locks == before.locks == 0  # the source's lock was released
-    assert redis.Redis(host=environment("dst").nodes[0].address).get("k") == b"v"
+    assert valkey_at(environment("dst").nodes[0].address).get("k") == b"v"
     delete_environment("dst")
     delete_environment("src")
     assert counts(backend) == Counts(frozenset(), frozenset(), frozenset(), 0, 0)
@@ -110,7 +111,7 @@ def test_whole_worker_killed_then_a_new_one_finishes_the_job() -> None:
     with Backend(pool="127.101.0.0/16", extra_env=env) as backend:
         backend.start_beat()
         src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
-        redis.Redis(host=src.nodes[0].address).set("k", "v")
+        valkey_at(src.nodes[0].address).set("k", "v")
         before = counts(backend)
         job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 4}])
         wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
@@ -172,7 +173,7 @@ def test_broker_stopped_and_started_mid_job() -> None:
     try:
         with Backend(pool="127.103.0.0/16", broker_url=broker.url) as backend:
             src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
-            redis.Redis(host=src.nodes[0].address).set("k", "v")
+            valkey_at(src.nodes[0].address).set("k", "v")
             before = counts(backend)
             job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 3}])
             wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
@@ -224,7 +225,7 @@ def test_state_database_unavailable_mid_job() -> None:
         url = f"postgresql+psycopg://{SUPERUSER}:{secret}@127.104.255.1:5432/postgres"
         with Backend(database=url, pool="127.104.0.0/24") as backend:
             src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
-            redis.Redis(host=src.nodes[0].address).set("k", "v")
+            valkey_at(src.nodes[0].address).set("k", "v")
             before = counts(backend)
             job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 2}])
             wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
@@ -268,7 +269,7 @@ def test_disk_full_during_provision_fails_cleanly() -> None:
     try:
         with Backend(pool="127.105.0.0/16", data_dir=mnt) as backend:
             src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
-            client = redis.Redis(host=src.nodes[0].address)
+            client = valkey_at(src.nodes[0].address)
             for i in range(3):
                 client.set(f"blob{i}", os.urandom(1024 * 1024))
             before = counts(backend)

@@ -17,7 +17,7 @@ from shared.models import CloneJob
 from shared.planning import plan_clone
 from tests.fault_helpers import Counts, counts
 from tests.stack import Backend, publisher
-from tests.workflow_client import SHOP, TENANT, create_environment, delete_environment, environment, wait_job
+from tests.workflow_client import SHOP, TENANT, create_environment, delete_environment, environment, valkey_at, wait_job
 from workers.workflow import dispatch_clone
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def _scratch_copy(snapshot_id: str, stack_port: int, address: str) -> str:
 def test_twenty_clones_of_one_source_at_once(backend: Backend) -> None:
     src = create_environment("shop", SHOP)
     web = next(f"http://{n.address}:{n.port}" for n in src.nodes if n.name == "web")
-    cache_addr = next(n.address for n in src.nodes if n.name == "cache")
+    cache = valkey_at(next(n.address for n in src.nodes if n.name == "cache"))
     stop = threading.Event()
 
     def writer() -> None:  # the source keeps changing while it is cloned (and is briefly down)
@@ -75,7 +75,7 @@ def test_twenty_clones_of_one_source_at_once(backend: Backend) -> None:
         while not stop.is_set():
             try:
                 httpx.post(f"{web}/items", json={"name": f"w{i}"}, timeout=10)
-                redis.Redis(host=cache_addr).incr("counter")
+                cache.incr("counter")
             except (httpx.HTTPError, redis.RedisError):
                 stop.wait(0.05)  # the node is in its quiesce window
             i += 1
@@ -112,8 +112,8 @@ def test_twenty_clones_of_one_source_at_once(backend: Backend) -> None:
             assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == body["items"]
         with psycopg.connect(get_driver().url(next(n.id for n in clone.nodes if n.name == "db"))) as conn:
             assert conn.execute("SELECT host(inet_server_addr())").fetchone()[0] == addr["db"]
-        assert redis.Redis(host=f"127.106.255.{2 * i + 2}").get("counter") == \
-            redis.Redis(host=addr["cache"]).get("counter")
+        assert redis.Redis.from_url(get_driver().url(cache_copy)).get("counter") == \
+            valkey_at(addr["cache"]).get("counter")
         get_driver().destroy_node(db_copy)
         get_driver().destroy_node(cache_copy)
 
