@@ -57,9 +57,13 @@ class PostgresStack(Stack):
         creds = {"superuser_password": secrets.token_hex(16), "app_password": secrets.token_hex(16)}
         (ctx.config_dir / "secrets.json").write_text(json.dumps(creds))
         pwfile = ctx.config_dir / ".initdb-pw"
-        pwfile.write_text(creds["superuser_password"])
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(creds["superuser_password"])
         kwargs: dict[str, object] = {}
         if ctx.run_as:
+            # initdb runs as the node account: the password file is its alone, not world-readable.
+            os.chown(pwfile, ctx.run_as.uid, ctx.run_as.gid)
             kwargs = {"user": ctx.run_as.uid, "group": ctx.run_as.gid, "extra_groups": []}
         try:
             subprocess.run(
