@@ -105,15 +105,26 @@ def migrate() -> None:
     typer.echo("database is up to date")
 
 
+def _login(value: str | None) -> str | None:
+    """user:password as Flower takes it: a user without ':', no ',' (Flower splits on it), no blanks."""
+    if value is not None and not re.fullmatch(r"[^:,\s]+:[^,\s]+", value):
+        raise typer.BadParameter("user:password, without ',' or blanks")
+    return value
+
+
 def up(data_dir: Path = DataDir,
        api_port: int = typer.Option(8000, "--api-port", envvar="ENVCLONE_API_PORT", min=1, max=65535),
        flower_port: int = typer.Option(5555, "--flower-port", envvar="ENVCLONE_FLOWER_PORT", min=1, max=65535),
        broker_port: int = typer.Option(6380, "--broker-port", envvar="ENVCLONE_BROKER_PORT", min=1, max=65535),
-       demo: bool = typer.Option(False, "--demo", help="Run the demo once the stack is ready.")) -> None:
+       demo: bool = typer.Option(False, "--demo", help="Run the demo once the stack is ready."),
+       flower_auth: str = typer.Option(None, "--flower-auth", envvar="ENVCLONE_FLOWER_AUTH", callback=_login,
+                                       help="Flower login as user:password (default: generated once, kept "
+                                            "0600 in <data-dir>/flower-auth). The variable keeps it out of ps."),
+       ) -> None:
     """Run the whole embedded stack in the foreground; Ctrl-C stops it (nodes keep running)."""
     from api.cli.up import up as run_up
 
-    raise typer.Exit(run_up(data_dir, api_port, flower_port, broker_port, demo))
+    raise typer.Exit(run_up(data_dir, api_port, flower_port, broker_port, demo, flower_auth))
 
 
 def down(data_dir: Path = DataDir) -> None:
