@@ -1,30 +1,65 @@
-"""Bearer tokens: each belongs to a tenant; only a SHA-256 of it is stored."""
+"""Bearer tokens: each belongs to a tenant; only a SHA-256 of it is stored. A token may expire
+(``expires_at``) and may be revoked (``revoked_at``); either way it answers 401 from then on."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime, timedelta
 
 from flask import g, request
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.errors import ApiError
 from shared.db import session_scope
-from shared.models import ApiToken
+from shared.models import ApiToken, utcnow
 
 PREFIX = "ec_"
+# last_used_at is written when it is older than this: a write per token per minute, not per request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(tenant: str) -> str:
+def create_token(tenant: str, expires_in: timedelta | None = None) -> str:
     """Make a token for ``tenant``; the plain token is returned once and never stored."""
+    return create_token_row(tenant, expires_in)[1]
+
+
+def create_token_row(tenant: str, expires_in: timedelta | None = None) -> tuple[ApiToken, str]:
+    """(the stored row, detached, and the plain token) for ``tenant``."""
     token = PREFIX + secrets.token_urlsafe(32)
+    now = utcnow()
+    row = ApiToken(tenant=tenant, token_hash=_hash(token), created_at=now,
+                   expires_at=now + expires_in if expires_in is not None else None)
     with session_scope() as session:
-        session.add(ApiToken(tenant=tenant, token_hash=_hash(token)))
-    return token
+        session.add(row)
+        session.flush()
+        session.expunge(row)
+    return row, token
+
+
+def refusal(row: ApiToken | None, now: datetime | None = None) -> str | None:
+    """Why ``row`` authenticates nobody (a message for the 401), or None when it is good."""
+    now = now or utcnow()
+    if row is None:
+        return "invalid token"
+    if row.revoked_at is not None:
+        return "token revoked"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "token expired"
+    return None
+
+
+def lookup(token: str) -> ApiToken | None:
+    """The stored row of a plain token (detached), whatever its state."""
+    with session_scope() as session:
+        row = session.scalar(select(ApiToken).where(ApiToken.token_hash == _hash(token.strip())))
+        if row is not None:
+            session.expunge(row)
+        return row
 
 
 def authenticate() -> None:
@@ -33,11 +68,15 @@ def authenticate() -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "unauthorized", "missing bearer token", "Authorization")
+    now = utcnow()
     with session_scope() as session:
-        tenant = session.scalar(select(ApiToken.tenant).where(ApiToken.token_hash == _hash(token.strip())))
-    if tenant is None:
-        raise ApiError(401, "unauthorized", "invalid token", "Authorization")
-    g.tenant = tenant
+        row = session.scalar(select(ApiToken).where(ApiToken.token_hash == _hash(token.strip())))
+        reason = refusal(row, now)
+        if reason is not None or row is None:
+            raise ApiError(401, "unauthorized", reason or "invalid token", "Authorization")
+        if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+            session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        g.tenant = row.tenant
 
 
 def tenant() -> str:

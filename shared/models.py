@@ -62,7 +62,8 @@ def enum_column(enum: type[StrEnum], name: str, **kw: Any) -> MappedColumn[Any]:
 
 
 class ApiToken(Base):
-    """An API token of a tenant; only its SHA-256 is stored."""
+    """An API token of a tenant; only its SHA-256 is stored. A token past ``expires_at`` or with
+    ``revoked_at`` set authenticates nobody; rows are kept so `envclone token list` can show them."""
 
     __tablename__ = "api_tokens"
 
@@ -70,6 +71,10 @@ class ApiToken(Base):
     tenant: Mapped[str] = mapped_column(String(63), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Written at most once a minute per token (api.auth), so it costs no write per request.
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Environment(Base):

@@ -1,7 +1,11 @@
 """`envclone up`: the whole embedded stack in the foreground under honcho -- a bundled Valkey as
 broker (unless ENVCLONE_BROKER_URL names one), SQLite under the data dir (unless
 ENVCLONE_DATABASE_URL), the API (gunicorn), a Celery worker with 2 processes, beat, and Flower.
-Ctrl-C stops all of it; node processes keep running (`envclone down` stops them)."""
+Ctrl-C stops all of it; node processes keep running (`envclone down` stops them).
+
+Locked down: everything is created under umask 077 (api.cli.private); the broker wants a password
+and Flower a login, both generated once and kept 0600 in the data dir; secrets reach the processes
+through their environment, never their command lines, and never the log stream (honcho's output)."""
 
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import httpx
 from rich.console import Console
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from api.cli import private
 from api.cli.client import Client, CliError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a long path is not cut across lines
 
 
 def _port_free(port: int) -> bool:
@@ -30,12 +35,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _configure(data_dir: Path, broker_port: int) -> tuple[dict[str, str], bool]:
+def _configure(data_dir: Path, broker_port: int, broker_password: str = "") -> tuple[dict[str, str], bool]:
     """Environment for every process of the stack; also applied to this process."""
     env = {"ENVCLONE_DATA_DIR": str(data_dir)}
     embedded_broker = not os.environ.get("ENVCLONE_BROKER_URL")
     if embedded_broker:
-        env["ENVCLONE_BROKER_URL"] = f"redis://127.0.0.1:{broker_port}/0"
+        auth = f":{broker_password}@" if broker_password else ""
+        env["ENVCLONE_BROKER_URL"] = f"redis://{auth}127.0.0.1:{broker_port}/0"
     os.environ.update(env)
     from shared.config import get_settings
     from shared.db import get_engine, get_sessionmaker
@@ -66,17 +72,32 @@ def restart_stopped_nodes() -> int:
     return n
 
 
-def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: bool) -> int:
+def first_token(data_dir: Path) -> Path:
+    """<data-dir>/token (0600) holds a token of tenant ``default``: the one kept there while it is
+    still good, else a new one. Its path is what gets printed, never the token."""
+    from api.auth import create_token, lookup, refusal
+
+    path = data_dir / private.TOKEN_FILE
+    kept = private.read_private(path)
+    if kept is None or refusal(lookup(kept)) is not None:
+        private.write_private(path, create_token("default") + "\n")
+    return path
+
+
+def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: bool,
+       flower_auth: str | None = None) -> int:
     from honcho.manager import Manager
 
-    from api.auth import create_token
     from shared.migrate import upgrade
     from shared.stacks.valkey import valkey_binary
 
     data_dir = data_dir.resolve()
+    os.umask(private.PRIVATE_UMASK)
     data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o755)  # node processes run unprivileged and must reach their volumes
-    env, embedded_broker = _configure(data_dir, broker_port)
+    private.lock_down(data_dir)
+    embedded_broker = not os.environ.get("ENVCLONE_BROKER_URL")
+    broker_password = private.broker_password(data_dir) if embedded_broker else ""
+    env, _ = _configure(data_dir, broker_port, broker_password)
     ports = [("--api-port", api_port), ("--flower-port", flower_port)]
     if embedded_broker:
         ports.append(("--broker-port", broker_port))
@@ -84,19 +105,24 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
         if not _port_free(port):
             raise CliError(f"port {port} on 127.0.0.1 is in use ({flag})")
     upgrade()
-    token = create_token("default")
+    token_path = first_token(data_dir)
+    if flower_auth:
+        flower_login, flower_new = flower_auth, False
+    else:
+        flower_login, flower_new = private.flower_credentials(data_dir)
     restarted = restart_stopped_nodes()
 
     py = shlex.quote(sys.executable)
     q = shlex.quote
     manager = Manager()
-    child_env = {**os.environ, **env}
+    # Secrets travel in the environment (/proc/<pid>/environ is its owner's alone), not in argv.
+    child_env = {k: v for k, v in {**os.environ, **env}.items()
+                 if k not in ("FLOWER_UNAUTHENTICATED_API", "FLOWER_BASIC_AUTH")}
     if embedded_broker:
         broker_dir = data_dir / "broker"
-        broker_dir.mkdir(exist_ok=True)
-        manager.add_process("broker", f"{q(valkey_binary())} --bind 127.0.0.1 --port {broker_port} "
-                            f"--dir {q(str(broker_dir))} --appendonly yes --save '' --protected-mode no",
-                            env=child_env)
+        manager.add_process("broker", f"{q(valkey_binary())} {q(str(data_dir / private.BROKER_CONF))} "
+                            f"--bind 127.0.0.1 --port {broker_port} --dir {q(str(broker_dir))} "
+                            "--appendonly yes --save '' --protected-mode no", env=child_env)
     manager.add_process("api", f"{py} -m gunicorn -b 127.0.0.1:{api_port} -k gthread --threads 16 -w 2 "
                         "--graceful-timeout 5 --access-logfile - api.wsgi:app", env=child_env)
     manager.add_process("worker", f"{py} -m celery -A workers.worker worker -c 2 -E -l info "
@@ -104,9 +130,10 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
     manager.add_process("beat", f"{py} -m celery -A workers.worker beat -l info "
                         f"-s {q(str(data_dir / 'celerybeat-schedule'))}", env=child_env)
     manager.add_process("flower", f"{py} -m celery -A workers.worker flower --address=127.0.0.1 "
-                        f"--port={flower_port}", env={**child_env, "FLOWER_UNAUTHENTICATED_API": "true"})
+                        f"--port={flower_port}", env={**child_env, "FLOWER_BASIC_AUTH": flower_login})
 
     api_url = f"http://127.0.0.1:{api_port}"
+    flower_url = f"http://127.0.0.1:{flower_port}"
 
     def announce() -> None:
         def ready() -> bool:
@@ -120,18 +147,24 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
         except RetryError:
             console.print("[red]the API did not become ready within 120 s")
             return
+        user = flower_login.partition(":")[0]
+        where = "from --flower-auth" if flower_auth else f"in {data_dir / private.FLOWER_AUTH_FILE}"
         console.rule("envclone is up")
         console.print(f"API      {api_url}   (docs {api_url}/docs/)")
-        console.print(f"Flower   http://127.0.0.1:{flower_port}")
+        console.print(f"Flower   {flower_url}   (user {user}, password {where})")
         console.print(f"data     {data_dir}")
         if restarted:
             console.print(f"restarted {restarted} node(s) stopped by 'envclone down'")
-        console.print(f"token    {token}")
-        console.print(f"try      export ENVCLONE_URL={api_url} ENVCLONE_TOKEN={token}; envclone demo")
+        console.print(f"token    in {token_path} (tenant default)")
+        console.print(f"try      export ENVCLONE_URL={api_url} ENVCLONE_TOKEN=$(cat {token_path}); envclone demo")
         console.rule()
+        if flower_new:
+            # Shown once, on the terminal only: stdout and stderr may be a log file.
+            private.to_terminal(f"Flower login (shown once; kept in {data_dir / private.FLOWER_AUTH_FILE}): "
+                                f"{user} / {flower_login.partition(':')[2]}\n")
         if demo:
             try:
-                run_demo_against(api_url, token)
+                run_demo_against(api_url, (private.read_private(token_path) or ""))
             except CliError as exc:
                 console.print(f"[red]demo failed: {exc}")
 

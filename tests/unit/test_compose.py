@@ -32,8 +32,30 @@ def test_compose_shape() -> None:
     # Scalable worker: no fixed name, no host port.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert any("--basic-auth=${FLOWER_BASIC_AUTH" in part for part in services["flower"]["command"])
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
     assert (ROOT / "Dockerfile").exists() and services["api"]["build"] == "."
+
+
+def test_redis_wants_a_password_and_every_envclone_service_has_it() -> None:
+    services = load()["services"]
+    redis = services["redis"]
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")  # compose refuses to start without
+    start = " ".join(redis["command"])
+    # The password reaches redis-server through a config file written from the container's environment.
+    assert "requirepass" in start and '"$$REDIS_PASSWORD"' in start and "redis-server /etc/redis-auth.conf" in start
+    assert "REDISCLI_AUTH=" in " ".join(redis["healthcheck"]["test"])  # the health check authenticates
+    envclone = [name for name, svc in services.items() if svc.get("build") == "."]
+    assert set(envclone) == {"migrate", "api", "worker", "beat", "flower"}
+    for name in envclone:
+        url = services[name]["environment"]["ENVCLONE_BROKER_URL"]
+        assert url.startswith("redis://:${REDIS_PASSWORD:?") and url.endswith("}@redis:6379/0"), (name, url)
+
+
+def test_no_secret_on_a_command_line() -> None:
+    """ps shows every command line: secrets go through the environment, as compose interpolates them."""
+    for name, svc in load()["services"].items():
+        command = " ".join(svc.get("command", []))
+        assert not re.search(r"\$\{\w*(PASSWORD|SECRET|TOKEN|AUTH)", command), (name, command)
 
 
 def test_no_secret_is_written_in_the_file() -> None:
