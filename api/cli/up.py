@@ -22,6 +22,7 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from api.cli import private
 from api.cli.client import Client, CliError
+from shared.identity import can_switch_users
 
 console = Console(stderr=True, soft_wrap=True)  # a long path is not cut across lines
 
@@ -153,6 +154,9 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
         console.print(f"API      {api_url}   (docs {api_url}/docs/)")
         console.print(f"Flower   {flower_url}   (user {user}, password {where})")
         console.print(f"data     {data_dir}")
+        if not can_switch_users():
+            console.print("[yellow]not root: nodes run as this user, not an account per environment, and "
+                          "without the kernel fence (environments report fence: unavailable)")
         if restarted:
             console.print(f"restarted {restarted} node(s) stopped by 'envclone down'")
         console.print(f"token    in {token_path} (tenant default)")
