@@ -35,6 +35,7 @@ class Ticket:
     step: Step
     attempt: int
     options: dict[str, Any]
+    run: int = 1  # the job's run that admitted it: a later run owns the step row from then on
 
 
 def worker_id() -> str:
@@ -91,7 +92,7 @@ def open_step(job_id: str, source_node_id: str, step: Step, run: int, always_run
         row.detail = {**row.detail, "worker": worker_id()}
         record_event(session, job, "step", node=row.node_name, step=step, state=StepState.RUNNING,
                      attempt=row.attempts)
-        return Ticket(job_id, source_node_id, row.node_name, Step(step), row.attempts, dict(job.options))
+        return Ticket(job_id, source_node_id, row.node_name, Step(step), row.attempts, dict(job.options), run)
 
 
 def _close(session: Session, job: CloneJob, row: StepRun, state: StepState, error: str | None = None,
@@ -111,9 +112,14 @@ def close_step(ticket: Ticket, state: StepState, error: str | None = None,
                detail: dict[str, Any] | None = None) -> None:
     with session_scope() as session:
         row = step_row(session, ticket.job_id, ticket.source_node_id, ticket.step)
+        job = session.get(CloneJob, ticket.job_id)
         if row.state.done:
             return  # closed meanwhile by the watchdog; its verdict stands
-        _close(session, session.get(CloneJob, ticket.job_id), row, state, error, detail)
+        if job.run != ticket.run:
+            log.info("job=%s step=%s run=%s ended after run %s took over; its outcome is not recorded",
+                     ticket.job_id, ticket.step, ticket.run, job.run)
+            return
+        _close(session, job, row, state, error, detail)
 
 
 @retry_db
