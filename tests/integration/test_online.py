@@ -18,7 +18,7 @@ from tests.conftest import destroy_everything, make_data_root
 from tests.fault_helpers import counts, kill9, step_worker_pid
 from tests.helpers import wait_for
 from tests.stack import Backend
-from tests.workflow_client import clone, create_environment, delete_environment, start_clone, wait_job
+from tests.workflow_client import clone, create_environment, delete_environment, start_clone, valkey, wait_job
 
 pytestmark = pytest.mark.integration
 
@@ -148,3 +148,36 @@ def test_a_copy_whose_wal_was_withheld_refuses_to_start_with_a_clear_error() -> 
         assert driver.health("src").healthy
     finally:
         destroy_everything(root)
+
+
+def test_online_valkey_copy_is_one_moment_under_multi_load(backend: Backend) -> None:
+    src = create_environment("kv", [{"name": "cache", "stack": "valkey"}])
+    client = valkey(src)
+    client.mset({f"k{i}": "x" * 64 for i in range(20000)})
+    stop, rounds = threading.Event(), [0]
+
+    def pairs() -> None:  # MULTI INCR a, INCR b: equal in every consistent moment
+        c = valkey(src)
+        while not stop.is_set():
+            pipe = c.pipeline(transaction=True)
+            pipe.incr("a")
+            pipe.incr("b")
+            pipe.execute()
+            rounds[0] += 1
+
+    thread = threading.Thread(target=pairs, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: rounds[0] > 50, timeout=30, what="the MULTI load to run")
+        job = clone("kv", "kv-copy")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert job.state == "succeeded", job.error
+    assert job.nodes[0].quiesced_at is None  # writes were never paused by us
+    copy = valkey(_env("kv-copy"))
+    assert copy.get("a") == copy.get("b") and int(copy.get("a")) > 0
+    assert copy.dbsize() == 20002
+    assert int(client.get("a")) >= int(copy.get("a"))
+    delete_environment("kv-copy")
+    delete_environment("kv")
