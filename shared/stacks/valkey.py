@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 from collections.abc import Callable
@@ -13,12 +14,46 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from shared.stacks.base import Credentials, NodeContext, Stack, write_private
+from shared.stacks.base import CopyTree, Credentials, NodeContext, Stack, write_private
 
 
 def _poll(done: Callable[[], bool], timeout: float, every: float) -> None:
     """Ask until ``done()``; valkey reports rewrites and buffers only through INFO. RetryError at the deadline."""
     Retrying(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(timeout), wait=wait_fixed(every))(done)
+
+
+def _not_in_copy(rel: str) -> bool:
+    """The live append-only files and the RDB (it becomes the copy's append-only base instead)."""
+    return rel in ("run", "data/dump.rdb") or rel.startswith(("run/", "data/appendonlydir"))
+
+
+def _start_bgsave(client: redis.Redis) -> int | None:
+    """Start a background save and return the count of saves before it; None while another one
+    runs (our save must start after it, so that its completion is ours)."""
+    if client.info("persistence")["rdb_bgsave_in_progress"]:
+        return None
+    saves = int(client.info("persistence")["rdb_saves"])
+    try:
+        client.bgsave()
+    except redis.ResponseError as exc:
+        if "in progress" in str(exc).lower():
+            return None
+        raise
+    return saves
+
+
+def _saved(p: dict, saves_before: int) -> bool:
+    if p["rdb_bgsave_in_progress"]:
+        return False
+    if p.get("rdb_last_bgsave_status") != "ok":
+        raise RuntimeError(f"background save failed: {p.get('rdb_last_bgsave_status')}")
+    return int(p["rdb_saves"]) > saves_before
+
+
+def _poll_value(get: Callable[[], int | None], timeout: float, every: float) -> int:
+    """Ask until ``get()`` gives a value; RetryError at the deadline."""
+    return Retrying(retry=retry_if_result(lambda v: v is None), stop=stop_after_delay(timeout),
+                    wait=wait_fixed(every))(get)
 
 
 def _rewriting(p: dict) -> bool:
@@ -54,6 +89,7 @@ class ValkeyStack(Stack):
     name = "valkey"
     default_port = 6379
     online_quiesce = True
+    online_copy_supported = True
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
         return {"username": "default", "password": secrets.token_hex(16)}
@@ -122,6 +158,26 @@ class ValkeyStack(Stack):
             except BaseException:
                 client.client_unpause()
                 raise
+
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+        """A fork snapshot: BGSAVE writes a point-in-time RDB while the server goes on (writes wait
+        only for the fork). The copy gets the volume without the append-only files, and an
+        append-only directory whose base is that RDB: the clone loads exactly that moment."""
+        with self._client(ctx, timeout=10.0) as client:
+            saves = _poll_value(lambda: _start_bgsave(client), 60.0, 0.01)  # another job's save: wait it out
+            _poll(lambda: _saved(client.info("persistence"), saves), 3600.0, 0.01)
+            copy(ctx.volume, dest, _not_in_copy)
+        aof = dest / "data" / "appendonlydir"
+        aof.mkdir(mode=0o700)
+        shutil.copyfile(ctx.data_dir / "dump.rdb", aof / "appendonly.aof.1.base.rdb")
+        (aof / "appendonly.aof.1.incr.aof").write_bytes(b"")
+        write_private(aof / "appendonly.aof.manifest", "file appendonly.aof.1.base.rdb seq 1 type b\n"
+                                                      "file appendonly.aof.1.incr.aof seq 1 type i\n")
+        owner = (dest / "data").stat()
+        for path in (aof, *aof.iterdir()):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+            if os.geteuid() == 0:
+                os.chown(path, owner.st_uid, owner.st_gid)
 
     def writes_paused(self, ctx: NodeContext) -> bool:
         with self._client(ctx) as client:

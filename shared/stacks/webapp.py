@@ -46,6 +46,7 @@ class WebappStack(Stack):
     name = "webapp"
     default_port = 8080
     config_files = (ENV_FILE,)
+    online_copy_supported = True  # its volume (code and config) does not change while it serves
 
     def init(self, ctx: NodeContext, config: dict[str, str], credentials: Credentials) -> None:
         super().init(ctx, config, credentials)

@@ -98,7 +98,7 @@ def test_cancel_inside_the_quiesce_window_restarts_the_source_in_its_restart_ste
     driver = get_driver()
     leases, volumes = lease_count(), backend.volumes()
     with session_scope() as session:
-        job_id = plan_clone(session, TENANT, "src", "window-copy", {
+        job_id = plan_clone(session, TENANT, "src", "window-copy", {"consistency": "stop",
             "faults": [{"step": "quiesce", "node": "db", "kind": "hang", "seconds": 4}]}).id
     dispatch_clone(publisher(), job_id)
     # PostgreSQL stopped while the quiesce step is still open: we are inside the window.

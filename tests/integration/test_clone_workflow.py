@@ -90,8 +90,8 @@ def check_three_node_clone(backend: Backend) -> None:
     assert credential_rewrites and all(r["old"] == r["new"] == "[redacted]" for r in credential_rewrites)
     secrets = {v for n in src.nodes + dst.nodes for k, v in n.credentials.items() if k.endswith("password")}
     assert not any(s in repr(job.rewrites) for s in secrets)
-    for jn in job.nodes:
-        assert jn.downtime_ms is not None and jn.downtime_ms > 0
+    for jn in job.nodes:  # online by default: no source was stopped or held
+        assert jn.quiesced_at is None and jn.downtime_ms is None
     assert all(s.state == "succeeded" and s.attempts == 1 for s in job.steps)
     driver = get_driver()
     assert all(driver.health(n.id).healthy for n in src.nodes + dst.nodes)
@@ -147,7 +147,8 @@ def test_transient_failure_in_each_step_is_retried(clean: Backend, step: str) ->
 def test_permanent_snapshot_failure_restarts_source_and_leaves_nothing(clean: Backend) -> None:
     src = create_environment("shop", SHOP)
     before_volumes, before_leases = clean.volumes(), lease_count()
-    job = clone("shop", "shop-stage", faults=[{"step": "snapshot", "node": "db", "kind": "permanent"}])
+    job = clone("shop", "shop-stage", consistency="stop",
+                faults=[{"step": "snapshot", "node": "db", "kind": "permanent"}])
     assert job.state == "failed"
     assert "db: snapshot: PermanentDriverError: injected permanent fault" in job.error
     states = {(s.node_name, s.step): s.state for s in job.steps}
@@ -214,7 +215,8 @@ def test_two_clones_of_one_source_take_turns_at_the_node(clean: Backend) -> None
     from shared.errors import PlanError
 
     create_environment("src", [{"name": "cache", "stack": "valkey"}])
-    first, second = start_clone("src", "dst1"), start_clone("src", "dst2")
+    # Stop mode: each job holds the node for its copy (online copies hold nothing, so need no turns).
+    first, second = start_clone("src", "dst1", consistency="stop"), start_clone("src", "dst2", consistency="stop")
     with pytest.raises(PlanError) as err:
         start_clone("src", "dst1")
     assert err.value.conflict.code == "name_taken"

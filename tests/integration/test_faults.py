@@ -81,7 +81,8 @@ def test_kill_9_of_the_worker_process_running_each_step(backend: Backend, step: 
     source_id = src.nodes[0].id
     valkey_at(src.nodes[0].address).set("k", "v")
     before = counts(backend)
-    job_id = start_clone("src", "dst", faults=[{"step": step, "kind": "hang", "seconds": 60}])
+    # Stop mode: the window (quiesce -> snapshot -> restart) is what a lost worker must not break.
+    job_id = start_clone("src", "dst", consistency="stop", faults=[{"step": step, "kind": "hang", "seconds": 60}])
     pid = wait_for(lambda: _did(step, job_id, source_id) and step_worker_pid(job_id, step), timeout=60,
                    what=f"{step} to do its work")
     kill9(pid)
@@ -227,7 +228,8 @@ def test_state_database_unavailable_mid_job() -> None:
             src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
             valkey_at(src.nodes[0].address).set("k", "v")
             before = counts(backend)
-            job_id = start_clone("src", "dst", faults=[{"step": "provision", "kind": "hang", "seconds": 2}])
+            job_id = start_clone("src", "dst", consistency="stop",
+                                 faults=[{"step": "provision", "kind": "hang", "seconds": 2}])
             wait_for(lambda: step_worker_pid(job_id, "provision"), timeout=60, what="provision running")
             db_driver.stop("statedb")
             db_stopped_at = datetime.now(UTC)

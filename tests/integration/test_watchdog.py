@@ -45,7 +45,8 @@ def source(backend: Backend) -> Iterator[str]:
 
 def test_source_down_too_long_is_restarted_and_the_job_fails_cleanly(backend: Backend, source: str) -> None:
     before = counts(backend)
-    job = wait_job(start_clone("src", "dst", faults=[{"step": "quiesce", "kind": "hang", "seconds": 8}]), 60)
+    job = wait_job(start_clone("src", "dst", consistency="stop",
+                               faults=[{"step": "quiesce", "kind": "hang", "seconds": 8}]), 60)
     assert job.state == "failed"
     assert "watchdog: source was down longer than 2s" in job.error
     assert get_driver().health(source).healthy

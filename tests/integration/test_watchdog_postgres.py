@@ -43,7 +43,8 @@ def test_stopped_postgres_source_is_restarted_by_the_watchdog(backend: Backend) 
         conn.execute(f"INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g")
     before = counts(backend)
 
-    job_id = start_clone("src", "dst", faults=[{"step": "quiesce", "node": "db", "kind": "hang", "seconds": HANG_S}])
+    job_id = start_clone("src", "dst", consistency="stop",
+                         faults=[{"step": "quiesce", "node": "db", "kind": "hang", "seconds": HANG_S}])
     wait_for(lambda: not driver.health(source).running, timeout=30, what="the quiesce to stop PostgreSQL")
     # Back well before the hang ends: only the watchdog can have started it.
     wait_for(lambda: driver.health(source).healthy, timeout=BACK_S, what="the watchdog to restart PostgreSQL")

@@ -1,0 +1,183 @@
+"""Online clones of PostgreSQL: the source refuses nothing while it is copied (base backup + WAL),
+the copy recovers to one consistent moment, and what can go wrong in between fails clean."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from shared.drivers import NodeSpec, PermanentDriverError, get_driver
+from shared.drivers.local import LocalDriver
+from shared.stacks.postgres import PostgresStack
+from tests.conftest import destroy_everything, make_data_root
+from tests.fault_helpers import counts, kill9, step_worker_pid
+from tests.helpers import wait_for
+from tests.stack import Backend
+from tests.workflow_client import clone, create_environment, delete_environment, start_clone, valkey, wait_job
+
+pytestmark = pytest.mark.integration
+
+BACKEND = {"pool": "127.113.0.0/16"}
+PGBENCH = shutil.which("pgbench")
+
+
+def db_node(env):  # noqa: ANN001, ANN201
+    return next(n for n in env.nodes if n.name == "db")
+
+
+def invariant(url: str) -> tuple[int, int, int, int]:
+    """pgbench's TPC-B invariant: the sums of account, teller and branch balances and of history deltas."""
+    with psycopg.connect(url) as conn:
+        return tuple(conn.execute(  # type: ignore[return-value]
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM pgbench_tellers),"
+            " (SELECT sum(bbalance) FROM pgbench_branches), (SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
+        ).fetchone())
+
+
+class Probe(threading.Thread):
+    """A client that opens a new connection every 10 ms and counts refusals."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop, self.ok, self.refused = url, threading.Event(), 0, []
+
+    def run(self) -> None:
+        while not self.stop.wait(0.01):  # poll: a connection attempt every 10 ms is the probe
+            try:
+                with psycopg.connect(self.url, connect_timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                self.ok += 1
+            except psycopg.Error as exc:
+                self.refused.append(str(exc))
+
+
+@pytest.mark.skipif(PGBENCH is None, reason="pgbench is not installed")
+def test_online_clone_under_pgbench_refuses_nothing_and_keeps_the_invariant(backend: Backend) -> None:
+    src = create_environment("bank", [{"name": "db", "stack": "postgres"}])
+    url = get_driver().url(db_node(src).id)
+    subprocess.run([PGBENCH, "-i", "-s", "2", "-q", url], check=True, capture_output=True, timeout=120)
+    bench = subprocess.Popen([PGBENCH, "-c", "4", "-j", "2", "-T", "600", url],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    probe = Probe(url)
+    probe.start()
+    try:
+        wait_for(lambda: invariant(url)[3] != 0, timeout=30, what="pgbench to commit transactions")
+        job = clone("bank", "bank-copy", timeout=180)
+    finally:
+        probe.stop.set()
+        probe.join(timeout=10)
+        bench.terminate()  # SIGTERM ends pgbench's run early, with its report
+        output = bench.communicate(timeout=60)[0]
+    assert job.state == "succeeded", job.error
+    jn = job.nodes[0]
+    assert jn.quiesced_at is None and jn.downtime_ms is None  # never stopped, never held
+    snapshot_step = next(s for s in job.steps if s.step == "snapshot")
+    assert snapshot_step.detail["method"].startswith("online-")
+    assert "aborted" not in output, output
+    assert probe.refused == [] and probe.ok > 10, probe.refused[:3]
+    copy = get_driver().url(db_node(_env("bank-copy")).id)
+    sums = invariant(copy)
+    assert sums[0] == sums[1] == sums[2] == sums[3] and sums[3] != 0  # consistent, and mid-load
+    with psycopg.connect(copy) as conn:  # its own primary: it takes writes
+        conn.execute("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())")
+    with psycopg.connect(url) as conn:  # the source keeps no slot and no backup behind
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+    delete_environment("bank-copy")
+    delete_environment("bank")
+
+
+def _env(name: str):  # noqa: ANN202
+    from tests.workflow_client import environment
+
+    return environment(name)
+
+
+def test_worker_killed_mid_backup_leaves_no_backup_on_the_source(backend: Backend) -> None:
+    src = create_environment("big", [{"name": "db", "stack": "postgres"}])
+    url = get_driver().url(db_node(src).id)
+    with psycopg.connect(url, autocommit=True) as conn:  # enough data that the copy takes a moment
+        conn.execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 600000) g")
+    before = counts(backend)
+    job_id = start_clone("big", "big-copy")
+
+    def backing_up() -> int | None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'envclone_%'"
+                                 ).fetchone()[0]
+        return step_worker_pid(job_id, "snapshot") if slots else None
+
+    pid = wait_for(backing_up, timeout=60, interval=0.01, what="the online backup to be under way")
+    kill9(pid)
+    # The session died with the worker: no slot, no backup session is left on the source.
+    with psycopg.connect(url, autocommit=True) as conn:
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0,
+                 timeout=30, what="the backup's slot to go with its session")
+    job = wait_job(job_id, timeout=180)  # the redelivered step takes the backup again
+    assert job.state == "succeeded", job.error
+    assert next(s for s in job.steps if s.step == "snapshot").attempts == 2
+    with psycopg.connect(get_driver().url(db_node(_env("big-copy")).id)) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 600000
+    delete_environment("big-copy")
+    after = counts(backend)
+    assert after.snapshots == before.snapshots and after.leases == before.leases and after.locks == 0
+    delete_environment("big")
+
+
+def test_a_copy_whose_wal_was_withheld_refuses_to_start_with_a_clear_error() -> None:
+    root = make_data_root()
+    driver = LocalDriver(root)
+    try:
+        driver.create_node(NodeSpec("src", "postgres", "127.113.255.1", 5432))
+        with psycopg.connect(driver.url("src"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+        driver.snapshot_online("src", "snap")
+        wal = root / "snapshots/snap/volume/data/pg_wal"
+        for segment in wal.iterdir():
+            if segment.is_file():
+                segment.unlink()  # withheld
+        driver.provision("snap", "copy")
+        driver.assign_address("copy", "127.113.255.2", 5432)
+        with pytest.raises(PermanentDriverError, match="cannot recover to a consistent point"):
+            driver.set_credentials("copy", PostgresStack().new_credentials(driver._node("src")[1].secrets()))
+        assert not Path(root / "nodes/copy/run/node.pid").exists()  # it never served
+        assert driver.health("src").healthy
+    finally:
+        destroy_everything(root)
+
+
+def test_online_valkey_copy_is_one_moment_under_multi_load(backend: Backend) -> None:
+    src = create_environment("kv", [{"name": "cache", "stack": "valkey"}])
+    client = valkey(src)
+    client.mset({f"k{i}": "x" * 64 for i in range(20000)})
+    stop, rounds = threading.Event(), [0]
+
+    def pairs() -> None:  # MULTI INCR a, INCR b: equal in every consistent moment
+        c = valkey(src)
+        while not stop.is_set():
+            pipe = c.pipeline(transaction=True)
+            pipe.incr("a")
+            pipe.incr("b")
+            pipe.execute()
+            rounds[0] += 1
+
+    thread = threading.Thread(target=pairs, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: rounds[0] > 50, timeout=30, what="the MULTI load to run")
+        job = clone("kv", "kv-copy")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert job.state == "succeeded", job.error
+    assert job.nodes[0].quiesced_at is None  # writes were never paused by us
+    copy = valkey(_env("kv-copy"))
+    assert copy.get("a") == copy.get("b") and int(copy.get("a")) > 0
+    assert copy.dbsize() == 20002
+    assert int(client.get("a")) >= int(copy.get("a"))
+    delete_environment("kv-copy")
+    delete_environment("kv")
