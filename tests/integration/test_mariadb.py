@@ -286,6 +286,8 @@ def test_an_environment_with_mariadb_is_cloned_with_its_data_and_new_credentials
     # The clone's webapp was rewired to the clone's database, with the clone's credentials.
     env_file = (driver.volume(node_of(dst, "web").id) / "config/.env").read_text()
     assert f"MYSQL_URL={copy_url}\n" in env_file and s["password"] not in env_file
+    assert {(r["node"], r["kind"]) for r in job.rewrites} == {("web", "address"), ("web", "credential")}
+    assert s["password"] not in repr(job.rewrites) and d["password"] not in repr(job.rewrites)
     # Every node of the clone runs as the clone's own account, never root.
     if os.geteuid() == 0:
         uid = pwd.getpwnam(account_name(dst.id)).pw_uid
