@@ -119,7 +119,7 @@ class MariaDBStack(Stack):
             f"--datadir={ctx.data_dir}", "--socket=", f"--tmpdir={ctx.volume / 'run'}",
             "--skip-name-resolve", "--skip-log-bin", "--performance-schema=OFF",
             "--innodb-buffer-pool-size=32M", "--innodb-log-file-size=8M", "--innodb-log-buffer-size=4M",
-            "--innodb-temp-data-file-path=ibtmp1:1M:autoextend", "--innodb-fast-shutdown=1",
+            "--innodb-fast-shutdown=1",
             "--key-buffer-size=1M", "--aria-pagecache-buffer-size=8M", "--query-cache-size=0",
             "--max-connections=40", "--table-open-cache=200", "--open-files-limit=1024",
             "--character-set-server=utf8mb4", "--collation-server=utf8mb4_general_ci",
