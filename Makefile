@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # As root, node processes run as per-environment accounts: they need the kernel fence (nftables)
-# and a Python they can run with the webapp's libraries (this checkout's may sit under /root).
-NODE_PACKAGES := nftables python3-psycopg python3-redis
+# and a Python they can run with the webapp's libraries (this checkout's may sit under /root);
+# the mariadb stack runs the system's mariadbd (mariadb-server-core: the server, no service) and
+# copies it online with mariadb-backup.
+NODE_PACKAGES := nftables python3-psycopg python3-redis mariadb-server-core mariadb-backup
 node-runtime:
 	@if [ "$$(id -u)" = 0 ] && ! dpkg -s $(NODE_PACKAGES) >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(NODE_PACKAGES) >/dev/null; fi
