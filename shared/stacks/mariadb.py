@@ -18,13 +18,13 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pymysql
 
-from shared.stacks.base import Credentials, NodeContext, Stack, write_private
+from shared.stacks.base import CopyTree, Credentials, NodeContext, Stack, write_private
 
 SUPERUSER = "root"
 APP_USER = APP_DB = "app"
@@ -60,10 +60,6 @@ def mariadb_backup() -> str | None:
         if os.access(cand, os.X_OK):
             return str(cand)
     return None
-
-
-# copy(src, dst, ignore): a tree copied as the driver copies trees (reflink when it can).
-CopyTree = Callable[[Path, Path, Callable[[str], bool]], int]
 
 
 def _lit(value: str) -> str:
