@@ -151,21 +151,25 @@ def scan_tree(root: Path, needles: Needles, first: Sequence[str] = (), skip: Ski
         if why is not None:
             result.skipped[why] += 1
             continue
-        path = root / rel
+        # Never through a symlink, never blocking on a FIFO: the volume belongs to the node's account.
         try:
-            st = os.lstat(path)
+            fd = os.open(root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             continue
-        if not stat.S_ISREG(st.st_mode):
-            result.skipped["link" if stat.S_ISLNK(st.st_mode) else "special"] += 1
+        except OSError:  # ELOOP: a symlink
+            result.skipped["link"] += 1
             continue
-        if st.st_size > limits.max_bytes:
-            result.skipped["large"] += 1
-            continue
-        if result.files >= limits.max_files:
-            result.complete = False
-            break
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                result.skipped["special"] += 1
+                continue
+            if st.st_size > limits.max_bytes:
+                result.skipped["large"] += 1
+                continue
+            if result.files >= limits.max_files:
+                result.complete = False
+                break
             head = f.read(SNIFF_BYTES)
             if b"\0" in head:
                 result.skipped["binary"] += 1

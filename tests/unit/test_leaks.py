@@ -55,6 +55,7 @@ def test_scan_reads_text_files_and_counts_what_it_leaves_out(tmp_path: Path) -> 
     })
     os.symlink("/etc/hostname", tmp_path / "config" / "link.conf")
     (tmp_path / "config" / "linked-dir").symlink_to(tmp_path / "app")
+    os.mkfifo(tmp_path / "config" / "pipe")  # would block a reader that waits for a writer
 
     def skip(rel: str) -> str | None:
         return "runtime" if rel.startswith("run/") else ("server" if rel.startswith("data/base/") else None)
@@ -63,7 +64,7 @@ def test_scan_reads_text_files_and_counts_what_it_leaves_out(tmp_path: Path) -> 
                        limits=ScanLimits(max_bytes=100))
     assert result.findings == [{"file": "config/extra.conf", "line": 2, "kind": "address"}]
     assert result.files == 2 and result.complete
-    assert result.skipped == {"binary": 1, "large": 1, "server": 1, "runtime": 1, "link": 2}
+    assert result.skipped == {"binary": 1, "large": 1, "server": 1, "runtime": 1, "link": 2, "special": 1}
 
 
 def test_scan_stops_at_its_file_limit_and_says_so(tmp_path: Path) -> None:
