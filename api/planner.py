@@ -1,15 +1,26 @@
 """Dry-run plans: what a clone would do, checked against the live state, touching nothing.
 Downtime estimates come from this source node's own past clones when there are any, else from the
-snapshot method and volume size."""
+snapshot method and volume size.
+
+Leaks are predicted from the declared configs only (the volumes' files are not read): a config value
+that names a source node's address, host:port or password literally rather than through a template.
+In a node's config such a value lands in its stack's config files, which the rewrite covers
+(``rewritten``: listed because a literal there is what an app copies into files nobody declares); in
+an on_clone config it is written after the rewrite, so the leak scan will find it (``fail``, a
+conflict, or ``warn``, as on_leak says)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import JobNode
+from shared.clone import neutralize
+from shared.errors import Conflict
+from shared.leaks import Needles, literal_kinds
+from shared.models import JobNode, Node
 from shared.planning import check_clone
 from shared.stacks import CATALOG
 from shared.states import CLONE_STEPS, Consistency
@@ -26,12 +37,33 @@ def _measured_downtime(session: Session, source_node_id: str) -> int | None:
         .order_by(JobNode.id.desc()).limit(1))
 
 
+def predicted_leaks(nodes: list[Node], on_clone: Iterable[dict[str, Any]], on_leak: str) -> list[dict[str, Any]]:
+    needles = Needles.of((n.address, n.port, n.credentials) for n in nodes)
+    found = []
+    for node in nodes:
+        if CATALOG[node.stack].config_files:  # else its config is written to no file at all
+            found += [{"node": node.name, "key": key, "kind": kind, "origin": "config", "outcome": "rewritten"}
+                      for key, value in sorted(node.config.items()) for kind in sorted(literal_kinds(value, needles))]
+    for action in map(neutralize.Action.parse, on_clone):
+        if action.kind == "config":
+            found += [{"node": action.node, "key": key, "kind": kind, "origin": "on_clone", "outcome": on_leak}
+                      for key, value in sorted(action.payload.items())
+                      for kind in sorted(literal_kinds(value, needles))]
+    return found
+
+
 def dry_run_plan(session: Session, tenant: str, source: str, target: str,
-                 consistency: Consistency = Consistency.ONLINE) -> dict[str, Any]:
+                 consistency: Consistency = Consistency.ONLINE, on_clone: list[dict[str, Any]] | None = None,
+                 on_leak: str = "fail") -> dict[str, Any]:
     plan = check_clone(session, tenant, source, target)
     reflink = plan.reflink
     nodes, longest = [], 0
     assert plan.source is not None  # check_clone answers 404 otherwise
+    neutralize.check(on_clone or [], {n.name: n.stack for n in plan.source.nodes}, "on_clone")
+    leaks = predicted_leaks(list(plan.source.nodes), [*plan.source.on_clone, *(on_clone or [])], on_leak)
+    if any(leak["outcome"] == "fail" for leak in leaks):
+        plan.conflicts.append(Conflict("leak_predicted", "an on_clone config names the source literally; the "
+                                       "leak scan will fail the clone (on_leak=fail)", "on_clone"))
     for node in plan.source.nodes:
         size = node.size_bytes
         online = consistency == Consistency.ONLINE and CATALOG[node.stack].online_copy_supported
@@ -49,5 +81,6 @@ def dry_run_plan(session: Session, tenant: str, source: str, target: str,
         "disk_bytes_needed": plan.bytes_needed, "disk_bytes_free": plan.bytes_free,
         "snapshot_method": "reflink" if reflink else "copy",
         "estimated_duration_ms": longest,
+        "predicted_leaks": leaks,
         "conflicts": [{"code": c.code, "message": c.message, "field": c.field} for c in plan.conflicts],
     }

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints, model_validator
 
 from shared.stacks import CATALOG
 from shared.states import Consistency, EnvState, FaultKind, FaultPoint, JobState, NodeState, Step, StepState
@@ -36,11 +36,42 @@ class EgressIn(Strict):
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=32)
 
 
+SqlStatement = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", min_length=1, max_length=10_000)]
+KeyPattern = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]*$", min_length=1, max_length=512)]
+
+
+class OnCloneIn(Strict):
+    """One action run on every clone before it is reachable; exactly one of sql, delete_keys, config."""
+
+    node: DnsLabel
+    sql: list[SqlStatement] | None = Field(default=None, min_length=1, max_length=50, description=(
+        "postgres: statements run in one transaction, as the superuser, in the application database."))
+    delete_keys: list[KeyPattern] | None = Field(default=None, min_length=1, max_length=50, description=(
+        "valkey: glob patterns; every matching key is deleted (SCAN + DEL)."))
+    config: dict[ConfigKey, ConfigValue] | None = Field(default=None, min_length=1, max_length=64, description=(
+        "webapp: keys set or overridden in its .env; values may name the clone's nodes ({{db.url}})."))
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> OnCloneIn:
+        if sum(v is not None for v in (self.sql, self.delete_keys, self.config)) != 1:
+            raise ValueError("give exactly one of sql, delete_keys, config")
+        return self
+
+    def stored(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+ON_CLONE_DESCRIPTION = ("Actions run on the clone before anyone can reach it (before each node first listens); "
+                        "any failure fails the job and the clone is torn down.")
+
+
 class EnvironmentIn(Strict):
     name: DnsLabel
     nodes: list[NodeIn] = Field(min_length=1, max_length=1024)
     egress: list[EgressIn] = Field(default_factory=list, max_length=32, description=(
         "Where the nodes may connect besides each other (the kernel refuses everything else)."))
+    on_clone: list[OnCloneIn] = Field(default_factory=list, max_length=64, description=(
+        ON_CLONE_DESCRIPTION + " Run on every clone of this environment."))
 
 
 class FaultIn(Strict):
@@ -61,6 +92,11 @@ class CloneIn(Strict):
     keep_on_failure: bool = False
     retain_snapshots: bool = False
     dry_run: bool = False
+    on_clone: list[OnCloneIn] = Field(default_factory=list, max_length=64, description=(
+        ON_CLONE_DESCRIPTION + " Run after the source environment's own."))
+    on_leak: Literal["fail", "warn"] = Field(default="fail", description=(
+        "A trace of the source (address, host:port, password) found in the clone's files before its first "
+        "start: `fail` fails the job and tears the clone down; `warn` lists it and goes on."))
     faults: list[FaultIn] = Field(default_factory=list, max_length=20,
                                   description="Fault injection (only when the server enables it).")
 
@@ -126,6 +162,7 @@ class EnvironmentOut(BaseModel):
     state: EnvState
     fence: str | None
     egress: list[dict[str, Any]]
+    on_clone: list[dict[str, Any]]
     source: str | None
     error: str | None
     created_at: datetime
@@ -154,6 +191,19 @@ class JobNodeOut(BaseModel):
     bytes_total: int
 
 
+class SafetyOut(BaseModel):
+    fence: str | None = Field(description="the clone's kernel fence: `enforced` or `unavailable: <why>`")
+    credentials_rotated: int = Field(description="nodes whose credentials are new")
+    rewrites: int = Field(description="config rewrites (addresses and credentials)")
+    leaks: int = Field(description="traces of the source found in the clone's files before its first start")
+    on_leak: str
+    actions: int = Field(description="on_clone actions run")
+    actions_failed: int
+    scanned_nodes: int
+    scanned_files: int
+    scan_complete: bool = Field(description="false: a node had more files than the scan reads")
+
+
 class JobOut(BaseModel):
     id: str
     state: JobState
@@ -168,6 +218,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     rewrites: list[dict[str, Any]]
+    leaks: list[dict[str, Any]] = Field(description="{node, file, line, kind}: never the value")
+    actions: list[dict[str, Any]] = Field(description="{node, kind, state, ...counts}: on_clone actions run")
+    safety: SafetyOut
     nodes: list[JobNodeOut]
 
 
@@ -187,6 +240,14 @@ class PlanNode(BaseModel):
     estimated_downtime_ms: int
 
 
+class PredictedLeak(BaseModel):
+    node: str
+    key: str
+    kind: str
+    origin: Literal["config", "on_clone"]
+    outcome: Literal["rewritten", "fail", "warn"]
+
+
 class PlanOut(BaseModel):
     dry_run: Literal[True] = True
     source: str
@@ -199,4 +260,8 @@ class PlanOut(BaseModel):
     disk_bytes_free: int
     snapshot_method: str
     estimated_duration_ms: int
+    predicted_leaks: list[PredictedLeak] = Field(description=(
+        "Config values that name a source address, host:port or password literally instead of through a "
+        "template. In a node's config the rewrite replaces them (`rewritten`); in an on_clone config they are "
+        "written after the rewrite, so the scan will find them (`fail` or `warn`, as on_leak says)."))
     conflicts: list[ErrorBody]

@@ -6,8 +6,9 @@ from typing import Any
 
 from sqlalchemy.orm import object_session
 
+from shared.clone import safety
 from shared.models import CloneJob, Environment
-from shared.states import CLONE_STEPS, NodeState
+from shared.states import CLONE_STEPS, JobState, NodeState
 
 
 def environment(env: Environment, source_name: str | None = None) -> dict[str, Any]:
@@ -16,6 +17,7 @@ def environment(env: Environment, source_name: str | None = None) -> dict[str, A
         "state": env.state,
         "fence": env.fence,
         "egress": env.egress,
+        "on_clone": env.on_clone,
         "source": source_name,
         "error": env.error,
         "created_at": env.created_at,
@@ -39,13 +41,18 @@ def job(row: CloneJob) -> dict[str, Any]:
             "bytes_copied": jn.bytes_copied,
             "bytes_total": jn.bytes_total,
         })
-    options = {k: v for k, v in row.options.items() if k != "faults"}
+    # on_clone is reported as the actions run (counts and key names; the SQL and values stay in the rows).
+    options = {k: v for k, v in row.options.items() if k not in ("faults", "on_clone")}
+    # Collected when the job ends; from the steps' records while it runs.
+    leaks, actions = (row.leaks, row.actions) if JobState(row.state).done else safety.collect(row.steps)
+    fence = target.fence if target is not None else None
     return {
-        "id": row.id, "state": row.state, "fence": target and target.fence,
+        "id": row.id, "state": row.state, "fence": fence,
         "source": row.source_name, "target": row.target_name,
         "percent": row.percent, "run": row.run, "error": row.error, "options": options,
         "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
-        "rewrites": row.rewrites, "nodes": nodes,
+        "rewrites": row.rewrites, "leaks": leaks, "actions": actions,
+        "safety": safety.report(row.steps, fence, row.options.get("on_leak"), leaks, actions), "nodes": nodes,
     }
 
 

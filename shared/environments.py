@@ -35,7 +35,7 @@ def level_node_ids(env_id: str, level: int) -> list[tuple[str, str]] | None:
         return [(n.id, n.name) for n in env.nodes if n.name in all_levels[level]]
 
 
-def _lookup(env: Environment) -> Callable[[str, str], str]:
+def template_lookup(env: Environment) -> Callable[[str, str], str]:
     by_name = {n.name: n for n in env.nodes}
 
     def lookup(name: str, attr: str) -> str:
@@ -92,7 +92,7 @@ def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
         node = session.get(Node, node_id)
         if node.state == NodeState.RUNNING:
             return
-        config = templates.resolve(node.config, _lookup(env))
+        config = templates.resolve(node.config, template_lookup(env))
         spec_args = (node.id, node.stack, node.address, node.port, config, dict(node.credentials))
     driver = get_driver()
     size, error = 0, None

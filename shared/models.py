@@ -95,6 +95,9 @@ class Environment(Base):
     egress: Mapped[list[Any]] = mapped_column(default=list)
     # "enforced", or "unavailable: <why>" (no nftables, not root), as the worker last set it up.
     fence: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # What runs on every clone of it before the clone is reachable (shared/clone/neutralize.py):
+    # [{"node": "db", "sql": [...]}, {"node": "cache", "delete_keys": [...]}, {"node": "web", "config": {...}}].
+    on_clone: Mapped[list[Any]] = mapped_column(default=list)
 
     nodes: Mapped[list[Node]] = relationship(
         back_populates="environment", order_by="Node.name", cascade="all, delete-orphan"
@@ -152,6 +155,10 @@ class CloneJob(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     rewrites: Mapped[list[Any]] = mapped_column(default=list)
+    # What the clone's safety pass found and did, per node (written when the job ends, whatever
+    # its outcome): leaks [{node, file, line, kind}] (never a value), on_clone actions run.
+    leaks: Mapped[list[Any]] = mapped_column(default=list)
+    actions: Mapped[list[Any]] = mapped_column(default=list)
     percent: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import ipam, templates
+from shared.clone import neutralize
 from shared.config import get_settings
 from shared.errors import Conflict, PlanError, Problem
 from shared.hosts import local_host
@@ -42,7 +43,9 @@ def active_job(session: Session, environment_id: str) -> CloneJob | None:
 
 
 def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeRequest],
-                     egress: list[dict[str, Any]] | None = None) -> Environment:
+                     egress: list[dict[str, Any]] | None = None,
+                     on_clone: list[dict[str, Any]] | None = None) -> Environment:
+    """``on_clone``: actions every clone of it runs before it is reachable (shared.clone.neutralize)."""
     settings = get_settings()
     if find_environment(session, tenant, name) is not None:
         raise PlanError(Conflict("name_taken", f"environment {name!r} already exists", "name"))
@@ -64,7 +67,8 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
         templates.creation_levels(deps)
     except ValueError as exc:
         raise PlanError(Conflict("reference_cycle", str(exc), "nodes"), Problem.INVALID) from None
-    env = Environment(tenant=tenant, name=name, egress=list(egress or []))
+    neutralize.check(on_clone or [], {n.name: n.stack for n in nodes}, "on_clone")
+    env = Environment(tenant=tenant, name=name, egress=list(egress or []), on_clone=list(on_clone or []))
     session.add(env)
     try:
         addresses = ipam.lease(session, settings.address_pool, len(nodes))
@@ -129,17 +133,20 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
 
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,
                options: dict[str, Any]) -> CloneJob:
-    """Write the job, its target environment, clone nodes, leases and steps (caller commits)."""
+    """Write the job, its target environment, clone nodes, leases and steps (caller commits).
+    ``options["on_clone"]``: the request's actions, run after the source environment's own."""
     plan = check_clone(session, tenant, source_name, target_name)
-    if plan.conflicts:
-        raise PlanError(plan.conflicts[0])
     source = plan.source
     assert source is not None
+    neutralize.check(options.get("on_clone", []), {n.name: n.stack for n in source.nodes}, "on_clone")
+    if plan.conflicts:
+        raise PlanError(plan.conflicts[0])
     settings = get_settings()
+    options = {**options, "on_clone": [*source.on_clone, *options.get("on_clone", [])]}
     # The clone reaches what its source may reach (the same configuration), never the source itself:
-    # its fence admits its own nodes' addresses, not the source's.
+    # its fence admits its own nodes' addresses, not the source's. A clone of it is neutralized alike.
     target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id,
-                         egress=list(source.egress))
+                         egress=list(source.egress), on_clone=list(source.on_clone))
     job = CloneJob(id=new_id(), tenant=tenant, source_environment_id=source.id, source_name=source.name,
                    target_name=target_name, target_environment_id=target.id, options=dict(options))
     sources = list(source.nodes)

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 
 
-def _pattern(addresses: list[str]) -> re.Pattern[str]:
+def address_pattern(addresses: list[str]) -> re.Pattern[str]:
     # Longest first so 127.80.0.10 is never matched as 127.80.0.1 followed by "0"; the look-arounds
     # stop a match inside a longer dotted number on either side.
     alternatives = "|".join(re.escape(a) for a in sorted(addresses, key=len, reverse=True))
@@ -24,7 +24,7 @@ def rewrite_text(text: str, address_map: dict[str, str]) -> tuple[str, Counter[s
         counts[match.group(1)] += 1
         return address_map[match.group(1)]
 
-    return _pattern(list(address_map)).sub(swap, text), counts
+    return address_pattern(list(address_map)).sub(swap, text), counts
 
 
 def replace_secrets(text: str, secret_map: dict[str, str]) -> tuple[str, Counter[str]]:

@@ -26,9 +26,11 @@ SHOP = [
 ]
 
 
-def create_environment(name: str, nodes: list[dict[str, Any]], timeout: float = 120) -> Environment:
+def create_environment(name: str, nodes: list[dict[str, Any]], timeout: float = 120,
+                       egress: list[dict[str, Any]] | None = None,
+                       on_clone: list[dict[str, Any]] | None = None) -> Environment:
     with session_scope() as session:
-        env = plan_environment(session, TENANT, name, [NodeRequest(**n) for n in nodes])
+        env = plan_environment(session, TENANT, name, [NodeRequest(**n) for n in nodes], egress, on_clone)
         env_id = env.id
     dispatch_create_environment(publisher(), env_id)
 

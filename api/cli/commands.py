@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from api.cli.client import Client, CliError
+from api.cli.safety import print_safety
 from api.cli.watch import watch
 from shared.states import JobState
 
@@ -80,11 +81,13 @@ def env_delete(ctx: typer.Context, name: str) -> None:
 def clone(ctx: typer.Context, source: str, name: str,
           watch_: bool = typer.Option(False, "--watch", "-w", help="Follow progress until the job ends."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
-          keep_on_failure: bool = typer.Option(False, "--keep-on-failure", help="Keep a failed clone to inspect.")
+          keep_on_failure: bool = typer.Option(False, "--keep-on-failure", help="Keep a failed clone to inspect."),
+          on_leak: str = typer.Option("fail", "--on-leak", help="fail | warn: a trace of the source found in "
+                                      "the clone's files fails the job (and tears the clone down), or is listed.")
           ) -> None:
     """Clone environment SOURCE as NAME."""
     api = client(ctx)
-    body = {"name": name, "dry_run": dry_run, "keep_on_failure": keep_on_failure}
+    body = {"name": name, "dry_run": dry_run, "keep_on_failure": keep_on_failure, "on_leak": on_leak}
     result = api.post(f"/v1/environments/{source}/clones", body)
     if dry_run:
         table = Table(title=f"plan: {source} -> {name} ({'ok' if result['ok'] else 'CONFLICTS'})")
@@ -96,6 +99,9 @@ def clone(ctx: typer.Context, source: str, name: str,
         console.print(table)
         console.print(f"snapshot method {result['snapshot_method']}, disk needed {result['disk_bytes_needed']} of "
                       f"{result['disk_bytes_free']} free, estimated {result['estimated_duration_ms']} ms")
+        for leak in result.get("predicted_leaks", []):
+            console.print(f"predicted leak: {leak['node']} {leak['key']} names a source {leak['kind']} literally "
+                          f"({leak['origin']}): {leak['outcome']}", highlight=False)
         for c in result["conflicts"]:
             console.print(f"[red]conflict[/] {c['code']}: {c['message']}")
         if not result["ok"]:
@@ -122,8 +128,10 @@ def jobs_list(ctx: typer.Context, state: JobState = typer.Option(None, "--state"
 
 @jobs_app.command("show")
 def jobs_show(ctx: typer.Context, job_id: str) -> None:
-    """Show a job with every node's steps."""
-    console.print_json(json.dumps(client(ctx).get(f"/v1/jobs/{job_id}")))
+    """Show a job with every node's steps, then its safety report."""
+    job = client(ctx).get(f"/v1/jobs/{job_id}")
+    console.print_json(json.dumps(job))
+    print_safety(console, job)
 
 
 @jobs_app.command("watch")

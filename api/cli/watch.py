@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from api.cli.client import Client
+from api.cli.safety import print_safety
 from shared.states import CLONE_STEPS, JobState, Step, StepState
 
 STEPS = [str(s) for s in CLONE_STEPS]
@@ -68,4 +69,5 @@ def watch(client: Client, job_id: str, console: Console | None = None) -> dict[s
                             status=f"{last['step']} {last['state']}{extra}")
     style = "green" if job["state"] == JobState.SUCCEEDED else "red"
     console.print(f"[{style}]job {job['state']}[/]" + (f": {job['error']}" if job.get("error") else ""))
+    print_safety(console, job)
     return job

@@ -66,7 +66,8 @@ def create_environment(body: EnvironmentIn) -> Response:
     try:
         with session_scope() as session:
             env = plan_environment(session, tenant(), body.name, requests,
-                                   [{"cidr": str(e.cidr), "ports": e.ports} for e in body.egress])
+                                   [{"cidr": str(e.cidr), "ports": e.ports} for e in body.egress],
+                                   [a.stored() for a in body.on_clone])
             out, env_id = _env_out(session, env), env.id
     except IntegrityError:
         raise ApiError(409, "name_taken", f"environment {body.name!r} already exists", "name") from None
@@ -167,7 +168,8 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
     if body.dry_run:
         with session_scope() as session:
             _get_env(session, path.name)
-            plan = dry_run_plan(session, tenant(), path.name, body.name, body.consistency)
+            plan = dry_run_plan(session, tenant(), path.name, body.name, body.consistency,
+                                [a.stored() for a in body.on_clone], body.on_leak)
             return jsonify(serialize.to_json(PlanOut.model_validate(plan)))
     key, digest = header.idempotency_key, _request_hash(path.name, body)
     if key:
@@ -179,7 +181,9 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
                                    "this Idempotency-Key was used with a different request", "Idempotency-Key")
                 return _job_response(session, existing, 202)
     options = body.model_dump(mode="json", include={"keep_on_failure", "retain_snapshots", "rename_db_users",
-                                                    "consistency"})
+                                                    "consistency", "on_leak"})
+    if body.on_clone:
+        options["on_clone"] = [a.stored() for a in body.on_clone]
     if body.faults:
         options["faults"] = [f.model_dump() for f in body.faults]
     try:

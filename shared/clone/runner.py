@@ -59,7 +59,8 @@ def run_step(job_id: str, source_node_id: str, step: Step, run: int, notify: Not
             spec.on_failure(ticket, failure)
         except Exception as hook_exc:  # the report's compensation tries again
             error += f"; cleanup after failure also failed: {hook_exc}"
-    gate.close_step(ticket, StepState.FAILED, error)
+    # A failure may carry its record (the safety pass's findings): kept as a success's would be.
+    gate.close_step(ticket, StepState.FAILED, error, detail=getattr(failure, "detail", None))
     return None
 
 

@@ -14,14 +14,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import identity, locks
+from shared.clone import neutralize, safety
 from shared.clone.events import record_event
 from shared.clone.gate import Ticket, job_node
 from shared.clone.sources import restart_source
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.drivers import PermanentDriverError, get_driver
-from shared.environments import fence_environment
-from shared.models import CloneJob, JobNode, Node, Snapshot, utcnow
+from shared.environments import fence_environment, template_lookup
+from shared.models import CloneJob, Environment, JobNode, Node, Snapshot, utcnow
 from shared.stacks import CATALOG
 from shared.states import Consistency, NodeState, SnapshotState, Step
 
@@ -149,25 +150,34 @@ def _maps(session: Session, job_id: str) -> tuple[dict[str, str], dict[str, str]
 
 
 def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
+    """Rewire the stopped clone node, make it safe (``shared.clone.safety``), then start it: the
+    first time it listens on an address it has its own address, credentials and configs, its
+    on_clone actions have run and no trace of its source was found in its files."""
     jn = _job_node(ticket)
     driver = get_driver()
     with session_scope() as session:
         clone = session.get(Node, jn.clone_node_id)
         address_map, secret_map = _maps(session, ticket.job_id)
         address, port, credentials = clone.address, clone.port, dict(clone.credentials)
-    with session_scope() as session:
-        target = session.get(CloneJob, ticket.job_id).target_environment_id
-    fence_environment(target)  # fenced from its source before its first process starts
+        target = session.get(Environment, clone.environment_id)
+        lookup = template_lookup(target)
+        actions = [a.resolved(lookup) for a in neutralize.for_node(ticket.options.get("on_clone", []),
+                                                                   ticket.node_name)]
+        needles = safety.source_needles(session, ticket.job_id)
+        target_id = target.id
+    fence_environment(target_id)  # fenced from its source before its first process starts
     driver.assign_address(jn.clone_node_id, address, port)
     driver.set_credentials(jn.clone_node_id, credentials)  # stopped: no client can use the old ones
     rewrites = driver.rewrite_config(jn.clone_node_id, address_map, secret_map)
-    driver.restart(jn.clone_node_id, get_settings().health_timeout_s)
-    with session_scope() as session:
-        session.get(Node, jn.clone_node_id).state = NodeState.RUNNING
-    return {"address": address, "credentials_rotated": bool(credentials), "rewrites": [
+    detail: dict[str, Any] = {"address": address, "credentials_rotated": bool(credentials), "rewrites": [
         {"node": ticket.node_name, "file": r.file, "kind": "credential" if r.secret else "address",
          "old": REDACTED if r.secret else r.old, "new": REDACTED if r.secret else r.new, "count": r.count}
         for r in rewrites]}
+    safety.make_safe(driver, ticket, jn.clone_node_id, actions, needles, detail)  # UnsafeClone: never starts
+    driver.restart(jn.clone_node_id, get_settings().health_timeout_s)
+    with session_scope() as session:
+        session.get(Node, jn.clone_node_id).state = NodeState.RUNNING
+    return detail
 
 
 Body = Callable[[Ticket, Notify], dict[str, Any] | None]

@@ -1,6 +1,7 @@
 """Node drivers: the interface every workflow step calls, and its implementations."""
 
 from shared.drivers.base import (
+    ActionFailed,
     Driver,
     DriverError,
     Health,
@@ -22,6 +23,7 @@ def get_driver() -> Driver:
 
 
 __all__ = [
+    "ActionFailed",
     "Driver",
     "DriverError",
     "Health",

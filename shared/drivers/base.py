@@ -7,8 +7,11 @@ dataset, "snapshot" a storage snapshot, "address" a NIC/IP assignment."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from shared.leaks import DEFAULT_LIMITS, Needles, ScanLimits, ScanResult
 
 ProgressFn = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
@@ -25,6 +28,14 @@ class TransientDriverError(DriverError):
 
 class PermanentDriverError(DriverError):
     transient = False
+
+
+class ActionFailed(PermanentDriverError):
+    """An on_clone action failed; ``done`` reports the actions of the call that ran before it."""
+
+    def __init__(self, message: str, done: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.done = done
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,16 @@ class Driver(ABC):
                        secret_map: dict[str, str] | None = None) -> list[Rewrite]:
         """Replace every old address (and old credential) by its new one in the config files the
         node's stack declares."""
+
+    @abstractmethod
+    def run_clone_actions(self, node_id: str, actions: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """Run on_clone actions ((kind, payload), in order) on a stopped clone node before it first
+        serves: on its files, or on a private start of its server reachable by no address (stopped
+        again before this returns). Returns what each did; ActionFailed on the first failure."""
+
+    @abstractmethod
+    def scan_for_leaks(self, node_id: str, needles: Needles, limits: ScanLimits = DEFAULT_LIMITS) -> ScanResult:
+        """Search the node's config files and the other text files of its volume for ``needles``."""
 
     @abstractmethod
     def destroy_node(self, node_id: str) -> None:

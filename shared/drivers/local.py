@@ -13,14 +13,19 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from shared import snapshots
 from shared.drivers import process
 from shared.drivers.base import (
+    ActionFailed,
     Driver,
     Health,
     NodeSpec,
@@ -30,6 +35,7 @@ from shared.drivers.base import (
     SnapshotInfo,
     TransientDriverError,
 )
+from shared.leaks import DEFAULT_LIMITS, Needles, ScanLimits, ScanResult, scan_tree
 from shared.rewire import replace_secrets, rewrite_text
 from shared.stacks import NodeContext, Stack, get_stack
 
@@ -175,8 +181,7 @@ class LocalDriver(Driver):
             argv, extra_env = stack.command(ctx)
         except RuntimeError as exc:
             raise PermanentDriverError(f"{stack.name} cannot start: {exc}") from exc
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ctx.volume),
-               "LANG": "C.UTF-8", **extra_env}
+        env = self._env(ctx, extra_env)
         (ctx.volume / "run").mkdir(exist_ok=True)
         if ctx.run_as is not None:
             ctx.run_as.chown_tree(ctx.volume / "run")
@@ -420,6 +425,81 @@ class LocalDriver(Driver):
                              for old, n in secret_counts.items()]
                 rewrites += [Rewrite(rel, old, address_map[old], n) for old, n in sorted(counts.items())]
         return rewrites
+
+    # ---- safety: on_clone actions and the leak scan ------------------------------------------------
+    def _env(self, ctx: NodeContext, extra: dict[str, str]) -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ctx.volume), "LANG": "C.UTF-8", **extra}
+
+    @contextmanager
+    def _private_server(self, node_id: str) -> Iterator[Path]:
+        """Start the node's server where only root and the node's account can reach it -- no TCP
+        listener, a Unix socket in a fresh 0700 directory -- and stop it cleanly afterwards."""
+        stack, ctx = self._node(node_id)
+        self.stop(node_id)  # a step run again after the first start works on a stopped node as well
+        # Under /tmp: a socket path must fit in 107 bytes, a data root's need not.
+        sockdir = Path(tempfile.mkdtemp(prefix="envclone-sock-", dir="/tmp"))
+        pid_path = ctx.volume / "run" / "private.pid"
+        try:
+            argv, extra = stack.private_command(ctx, sockdir)
+            if ctx.run_as is not None:
+                ctx.run_as.chown_tree(sockdir)
+            sockdir.chmod(0o700)
+            process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log", pid_path=pid_path,
+                          env=self._env(ctx, extra), run_as=ctx.run_as)
+
+            def answers() -> bool:
+                if process.running_pid(pid_path) is None:
+                    raise TransientDriverError(f"{stack.name} exited during its private start: "
+                                               f"{self._log_tail(node_id)!r}")
+                try:
+                    stack.private_check(ctx, sockdir)
+                except Exception:  # any client error means "not up yet"
+                    return False
+                return True
+
+            try:  # polled, as wait_healthy: the server gives no readiness notification
+                Retrying(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(60.0), wait=wait_fixed(0.02),
+                         reraise=True)(answers)
+            except RetryError:
+                raise TransientDriverError(f"{stack.name} did not answer on its private socket within 60s") from None
+            yield sockdir
+        finally:
+            process.terminate(pid_path, stack.stop_signal, timeout=60.0)
+            shutil.rmtree(sockdir, ignore_errors=True)
+
+    def run_clone_actions(self, node_id: str, actions: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+        stack, ctx = self._node(node_id)
+        done: list[dict[str, Any]] = []
+        with ExitStack() as private:
+            sockdir: Path | None = None
+            for kind, payload in actions:
+                try:
+                    if kind in stack.file_actions:
+                        done.append(stack.file_action(ctx, kind, payload))
+                        continue
+                    if kind not in stack.server_actions:
+                        raise NotImplementedError(f"{stack.name} runs no {kind!r} action")
+                    if sockdir is None:
+                        sockdir = private.enter_context(self._private_server(node_id))
+                    done.append(stack.server_action(ctx, sockdir, kind, payload))
+                except TransientDriverError:
+                    raise
+                except Exception as exc:  # the server's client library decides what it raises
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ActionFailed(f"on_clone {kind} on {stack.name} failed: {first}", done) from exc
+        if ctx.run_as is not None:
+            ctx.run_as.chown_tree(ctx.config_dir)
+        return done
+
+    def scan_for_leaks(self, node_id: str, needles: Needles, limits: ScanLimits = DEFAULT_LIMITS) -> ScanResult:
+        stack, ctx = self._node(node_id)
+
+        def skip(rel: str) -> str | None:
+            if _ignore_run(rel.rstrip("/")):
+                return "runtime"
+            return "server" if stack.server_owned(rel) else None
+
+        return scan_tree(ctx.volume, needles, first=stack.config_files, skip=skip, limits=limits)
 
     # ---- teardown ------------------------------------------------------------------------------
     def destroy_node(self, node_id: str) -> None:

@@ -9,7 +9,9 @@ import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
 from shared.drivers.process import RunAs
 
@@ -74,6 +76,13 @@ class Stack(ABC):
     online_quiesce: bool = False
     # Can be copied while it serves, refusing nothing (``online_copy``): a clone's default.
     online_copy_supported: bool = False
+    # What the server owns (globs on volume-relative paths; a directory's ends in "/"): its database
+    # files and what it rewrites at every start. The leak scan leaves them out.
+    server_files: tuple[str, ...] = ()
+    # on_clone actions it runs before a clone first serves: on its stopped files ("config"), or on
+    # a private start of its server that listens on no address ("sql", "delete_keys").
+    file_actions: frozenset[str] = frozenset()
+    server_actions: frozenset[str] = frozenset()
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
         """Fresh credentials for a node of this stack (a clone's differ from ``previous`` in every
@@ -135,3 +144,23 @@ class Stack(ABC):
     def resume_writes(self, ctx: NodeContext) -> None:
         """(online_quiesce) Let writes through again; harmless when they are not held."""
 
+
+    def server_owned(self, rel: str) -> bool:
+        return any(fnmatchcase(rel, pattern) for pattern in self.server_files)
+
+    def file_action(self, ctx: NodeContext, kind: str, payload: Any) -> dict[str, Any]:
+        """Run an on_clone action on the stopped node's files; returns what to report (no secret)."""
+        raise NotImplementedError(f"{self.name} runs no {kind!r} action")
+
+    def private_command(self, ctx: NodeContext, sockdir: Path) -> tuple[list[str], dict[str, str]]:
+        """argv and environment of a private start: no TCP listener, a Unix socket in ``sockdir``
+        (0700, the node account's) the only way in. Files it needs go into ``sockdir``."""
+        raise NotImplementedError(f"{self.name} has no private start")
+
+    def private_check(self, ctx: NodeContext, sockdir: Path) -> None:
+        """Raises until the private server answers on its socket."""
+        raise NotImplementedError
+
+    def server_action(self, ctx: NodeContext, sockdir: Path, kind: str, payload: Any) -> dict[str, Any]:
+        """Run an on_clone action against the private server; returns what to report (no secret)."""
+        raise NotImplementedError(f"{self.name} runs no {kind!r} action")

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -64,6 +65,10 @@ class PostgresStack(Stack):
     refuses_root = True
     online_copy_supported = True
     stop_signal = signal.SIGINT  # "fast" shutdown: rolls back clients, writes a shutdown checkpoint
+    # Relation files, WAL, commit logs and the like; postmaster.opts records the last start's
+    # command line (the source's address, in a clone) and is rewritten by every start.
+    server_files = ("data/base/*", "data/global/*", "data/pg_*/*", "data/postmaster.opts", "data/postmaster.pid")
+    server_actions = frozenset({"sql"})
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
         user = (previous or {}).get("username", APP_USER)
@@ -191,13 +196,40 @@ class PostgresStack(Stack):
                     os.chown(path, st.st_uid, st.st_gid)
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
-        argv = [
-            str(postgres_bindir() / "postgres"), "-D", str(ctx.data_dir),
-            "-c", f"listen_addresses={ctx.address}", "-p", str(ctx.port),
-            "-c", "unix_socket_directories=", "-c", "shared_buffers=32MB", "-c", "max_connections=40",
-            "-c", "logging_collector=off",
-        ]
-        return argv, {"LC_ALL": "C"}
+        return self._argv(ctx, ["-c", f"listen_addresses={ctx.address}", "-c", "unix_socket_directories="]), \
+            {"LC_ALL": "C"}
+
+    @staticmethod
+    def _argv(ctx: NodeContext, listen: list[str]) -> list[str]:
+        return [str(postgres_bindir() / "postgres"), "-D", str(ctx.data_dir), *listen, "-p", str(ctx.port),
+                "-c", "shared_buffers=32MB", "-c", "max_connections=40", "-c", "logging_collector=off"]
+
+    def private_command(self, ctx: NodeContext, sockdir: Path) -> tuple[list[str], dict[str, str]]:
+        # Only the superuser, only over the socket: the node's own pg_hba.conf admits TCP clients.
+        hba = sockdir / "pg_hba.conf"
+        write_private(hba, f"local all {SUPERUSER} scram-sha-256\n")
+        return self._argv(ctx, ["-c", "listen_addresses=", "-c", f"unix_socket_directories={sockdir}",
+                                "-c", f"hba_file={hba}"]), {"LC_ALL": "C"}
+
+    def _private_connect(self, ctx: NodeContext, sockdir: Path, timeout: int = 2) -> psycopg.Connection:
+        creds = ctx.secrets()  # the clone's own, set before
+        return psycopg.connect(host=str(sockdir), port=ctx.port, user=creds.get("superuser", SUPERUSER),
+                               password=creds["superuser_password"], dbname=APP_DB, connect_timeout=timeout)
+
+    def private_check(self, ctx: NodeContext, sockdir: Path) -> None:
+        with self._private_connect(ctx, sockdir) as conn:
+            conn.execute("SELECT 1")
+
+    def server_action(self, ctx: NodeContext, sockdir: Path, kind: str, payload: Any) -> dict[str, Any]:
+        """``sql``: the statements, one transaction, as the superuser in the application database."""
+        if kind != "sql":
+            return super().server_action(ctx, sockdir, kind, payload)
+        rows = 0
+        with self._private_connect(ctx, sockdir, timeout=10) as conn, conn.transaction():
+            for statement in payload:
+                cursor = conn.execute(statement)
+                rows += max(cursor.rowcount, 0)
+        return {"statements": len(payload), "rows": rows}
 
     def check(self, ctx: NodeContext) -> str:
         with self._connect(ctx) as conn:

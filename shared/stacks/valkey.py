@@ -8,6 +8,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -90,6 +91,9 @@ class ValkeyStack(Stack):
     default_port = 6379
     online_quiesce = True
     online_copy_supported = True
+    server_files = ("data/*",)  # the append-only files: the dataset itself
+    server_actions = frozenset({"delete_keys"})
+    DELETE_BATCH = 500
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
         return {"username": "default", "password": secrets.token_hex(16)}
@@ -113,15 +117,43 @@ class ValkeyStack(Stack):
         write_private(ctx.config_dir / "valkey.conf", f"requirepass {credentials['password']}\nprotected-mode yes\n")
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
-        argv = [
-            valkey_binary(), str(ctx.config_dir / "valkey.conf"),
-            "--bind", ctx.address, "--port", str(ctx.port),
-            "--dir", str(ctx.data_dir),
-            "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no", "--logfile", "",
-        ]
-        return argv, {}
+        return self._argv(ctx, ["--bind", ctx.address, "--port", str(ctx.port)]), {}
+
+    @staticmethod
+    def _argv(ctx: NodeContext, listen: list[str]) -> list[str]:
+        return [valkey_binary(), str(ctx.config_dir / "valkey.conf"), *listen, "--dir", str(ctx.data_dir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--daemonize", "no", "--logfile", ""]
+
+    def private_command(self, ctx: NodeContext, sockdir: Path) -> tuple[list[str], dict[str, str]]:
+        # Port 0: no TCP listener at all. A clean stop (SIGTERM) writes and fsyncs the append-only file.
+        return self._argv(ctx, ["--port", "0", "--unixsocket", str(sockdir / "valkey.sock"),
+                                "--unixsocketperm", "700"]), {}
+
+    def _private_client(self, ctx: NodeContext, sockdir: Path, timeout: float = 2.0) -> redis.Redis:
+        return redis.Redis(unix_socket_path=str(sockdir / "valkey.sock"), password=ctx.secrets().get("password"),
+                           socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+
+    def private_check(self, ctx: NodeContext, sockdir: Path) -> None:
+        with self._private_client(ctx, sockdir) as client:
+            client.ping()
+
+    def server_action(self, ctx: NodeContext, sockdir: Path, kind: str, payload: Any) -> dict[str, Any]:
+        """``delete_keys``: every key matching one of the glob patterns (SCAN + DEL, in batches)."""
+        if kind != "delete_keys":
+            return super().server_action(ctx, sockdir, kind, payload)
+        deleted = 0
+        with self._private_client(ctx, sockdir, timeout=30.0) as client:
+            for pattern in payload:
+                batch: list[bytes] = []
+                for key in client.scan_iter(match=pattern, count=1000):
+                    batch.append(key)
+                    if len(batch) >= self.DELETE_BATCH:
+                        deleted += client.delete(*batch)
+                        batch.clear()
+                if batch:
+                    deleted += client.delete(*batch)
+        return {"patterns": len(payload), "deleted": deleted}
 
     def _client(self, ctx: NodeContext, timeout: float = 2.0) -> redis.Redis:
         # No client-side retries: a health check must answer now, and a pause must not be sent

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -47,6 +48,7 @@ class WebappStack(Stack):
     default_port = 8080
     config_files = (ENV_FILE,)
     online_copy_supported = True  # its volume (code and config) does not change while it serves
+    file_actions = frozenset({"config"})
 
     def init(self, ctx: NodeContext, config: dict[str, str], credentials: Credentials) -> None:
         super().init(ctx, config, credentials)
@@ -56,6 +58,21 @@ class WebappStack(Stack):
         # runs as the node's own account, which need not reach this checkout.
         (ctx.volume / APP_DIR).mkdir(exist_ok=True)
         shutil.copy(Path(webapp_server.__file__), ctx.volume / APP_DIR / "webapp_server.py")
+
+    def file_action(self, ctx: NodeContext, kind: str, payload: Any) -> dict[str, Any]:
+        """``config``: set or override keys of its .env (the last line of a key wins; duplicates go)."""
+        if kind != "config":
+            return super().file_action(ctx, kind, payload)
+        path = ctx.volume / ENV_FILE
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept: list[str] = []
+        for line in lines:
+            key, eq, _ = line.partition("=")
+            if not (eq and key.strip() in payload and not line.lstrip().startswith("#")):
+                kept.append(line)
+        kept += [f"{key}={value}" for key, value in sorted(payload.items())]
+        write_private(path, "\n".join(kept) + "\n")  # keeps the node account as its owner
+        return {"keys": sorted(payload)}
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
         argv = [node_python(ctx), str(ctx.volume / APP_DIR / "webapp_server.py"),

@@ -2,15 +2,20 @@
 in an .env file in its volume. It is the app whose config goes stale when an environment is cloned.
 
     GET /         -> {"database": "host:port", "items": N, "cache": {"address": ..., "value": ...}}
-    POST /items   {"name": "..."} -> 201
+    POST /items   {"name": "..."} -> 201 {"id": N, "webhook": "sent" | "failed" | "off"}
     PUT /cache    {"value": "..."} -> 200
     GET /healthz  -> 200 while the process serves (dependencies are reported by GET /)
+
+Like a real app it has a side effect beyond its own data: when WEBHOOK_URL is set in its .env,
+every new item is POSTed there as JSON ({"event": "item.created", "id", "name"}) -- best effort,
+with a short timeout, never failing the request. A clone must not call production's webhook.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +24,9 @@ import psycopg
 import redis
 
 CACHE_KEY = "webapp:value"
+WEBHOOK_TIMEOUT_S = 2.0
+# No proxy from the environment: the call goes where the .env says.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -69,6 +77,22 @@ class App:
         with self._db() as conn:
             return conn.execute("INSERT INTO items (name) VALUES (%s) RETURNING id", (name,)).fetchone()[0]
 
+    def notify(self, event: dict[str, object]) -> str:
+        """POST ``event`` to WEBHOOK_URL: "sent", "failed" (never raised) or "off" (none set)."""
+        url = read_env(self.env_file).get("WEBHOOK_URL", "")
+        if not url:
+            return "off"
+        if urlparse(url).scheme not in ("http", "https"):
+            return "failed"
+        request = urllib.request.Request(url, data=json.dumps(event).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with _OPENER.open(request, timeout=WEBHOOK_TIMEOUT_S) as response:
+                response.read(1024)
+        except (OSError, ValueError):  # refused, timed out, an HTTP error status, a bad URL
+            return "failed"
+        return "sent"
+
     def set_cache(self, value: str) -> None:
         with self._cache() as cache:
             cache.set(CACHE_KEY, value)
@@ -112,7 +136,14 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
             if urlparse(self.path).path != "/items":
                 self._send(404, {"error": "not found"})
                 return
-            self._guard(lambda: self._send(201, {"id": app.add_item(str(self._json_body()["name"]))}))
+
+            def post() -> None:
+                name = str(self._json_body()["name"])
+                item = app.add_item(name)
+                hook = app.notify({"event": "item.created", "id": item, "name": name})
+                self._send(201, {"id": item, "webhook": hook})
+
+            self._guard(post)
 
         def do_PUT(self) -> None:
             if urlparse(self.path).path != "/cache":
