@@ -9,6 +9,7 @@ step that dies half-way leaves nothing that looks finished and a re-run starts c
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -41,6 +42,12 @@ from shared.stacks import NodeContext, Stack, get_stack
 
 _ID = re.compile(r"^[a-z0-9]{1,64}$")
 _REFLINK_BY_ROOT: dict[Path, bool] = {}
+
+
+def _held_copy_ignore(stack: Stack) -> snapshots.Ignore:
+    """What a held (stop-mode) copy leaves out: run/, and files the server writes on the side that
+    its held state does not depend on (an online copy's RDB beside Valkey's append-only files)."""
+    return lambda rel: _ignore_run(rel) or any(fnmatch.fnmatch(rel, g) for g in stack.side_files)
 
 
 def _ignore_run(rel: str) -> bool:
@@ -247,7 +254,7 @@ class LocalDriver(Driver):
             return 0
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        return snapshots.precopy_tree(self.volume(node_id), staging / "volume", ignore=_ignore_run)
+        return snapshots.precopy_tree(self.volume(node_id), staging / "volume", ignore=_held_copy_ignore(stack))
 
     def quiesce(self, node_id: str) -> None:
         stack, ctx = self._node(node_id)
@@ -287,25 +294,26 @@ class LocalDriver(Driver):
         if not self.quiesced(node_id):
             raise PermanentDriverError(f"node {node_id} is running: a snapshot needs a quiesced node")
         online = process.running_pid(self._pid_path(node_id)) is not None
-        before = snapshots.fingerprint(volume, _ignore_run) if online else None
+        ignore = _held_copy_ignore(stack)
+        before = snapshots.fingerprint(volume, ignore) if online else None
         started = time.monotonic()
         staging = self.snaps_dir / f".{snapshot_id}.staging"
         if self.reflink:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            snapshots.copy_tree(volume, staging / "volume", reflink=True, ignore=_ignore_run)
+            snapshots.copy_tree(volume, staging / "volume", reflink=True, ignore=ignore)
             method = "reflink"
         elif (staging / "volume").exists():
-            snapshots.sync_tree(volume, staging / "volume", ignore=_ignore_run)
+            snapshots.sync_tree(volume, staging / "volume", ignore=ignore)
             method = "delta"
         else:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            snapshots.copy_tree(volume, staging / "volume", reflink=False, ignore=_ignore_run)
+            snapshots.copy_tree(volume, staging / "volume", reflink=False, ignore=ignore)
             method = "copy"
         if online:
             # Writes held all along and no file changed: the copy is one consistent moment.
-            if not stack.writes_paused(ctx) or snapshots.fingerprint(volume, _ignore_run) != before:
+            if not stack.writes_paused(ctx) or snapshots.fingerprint(volume, ignore) != before:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise PermanentDriverError(f"node {node_id} took writes while its snapshot was taken "
                                            f"(pause ended after {self.max_pause_s:.0f}s?)")

@@ -76,6 +76,9 @@ class Stack(ABC):
     online_quiesce: bool = False
     # Can be copied while it serves, refusing nothing (``online_copy``): a clone's default.
     online_copy_supported: bool = False
+    # Files the server writes beside its state, which a held copy neither needs nor may see change
+    # (globs on volume-relative paths).
+    side_files: tuple[str, ...] = ()
     # What the server owns (globs on volume-relative paths; a directory's ends in "/"): its database
     # files and what it rewrites at every start. The leak scan leaves them out.
     server_files: tuple[str, ...] = ()
