@@ -6,11 +6,9 @@ from __future__ import annotations
 from flask import Response, jsonify
 from flask_openapi3 import Info, OpenAPI
 
-from api import errors
+from api import body, errors
 from shared.config import get_settings
 from workers.celery_app import Role, make_celery
-
-MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app() -> OpenAPI:
@@ -23,7 +21,7 @@ def create_app() -> OpenAPI:
         validation_error_callback=errors.validation_error,
         doc_prefix="/docs",
     )
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    body.install(app)
     app.json.sort_keys = False
     errors.register(app)
 

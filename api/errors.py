@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from shared.errors import PlanError, Problem
 
 STATUS = {Problem.NOT_FOUND: 404, Problem.INVALID: 422, Problem.CONFLICT: 409}
+HTTP_FIELDS = {413: "body"}  # the field an HTTP-level error is about
 
 
 class ApiError(Exception):
@@ -64,7 +65,7 @@ def register(app: Flask) -> None:
         if exc.response is not None and exc.response.mimetype == "application/json":
             return exc.response  # already ours (validation)
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name or "error")
+        return error_response(exc.code or 500, code, exc.description or exc.name or "error", HTTP_FIELDS.get(exc.code))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

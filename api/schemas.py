@@ -77,6 +77,21 @@ class JobPath(Strict):
     job_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 
+# An event id: ASCII digits only (str.isdigit() would take "²" or "١", which int() refuses). Empty
+# means "from the start", as an EventSource that has seen no id yet may send.
+EventId = Annotated[str, StringConstraints(pattern=r"^[0-9]{0,18}$")]
+
+
+class EventsQuery(Strict):
+    last_event_id: EventId | None = Field(default=None, description="Resume after this event id.")
+
+
+class EventsHeader(BaseModel):
+    last_event_id: EventId | None = Field(default=None, alias="Last-Event-ID",
+                                          description="Resume after this event id (wins over the query).")
+    model_config = ConfigDict(populate_by_name=True)
+
+
 class JobQuery(Strict):
     state: JobState | None = None
     environment: DnsLabel | None = None

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Iterator
 
-from flask import Response, jsonify, request, stream_with_context, url_for
+from flask import Response, jsonify, stream_with_context, url_for
 from flask_openapi3 import APIBlueprint, Tag
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -15,7 +15,7 @@ from api import serialize
 from api.auth import authenticate, tenant
 from api.dispatch import send
 from api.errors import ApiError
-from api.schemas import ErrorOut, JobList, JobOut, JobPath, JobQuery
+from api.schemas import ErrorOut, EventsHeader, EventsQuery, JobList, JobOut, JobPath, JobQuery
 from shared.clone.control import request_cancel, request_retry
 from shared.db import session_scope
 from shared.models import CloneJob, JobEvent, utcnow
@@ -99,15 +99,12 @@ def _sse(event: JobEvent) -> str:
 
 
 @bp.get("/jobs/<job_id>/events", responses={404: ErrorOut})
-def job_events(path: JobPath) -> Response:
+def job_events(path: JobPath, query: EventsQuery, header: EventsHeader) -> Response:
     """Server-Sent Events: one per step transition and progress update; ends with `end` when the job
     ends. Resumable: send `Last-Event-ID` (or `?last_event_id=`)."""
     with session_scope() as session:
         _get_job(session, path.job_id)
-    raw_last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not raw_last.isdigit() or len(raw_last) > 18:
-        raise ApiError(422, "invalid", "Last-Event-ID must be an event id", "Last-Event-ID")
-    start = int(raw_last)
+    start = int(header.last_event_id or query.last_event_id or 0)  # validated: ASCII digits
 
     def stream() -> Iterator[str]:
         last, quiet_since = start, time.monotonic()
