@@ -18,7 +18,6 @@ from flask.json.provider import DefaultJSONProvider
 from api.errors import ApiError
 
 MAX_BODY_BYTES = 1024 * 1024
-DRAIN_BYTES = 8 * MAX_BODY_BYTES  # read (and drop) this much of an oversized body so the client sees the 413
 _READ = 64 * 1024
 
 
@@ -33,12 +32,6 @@ def read_at_most(stream: Any, limit: int) -> tuple[bytes, bool]:
     return bytes(out[:limit]), True
 
 
-def drain(stream: Any, limit: int) -> None:
-    left = limit
-    while left > 0 and (chunk := stream.read(min(_READ, left))):
-        left -= len(chunk)
-
-
 class StreamedBodyLimit:
     """WSGI middleware: a body sent without Content-Length (chunked) is read here, up to the limit,
     and handed on with its length, so werkzeug's own Content-Length check applies to it too: one
@@ -50,8 +43,7 @@ class StreamedBodyLimit:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         if environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
             body, more = read_at_most(environ["wsgi.input"], self.limit)
-            if more:
-                drain(environ["wsgi.input"], DRAIN_BYTES)
+            if more:  # the server reads (and drops) the rest before the connection's next request
                 body = b""
             environ.pop("HTTP_TRANSFER_ENCODING")
             environ["CONTENT_LENGTH"] = str(self.limit + 1 if more else len(body))
