@@ -9,11 +9,14 @@ step that dies half-way leaves nothing that looks finished and a re-run starts c
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
@@ -121,9 +124,36 @@ class LocalDriver(Driver):
         if self.run_as is not None:
             self.run_as.chown_tree(path)
 
+    @contextmanager
+    def _exclusive(self, node_id: str) -> Iterator[Path]:
+        """Creating and destroying one node exclude each other, across processes: a destroy while a
+        creation is half-way would remove files under it, and could miss the process it then starts.
+        Yields the lock file; a destroy unlinks it, so a waiter re-checks that it locked the file
+        still at that path."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        path = locks / f"{_check_id('node', node_id)}.lock"
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield path
+        finally:
+            os.close(fd)
+
     # ---- lifecycle -----------------------------------------------------------------------------
     def create_node(self, spec: NodeSpec) -> None:
         """Make the volume, initialise the stack, start it and run its first-start setup."""
+        with self._exclusive(spec.node_id):
+            self._create_node(spec)
+
+    def _create_node(self, spec: NodeSpec) -> None:
         self._ensure_root()
         stack = get_stack(spec.stack)
         final = self.volume(spec.node_id)
@@ -358,11 +388,13 @@ class LocalDriver(Driver):
     # ---- teardown ------------------------------------------------------------------------------
     def destroy_node(self, node_id: str) -> None:
         volume = self.volume(node_id)
-        if (volume / "node.json").exists():
-            self.stop(node_id)
-        for path in (volume, self.nodes_dir / f".{node_id}.creating",
-                     self.nodes_dir / f".{node_id}.provisioning"):
-            shutil.rmtree(path, ignore_errors=True)
+        with self._exclusive(node_id) as lock:
+            if (volume / "node.json").exists():
+                self.stop(node_id)
+            for path in (volume, self.nodes_dir / f".{node_id}.creating",
+                         self.nodes_dir / f".{node_id}.provisioning"):
+                shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         shutil.rmtree(self._snapshot_dir(snapshot_id), ignore_errors=True)

@@ -270,6 +270,22 @@ def test_delete_refused_while_a_job_uses_the_environment(clean: Api) -> None:
     assert wait_job(clean, job_id)["state"] == "succeeded"
 
 
+@pytest.mark.parametrize("when", ["at_once", "mid_creation"])
+def test_delete_while_creating_leaves_nothing_behind(clean: Api, backend: Backend, when: str) -> None:
+    log_from = len(backend.worker_log())
+    assert clean.post("/v1/environments", SHOP).status_code == 202
+    if when == "mid_creation":  # the first level (db, cache) is up; web is being made
+        wait_for(lambda: any(n["state"] == "running" for n in clean.get("/v1/environments/shop").json["nodes"]),
+                 timeout=60, what="a first node running")
+    assert clean.delete("/v1/environments/shop").status_code == 202
+    wait_for(lambda: clean.get("/v1/environments/shop").status_code == 404, timeout=60, what="environment gone")
+    wait_for(backend.idle, timeout=120, what="creation tasks to end")
+    assert backend.processes() == [] and backend.volumes() == set() and lease_count() == 0
+    log = backend.worker_log()[log_from:]
+    assert "envclone.create_level" in log and "envclone.delete_environment" in log
+    assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
+
+
 def _step_state(job_id: str, node: str, step: str) -> str:
     with session_scope() as session:
         return session.query(StepRun).filter_by(job_id=job_id, node_name=node, step=step).one().state
