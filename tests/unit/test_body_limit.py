@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from api.body import StreamedBodyLimit, read_at_most
+from api.body import MAX_BODY_BYTES, StreamedBodyLimit, drain, read_at_most
 
 
 def test_read_at_most_says_whether_more_was_sent() -> None:
@@ -42,3 +42,16 @@ def test_a_chunked_body_over_the_limit_is_declared_over_it() -> None:
 def test_a_body_with_content_length_is_left_alone() -> None:
     seen = _through(b"x" * 500, 100, chunked=False)
     assert "CONTENT_LENGTH" not in seen and seen["body"] == b"x" * 500
+
+
+
+def test_the_rest_of_an_oversized_body_is_read_so_the_client_can_finish_sending() -> None:
+    stream = io.BytesIO(b"x" * 3000)
+    drain(stream, 500)
+    assert stream.tell() == 500
+    drain(stream, 10_000)
+    assert stream.tell() == 3000
+    sent = io.BytesIO(b"x" * (MAX_BODY_BYTES * 2))
+    StreamedBodyLimit(lambda environ, start_response: [], MAX_BODY_BYTES)(
+        {"wsgi.input": sent, "HTTP_TRANSFER_ENCODING": "chunked"}, None)
+    assert sent.tell() == len(sent.getvalue())  # all of it read, within DRAIN_BYTES
