@@ -7,6 +7,7 @@ from flask import Response, jsonify
 from flask_openapi3 import Info, OpenAPI
 
 from api import body, errors
+from api.streams import StreamLimiter
 from shared.config import get_settings
 from workers.celery_app import Role, make_celery
 
@@ -35,6 +36,8 @@ def create_app() -> OpenAPI:
     def openapi_json() -> Response:
         return jsonify(app.api_doc)
 
-    get_settings()  # fail at start, not at the first request, on bad configuration
+    settings = get_settings()  # fail at start, not at the first request, on bad configuration
     app.extensions["celery"] = make_celery(Role.PUBLISHER)
+    app.extensions["streams"] = StreamLimiter(settings.broker_url, settings.max_streams_per_tenant,
+                                              settings.max_stream_s, settings.api_threads)
     return app

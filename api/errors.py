@@ -15,9 +15,11 @@ HTTP_FIELDS = {413: "body"}  # the field an HTTP-level error is about
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -53,7 +55,9 @@ def validation_error(exc: ValidationError) -> Response:
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.field)
+        response = error_response(exc.status, exc.code, exc.message, exc.field)
+        response.headers.update(exc.headers)
+        return response
 
     @app.errorhandler(PlanError)
     def _plan_error(exc: PlanError) -> Response:

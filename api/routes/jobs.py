@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 
-from flask import Response, jsonify, stream_with_context, url_for
+from flask import Response, current_app, jsonify, request, stream_with_context, url_for
 from flask_openapi3 import APIBlueprint, Tag
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api import serialize
+from api import serialize, streams
 from api.auth import authenticate, tenant
 from api.dispatch import send
 from api.errors import ApiError
 from api.schemas import ErrorOut, EventsHeader, EventsQuery, JobList, JobOut, JobPath, JobQuery
+from api.streams import Slot, StreamLimiter
 from shared.clone.control import request_cancel, request_retry
 from shared.db import session_scope
 from shared.models import CloneJob, JobEvent, utcnow
@@ -98,35 +100,56 @@ def _sse(event: JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data, default=str)}\n\n"
 
 
-@bp.get("/jobs/<job_id>/events", responses={404: ErrorOut})
+@bp.get("/jobs/<job_id>/events", responses={404: ErrorOut, 429: ErrorOut, 503: ErrorOut})
 def job_events(path: JobPath, query: EventsQuery, header: EventsHeader) -> Response:
     """Server-Sent Events: one per step transition and progress update; ends with `end` when the job
-    ends. Resumable: send `Last-Event-ID` (or `?last_event_id=`)."""
+    ends. Resumable: send `Last-Event-ID` (or `?last_event_id=`). A stream lasts at most
+    ENVCLONE_MAX_STREAM_S, then ends with `resume` (data: `last_event_id`): reconnect with it. A
+    tenant has at most ENVCLONE_MAX_STREAMS_PER_TENANT streams open; beyond, 429 with Retry-After."""
     with session_scope() as session:
         _get_job(session, path.job_id)
     start = int(header.last_event_id or query.last_event_id or 0)  # validated: ASCII digits
+    limiter: StreamLimiter = current_app.extensions["streams"]
+    slot = limiter.acquire(tenant())
+    client = request.environ.get("gunicorn.socket")
 
     def stream() -> Iterator[str]:
-        last, quiet_since = start, time.monotonic()
-        while True:
-            with session_scope() as session:
-                events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == path.job_id,
-                                                                     JobEvent.id > last)
-                                              .order_by(JobEvent.id).limit(500)))
-                state = session.scalar(select(CloneJob.state).where(CloneJob.id == path.job_id))
-            for event in events:
-                last = event.id
-                yield _sse(event)
-            if events:
-                quiet_since = time.monotonic()
-                continue
-            if state is not None and JobState(state).done:
-                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
-                return
-            if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
-                quiet_since = time.monotonic()
-                yield ": keepalive\n\n"
-            time.sleep(SSE_POLL_S)
+        try:
+            yield ": open\n\n"  # the headers go out now, not with the first event
+            yield from _events(path.job_id, start, limiter.max_stream_s, slot, client)
+        finally:
+            slot.release()
 
-    return Response(stream_with_context(stream()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response = Response(stream_with_context(stream()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(slot.release)  # also when the stream never started
+    return response
+
+
+def _events(job_id: str, last: int, max_s: float, slot: Slot, client: socket.socket | None) -> Iterator[str]:
+    opened = quiet_since = time.monotonic()
+    while True:
+        if time.monotonic() - opened >= max_s:
+            slot.release()  # before the client can reconnect
+            yield f"event: resume\ndata: {json.dumps({'last_event_id': last})}\n\n"
+            return
+        with session_scope() as session:
+            events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > last)
+                                          .order_by(JobEvent.id).limit(500)))
+            state = session.scalar(select(CloneJob.state).where(CloneJob.id == job_id))
+        for event in events:
+            last = event.id
+            yield _sse(event)
+        if events:
+            quiet_since = time.monotonic()
+            continue
+        if state is not None and JobState(state).done:
+            yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
+            return
+        if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+            quiet_since = time.monotonic()
+            yield ": keepalive\n\n"
+        if streams.peer_closed(client):
+            return
+        slot.keep()
+        time.sleep(SSE_POLL_S)
