@@ -7,6 +7,7 @@ from flask import Response, jsonify
 from flask_openapi3 import Info, OpenAPI
 
 from api import body, errors
+from api.stream_hub import Hub
 from api.streams import StreamLimiter
 from shared.config import get_settings
 from workers.celery_app import Role, make_celery
@@ -38,6 +39,7 @@ def create_app() -> OpenAPI:
 
     settings = get_settings()  # fail at start, not at the first request, on bad configuration
     app.extensions["celery"] = make_celery(Role.PUBLISHER)
+    app.extensions["stream_hub"] = Hub()
     app.extensions["streams"] = StreamLimiter(settings.broker_url, settings.max_streams_per_tenant,
                                               settings.max_stream_s, settings.api_threads)
     return app

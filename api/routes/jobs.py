@@ -6,10 +6,11 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Response, current_app, jsonify, request, stream_with_context, url_for
 from flask_openapi3 import APIBlueprint, Tag
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
 from api import serialize, streams
@@ -17,10 +18,11 @@ from api.auth import authenticate, tenant
 from api.dispatch import send
 from api.errors import ApiError
 from api.schemas import ErrorOut, EventsHeader, EventsQuery, JobList, JobOut, JobPath, JobQuery
+from api.stream_hub import Hub, read_events
 from api.streams import Slot, StreamLimiter
 from shared.clone.control import request_cancel, request_retry
 from shared.db import session_scope
-from shared.models import CloneJob, JobEvent, utcnow
+from shared.models import CloneJob, utcnow
 from shared.states import JobState
 from workers.workflow import dispatch_clone
 
@@ -28,8 +30,8 @@ bp = APIBlueprint("jobs", __name__, url_prefix="/v1", abp_tags=[Tag(name="jobs")
                   abp_responses={401: ErrorOut, 422: ErrorOut})
 bp.before_request(authenticate)
 
-SSE_POLL_S = 0.25  # the database is the source of truth; poll it rather than add a second channel
 SSE_KEEPALIVE_S = 15.0
+SSE_CHECK_S = 1.0  # how often a waiting stream looks at its client, its slot and its clock
 
 
 def _get_job(session: Session, job_id: str) -> CloneJob:
@@ -96,7 +98,7 @@ def retry_job(path: JobPath) -> Response:
         return _accepted(session.get(CloneJob, path.job_id))
 
 
-def _sse(event: JobEvent) -> str:
+def _sse(event: Row[Any]) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data, default=str)}\n\n"
 
 
@@ -116,7 +118,8 @@ def job_events(path: JobPath, query: EventsQuery, header: EventsHeader) -> Respo
     def stream() -> Iterator[str]:
         try:
             yield ": open\n\n"  # the headers go out now, not with the first event
-            yield from _events(path.job_id, start, limiter.max_stream_s, slot, client)
+            yield from _events(current_app.extensions["stream_hub"], path.job_id, start, limiter.max_stream_s,
+                               slot, client)
         finally:
             slot.release()
 
@@ -126,30 +129,33 @@ def job_events(path: JobPath, query: EventsQuery, header: EventsHeader) -> Respo
     return response
 
 
-def _events(job_id: str, last: int, max_s: float, slot: Slot, client: socket.socket | None) -> Iterator[str]:
-    opened = quiet_since = time.monotonic()
-    while True:
-        if time.monotonic() - opened >= max_s:
-            slot.release()  # before the client can reconnect
-            yield f"event: resume\ndata: {json.dumps({'last_event_id': last})}\n\n"
-            return
-        with session_scope() as session:
-            events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > last)
-                                          .order_by(JobEvent.id).limit(500)))
-            state = session.scalar(select(CloneJob.state).where(CloneJob.id == job_id))
-        for event in events:
-            last = event.id
+def _events(hub: Hub, job_id: str, last: int, max_s: float, slot: Slot,
+            client: socket.socket | None) -> Iterator[str]:
+    opened = beat = time.monotonic()
+    follower, upto = hub.follow(job_id, last)
+    try:
+        for event in read_events(job_id, last, upto):  # the past straight from the database, then the hub
             yield _sse(event)
-        if events:
-            quiet_since = time.monotonic()
-            continue
-        if state is not None and JobState(state).done:
-            yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
-            return
-        if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
-            quiet_since = time.monotonic()
-            yield ": keepalive\n\n"
-        if streams.peer_closed(client):
-            return
-        slot.keep()
-        time.sleep(SSE_POLL_S)
+        while True:
+            left = max_s - (time.monotonic() - opened)
+            if left <= 0:
+                slot.release()  # before the client can reconnect
+                yield f"event: resume\ndata: {json.dumps({'last_event_id': follower.last})}\n\n"
+                return
+            events, state = hub.next(follower, timeout=min(SSE_CHECK_S, left))
+            for event in events:
+                yield _sse(event)
+            if events:
+                beat = time.monotonic()
+                continue
+            if state is not None and JobState(state).done:
+                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
+                return
+            if time.monotonic() - beat > SSE_KEEPALIVE_S:
+                beat = time.monotonic()
+                yield ": keepalive\n\n"
+            if streams.peer_closed(client):
+                return
+            slot.keep()
+    finally:
+        hub.unfollow(follower)
