@@ -151,6 +151,7 @@ def run(streams: int = STREAMS, clients: int = 4, per_client: int = 150) -> dict
             return _measure(base, job, token, clients, per_client)
 
         with api_server(backend.env) as base:
+            asyncio.run(probe())  # warm-up (first requests of each process), not counted
             idle = asyncio.run(probe())
             quiet = _with_streams(base, jobs, streams, 2, probe)
             with Feeder([j for _, j in jobs.values()]):
