@@ -142,6 +142,7 @@ def _events(hub: Hub, job_id: str, last: int, max_s: float, slot: Slot,
                 slot.release()  # before the client can reconnect
                 yield f"event: resume\ndata: {json.dumps({'last_event_id': follower.last})}\n\n"
                 return
+            slot.keep()
             events, state = hub.next(follower, timeout=min(SSE_CHECK_S, left))
             for event in events:
                 yield _sse(event)
@@ -156,6 +157,5 @@ def _events(hub: Hub, job_id: str, last: int, max_s: float, slot: Slot,
                 yield ": keepalive\n\n"
             if streams.peer_closed(client):
                 return
-            slot.keep()
     finally:
         hub.unfollow(follower)
