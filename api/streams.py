@@ -119,7 +119,7 @@ class StreamLimiter:
                 raise ApiError(503, "server_busy", "this API process serves as many event streams as it can; "
                                "retry (another process may take it)", headers={"Retry-After": "1"})
             self.in_process += 1
-        slot = Slot(self, tenant, f"{time.time() + self.max_stream_s:.0f}:{uuid.uuid4().hex}")
+        slot = Slot(self, tenant, f"{int(time.time() + self.max_stream_s)}:{uuid.uuid4().hex}")
         try:
             refused = self.acquire_script(keys=[slot.key], args=[self.per_tenant, SLOT_TTL_S, slot.member])
         except redis.RedisError as exc:
