@@ -17,4 +17,4 @@ RUN pip install --no-cache-dir .
 ENV ENVCLONE_DATA_DIR=/var/lib/envclone
 RUN mkdir -p /var/lib/envclone && chmod 755 /var/lib/envclone
 EXPOSE 8000 5555
-CMD ["gunicorn", "-b", "0.0.0.0:8000", "-k", "gthread", "--threads", "16", "-w", "2", "api.wsgi:app"]
+CMD ["gunicorn", "-c", "python:api.gunicorn_conf", "-b", "0.0.0.0:8000", "api.wsgi:app"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 from flask import Response, jsonify
 from flask_openapi3 import Info, OpenAPI
 
-from api import errors
+from api import body, errors
+from api.stream_hub import Hub
+from api.streams import StreamLimiter
 from shared.config import get_settings
 from workers.celery_app import Role, make_celery
-
-MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app() -> OpenAPI:
@@ -23,7 +23,7 @@ def create_app() -> OpenAPI:
         validation_error_callback=errors.validation_error,
         doc_prefix="/docs",
     )
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    body.install(app)
     app.json.sort_keys = False
     errors.register(app)
 
@@ -37,6 +37,9 @@ def create_app() -> OpenAPI:
     def openapi_json() -> Response:
         return jsonify(app.api_doc)
 
-    get_settings()  # fail at start, not at the first request, on bad configuration
+    settings = get_settings()  # fail at start, not at the first request, on bad configuration
     app.extensions["celery"] = make_celery(Role.PUBLISHER)
+    app.extensions["stream_hub"] = Hub()
+    app.extensions["streams"] = StreamLimiter(settings.broker_url, settings.max_streams_per_tenant,
+                                              settings.max_stream_s, settings.api_threads)
     return app

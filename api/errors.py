@@ -11,12 +11,15 @@ from werkzeug.exceptions import HTTPException
 from shared.errors import PlanError, Problem
 
 STATUS = {Problem.NOT_FOUND: 404, Problem.INVALID: 422, Problem.CONFLICT: 409}
+HTTP_FIELDS = {413: "body"}  # the field an HTTP-level error is about
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -52,7 +55,9 @@ def validation_error(exc: ValidationError) -> Response:
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.field)
+        response = error_response(exc.status, exc.code, exc.message, exc.field)
+        response.headers.update(exc.headers)
+        return response
 
     @app.errorhandler(PlanError)
     def _plan_error(exc: PlanError) -> Response:
@@ -64,7 +69,7 @@ def register(app: Flask) -> None:
         if exc.response is not None and exc.response.mimetype == "application/json":
             return exc.response  # already ours (validation)
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or exc.name or "error")
+        return error_response(exc.code or 500, code, exc.description or exc.name or "error", HTTP_FIELDS.get(exc.code))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -3,20 +3,36 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints, model_validator
 
 from shared.stacks import CATALOG
 from shared.states import Consistency, EnvState, FaultKind, FaultPoint, JobState, NodeState, Step, StepState
 
 DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
 # Config keys are environment-variable names; values must not carry line breaks or other control
-# characters, which would let one value inject lines into the node's config file.
+# characters, which would let one value inject lines into the node's config file: no C0 or C1
+# control (\n \r \x0b \x0c \x1c-\x1e, U+0085 among them) and no Unicode line or paragraph separator
+# (U+2028, U+2029) -- everything str.splitlines() breaks a line on.
 ConfigKey = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]{0,63}$")]
-ConfigValue = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]*$", max_length=2048)]
+ONE_LINE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(value: str) -> str:
+    if found := _LINE_BREAKING.search(value):
+        raise ValueError(f"must be one line without control characters; U+{ord(found.group()):04X} "
+                         f"({unicodedata.name(found.group(), 'a control character')}) is not allowed")
+    return value
+
+
+ConfigValue = Annotated[str, Field(max_length=2048, json_schema_extra={"pattern": ONE_LINE}),
+                        AfterValidator(_one_line)]
 
 StackName = Enum("StackName", {name: name for name in sorted(CATALOG)}, type=str)  # type: ignore[misc]
 
@@ -118,6 +134,21 @@ class CredentialsOut(BaseModel):
 
 class JobPath(Strict):
     job_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+
+
+# An event id: ASCII digits only (str.isdigit() would take "²" or "١", which int() refuses). Empty
+# means "from the start", as an EventSource that has seen no id yet may send.
+EventId = Annotated[str, StringConstraints(pattern=r"^[0-9]{0,18}$")]
+
+
+class EventsQuery(Strict):
+    last_event_id: EventId | None = Field(default=None, description="Resume after this event id.")
+
+
+class EventsHeader(BaseModel):
+    last_event_id: EventId | None = Field(default=None, alias="Last-Event-ID",
+                                          description="Resume after this event id (wins over the query).")
+    model_config = ConfigDict(populate_by_name=True)
 
 
 class JobQuery(Strict):

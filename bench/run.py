@@ -15,7 +15,7 @@ from typing import Any
 
 from bench import common
 
-ALL = ("downtime", "orchestration", "throughput", "copy")
+ALL = ("downtime", "orchestration", "throughput", "copy", "streams")
 
 
 def plot(downtime: list[dict[str, Any]], path: Path) -> None:
@@ -122,6 +122,26 @@ def markdown(results: dict[str, Any]) -> str:
                 common.row(f"{c['size_mib']} MiB on {c['filesystem']}", f"{c['provision_mib_s']:.0f} MiB/s",
                            f"{c['cp_mib_s']:.0f} MiB/s", f"{c['ratio']:.2f}",
                            ">= 0.8: " + ("met" if c["ratio"] >= 0.8 else "MISSED")), ""]
+    if "streams" in results:
+        st = results["streams"]
+        idle, quiet, active = st["idle"], st["quiet_streams"], st["active_streams"]
+        n = st["streams"]
+        out += ["## Event streams beside ordinary requests", "",
+                f"{st['server']}; {st['probe_clients']} probe clients in a closed loop. The streams follow "
+                f"queued jobs of {st['tenants']} tenants: quiet (no events) and active (each job gets 2 events/s, "
+                f"as a running one does). Refused: {quiet['streams_refused']} and {active['streams_refused']} "
+                f"of {n}.", "",
+                common.row("measure", "0 streams open", f"{n} quiet streams", f"{n} active streams",
+                           "worst / 0 streams", "target"),
+                common.row(*["---"] * 6)]
+        for key, label in (("healthz", "GET /healthz"), ("job_get", "GET /v1/jobs/{id}")):
+            for q in ("p50", "p99"):
+                f = f"{key}_{q}_ms"
+                worst = max(quiet[f], active[f])
+                target = ("< 200 ms: " + ("met" if worst < 200 else "MISSED")) if f == "healthz_p99_ms" else ""
+                out.append(common.row(f"{label} {q}", f"{idle[f]:.1f} ms", f"{quiet[f]:.1f} ms", f"{active[f]:.1f} ms",
+                                      f"{worst / idle[f]:.1f}x", target))
+        out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -162,6 +182,10 @@ def main() -> None:
         from bench import copy_throughput
 
         results["copy"] = copy_throughput.run(root / "copy")
+    if "streams" in only:
+        from bench import streams
+
+        results["streams"] = streams.run()
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))

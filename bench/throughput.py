@@ -107,7 +107,7 @@ def enqueue_latency(clients: int = 50, per_client: int = 10, paced_rate: float =
     with Backend(pool="127.113.0.0/16") as backend:
         create_environment("lat", [{"name": "cache", "stack": "valkey"}])
         backend.stop_worker()  # measure the API alone: accepted jobs stay queued, then are dropped
-        with api_server({**backend.env}, processes=2, threads=16) as base:
+        with api_server({**backend.env}) as base:
             token = create_token("acme")
             floor = asyncio.run(_load(base, token, clients, per_client, clone=False))
             took, enq = timed(lambda: asyncio.run(_load(base, token, clients, per_client, clone=True)))

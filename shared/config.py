@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     broker_wait_s: float = 180.0  # a step waits this long for the broker before its chain goes on
     db_wait_s: float = 180.0  # a worker waits this long for the state database before a step gives up
 
+    # The API server (gunicorn, api/gunicorn_conf.py) and its event streams.
+    api_workers: int = Field(default=2, ge=1)
+    api_threads: int = Field(default=128, ge=2)  # per worker process: each open event stream holds one
+    max_streams_per_tenant: int = Field(default=20, ge=0)  # open SSE streams, across every API process
+    max_stream_s: float = Field(default=300.0, gt=0)  # then the stream ends with `resume` (clients reconnect)
+
     # Watchdog (celery beat).
     watchdog_interval_s: float = 10.0
     job_stall_s: float = 0.0  # 0: task time limit + retry cap + 2 minutes

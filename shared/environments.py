@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NoReturn
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from shared import fence, identity, ipam, locks, templates
 from shared.clone.outcome import delete_snapshots
@@ -25,10 +27,24 @@ def levels(env: Environment) -> list[list[str]]:
     return templates.creation_levels({n.name: templates.references(n.config) - {n.name} for n in env.nodes})
 
 
+class Gone(Exception):
+    """The environment was deleted, or is being deleted, under a creation task: creation stops there
+    (the delete cleans up; what the task itself made after the delete looked, it destroys)."""
+
+    def __init__(self, env_id: str) -> None:
+        super().__init__(f"env={env_id} is deleted or being deleted: its creation stops")
+
+
+def _wanted(env: Environment | None) -> bool:
+    return env is not None and env.state != EnvState.DELETING
+
+
 def level_node_ids(env_id: str, level: int) -> list[tuple[str, str]] | None:
     """(node id, name) of one creation level; None once every level is made (or the environment failed)."""
     with session_scope() as session:
         env = session.get(Environment, env_id)
+        if not _wanted(env):
+            raise Gone(env_id)
         all_levels = levels(env)
         if level >= len(all_levels) or env.state == EnvState.FAILED:
             return None
@@ -85,11 +101,25 @@ def rebuild_fences() -> int:
     return len(ids)
 
 
+def _locked(session: Session, env_id: str) -> Environment | None:
+    return session.execute(select(Environment).where(Environment.id == env_id).with_for_update()).scalar_one_or_none()
+
+
+def _abandon(env_id: str, node_id: str) -> NoReturn:
+    """The environment went away under this creation: destroy what this task may have made (the
+    delete may have looked before it existed), then stop."""
+    get_driver().destroy_node(node_id)
+    identity.remove_account(env_id)  # and the account (and fence) this task may have made for it
+    raise Gone(env_id)
+
+
 def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
-    """Make and start one node. TransientDriverError escapes only while ``may_retry``."""
+    """Make and start one node. TransientDriverError escapes only while ``may_retry``; Gone when the
+    environment was deleted meanwhile (and then nothing this task made is left)."""
     with session_scope() as session:
-        env = session.get(Environment, env_id)
-        node = session.get(Node, node_id)
+        env, node = session.get(Environment, env_id), session.get(Node, node_id)
+        if not _wanted(env) or node is None:
+            _abandon(env_id, node_id)
         if node.state == NodeState.RUNNING:
             return
         config = templates.resolve(node.config, template_lookup(env))
@@ -107,21 +137,28 @@ def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
         if may_retry:
             raise
         error = str(exc)
-    except DriverError as exc:
+    except (DriverError, OSError) as exc:
         error = str(exc)
     with session_scope() as session:
-        node = session.get(Node, node_id)
-        node.state = NodeState.FAILED if error else NodeState.RUNNING
-        node.size_bytes = size
-        if error:
-            env = session.get(Environment, env_id)
-            env.state, env.error = EnvState.FAILED, f"{node.name}: {error}"
+        # Under the row lock: a delete committed before this sees DELETING (or no row) here; one
+        # committed after finds the node running and destroys it.
+        env, node = _locked(session, env_id), session.get(Node, node_id)
+        wanted = _wanted(env) and node is not None
+        if wanted:
+            node.state = NodeState.FAILED if error else NodeState.RUNNING
+            node.size_bytes = size
+            if error:
+                env.state, env.error = EnvState.FAILED, f"{node.name}: {error}"
+    if not wanted:
+        _abandon(env_id, node_id)
     log.info("env=%s node=%s create state=%s%s", env_id, node_id, node.state, f" error={error!r}" if error else "")
 
 
 def finish_environment(env_id: str) -> EnvState:
     with session_scope() as session:
-        env = session.execute(select(Environment).where(Environment.id == env_id).with_for_update()).scalar_one()
+        env = _locked(session, env_id)
+        if not _wanted(env):
+            raise Gone(env_id)
         if all(n.state == NodeState.RUNNING for n in env.nodes) and env.state != EnvState.FAILED:
             env.state = EnvState.RUNNING
             return env.state

@@ -58,11 +58,14 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
             raise PlanError(Conflict("unknown_stack", f"unknown stack {node.stack!r}; known: "
                                      f"{', '.join(sorted(CATALOG))}", f"nodes[{i}].stack"), Problem.INVALID)
         refs = templates.references(node.config)
+        if node.name in refs:  # its own URL does not exist until it is made: it would wait forever
+            raise PlanError(Conflict("self_reference", f"node {node.name!r} references itself in its config",
+                                     f"nodes[{i}].config"), Problem.INVALID)
         unknown = refs - set(names)
         if unknown:
             raise PlanError(Conflict("unknown_reference", f"config references unknown node(s) "
                                      f"{', '.join(sorted(unknown))}", f"nodes[{i}].config"), Problem.INVALID)
-        deps[node.name] = refs - {node.name}
+        deps[node.name] = refs
     try:
         templates.creation_levels(deps)
     except ValueError as exc:

@@ -160,6 +160,13 @@ class Backend:
             self.worker.wait()
         self.worker = None
 
+    def idle(self) -> bool:
+        """Nothing queued, nothing delivered and unacknowledged (tasks run with late acks, so one in
+        progress is still unacknowledged, and it publishes what follows it before its ack)."""
+        broker = redis.Redis.from_url(self.broker_url)
+        queued = sum(broker.llen(k) for k in broker.scan_iter("envclone*") if broker.type(k) == b"list")
+        return queued == 0 and broker.hlen("unacked") == 0
+
     def worker_log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

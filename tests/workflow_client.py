@@ -8,11 +8,12 @@ from typing import Any
 import redis
 from sqlalchemy import func, select
 
+from shared import ipam
 from shared.db import session_scope
 from shared.drivers import get_driver
 from shared.models import AddressLease, CloneJob, Environment, Node
 from shared.planning import NodeRequest, find_environment, plan_clone, plan_environment
-from shared.states import JOB_DONE, NodeState
+from shared.states import JOB_DONE, EnvState, NodeState
 from tests.helpers import wait_for
 from tests.stack import publisher
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
@@ -106,3 +107,23 @@ def valkey_at(address: str, **kw: object) -> redis.Redis:
 def lease_count() -> int:
     with session_scope() as session:
         return session.scalar(select(func.count()).select_from(AddressLease))
+
+
+def parked_job(tenant: str, name: str) -> str:
+    """A clone job of ``tenant`` that stays queued: planned, never sent to a worker (its source is
+    rows only, no node process), so its event stream stays open until the client or server ends it."""
+    with session_scope() as session:
+        plan_environment(session, tenant, name, [NodeRequest("cache", "valkey")]).state = EnvState.RUNNING
+    with session_scope() as session:
+        return plan_clone(session, tenant, name, f"{name}-copy", {}).id
+
+
+def drop_parked(tenant: str) -> None:
+    """Remove the rows parked_job made for ``tenant`` (there is nothing else to remove)."""
+    with session_scope() as session:
+        for job in session.scalars(select(CloneJob).where(CloneJob.tenant == tenant)):
+            session.delete(job)
+        for env in session.scalars(select(Environment).where(Environment.tenant == tenant)):
+            for node in env.nodes:
+                ipam.release_node(session, node.id)
+            session.delete(env)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
 from celery import Task, chord, group, shared_task
 
 from shared import environments
@@ -10,11 +14,27 @@ from shared.db import retry_db
 from shared.drivers import TransientDriverError
 from workers.celery_app import TASK_OPTS
 
+log = logging.getLogger("envclone.environments")
+T = TypeVar("T")
+
+
+def _unless_gone(fn: Callable[..., T], *args: object, **kw: object) -> T | None:
+    """Run a creation body; None when the environment was deleted under it (not an error)."""
+    try:
+        return retry_db(fn)(*args, **kw)
+    except environments.Gone as gone:
+        log.info("%s", gone)
+        return None
+
 
 @shared_task(name="envclone.create_level", **TASK_OPTS)
 def create_level(self: Task, env_id: str, level: int) -> None:
     """Create the nodes of one dependency level, then chain to the next level (or finish)."""
-    nodes = retry_db(environments.level_node_ids)(env_id, level)
+    try:
+        nodes = retry_db(environments.level_node_ids)(env_id, level)
+    except environments.Gone as gone:
+        log.info("%s", gone)
+        return
     if nodes is None:
         self.app.signature("envclone.finish_environment", args=(env_id,)).apply_async()
         return
@@ -28,14 +48,14 @@ def create_level(self: Task, env_id: str, level: int) -> None:
 def create_node(self: Task, env_id: str, node_id: str) -> None:
     delay = RetryPolicy.from_settings().delay(self.request.retries + 1)
     try:
-        retry_db(environments.create_node)(env_id, node_id, may_retry=delay is not None)
+        _unless_gone(environments.create_node, env_id, node_id, may_retry=delay is not None)
     except TransientDriverError as exc:
         raise self.retry(countdown=delay, exc=exc) from None
 
 
 @shared_task(name="envclone.finish_environment", **TASK_OPTS)
-def finish_environment(self: Task, env_id: str) -> str:
-    return retry_db(environments.finish_environment)(env_id)
+def finish_environment(self: Task, env_id: str) -> str | None:
+    return _unless_gone(environments.finish_environment, env_id)
 
 
 @shared_task(name="envclone.delete_environment", **TASK_OPTS)

@@ -1,6 +1,7 @@
 """`envclone up`: the whole embedded stack in the foreground under honcho -- a bundled Valkey as
 broker (unless ENVCLONE_BROKER_URL names one), SQLite under the data dir (unless
-ENVCLONE_DATABASE_URL), the API (gunicorn), a Celery worker with 2 processes, beat, and Flower.
+ENVCLONE_DATABASE_URL), the API (gunicorn, its server model in api/gunicorn_conf.py), a Celery
+worker with 2 processes, beat, and Flower.
 Ctrl-C stops all of it; node processes keep running (`envclone down` stops them).
 
 Locked down: everything is created under umask 077 (api.cli.private); the broker wants a password
@@ -25,6 +26,11 @@ from api.cli.client import Client, CliError
 from shared.identity import can_switch_users
 
 console = Console(stderr=True, soft_wrap=True)  # a long path is not cut across lines
+
+
+def gunicorn_args(bind: str) -> list[str]:
+    """gunicorn's arguments for the API: the server model is in api/gunicorn_conf.py (ENVCLONE_API_*)."""
+    return ["-c", "python:api.gunicorn_conf", "-b", bind, "api.wsgi:app"]
 
 
 def _port_free(port: int) -> bool:
@@ -124,8 +130,8 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
         manager.add_process("broker", f"{q(valkey_binary())} {q(str(data_dir / private.BROKER_CONF))} "
                             f"--bind 127.0.0.1 --port {broker_port} --dir {q(str(broker_dir))} "
                             "--appendonly yes --save '' --protected-mode no", env=child_env)
-    manager.add_process("api", f"{py} -m gunicorn -b 127.0.0.1:{api_port} -k gthread --threads 16 -w 2 "
-                        "--graceful-timeout 5 --access-logfile - api.wsgi:app", env=child_env)
+    api_argv = " ".join(q(a) for a in gunicorn_args(f"127.0.0.1:{api_port}"))
+    manager.add_process("api", f"{py} -m gunicorn --graceful-timeout 5 --access-logfile - {api_argv}", env=child_env)
     manager.add_process("worker", f"{py} -m celery -A workers.worker worker -c 2 -E -l info "
                         "-Q envclone.window,envclone -n envclone@%h", env=child_env)
     manager.add_process("beat", f"{py} -m celery -A workers.worker beat -l info "

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
-from flask import Response, jsonify, request, stream_with_context, url_for
+from flask import Response, current_app, jsonify, request, stream_with_context, url_for
 from flask_openapi3 import APIBlueprint, Tag
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
-from api import serialize
+from api import serialize, streams
 from api.auth import authenticate, tenant
 from api.dispatch import send
 from api.errors import ApiError
-from api.schemas import ErrorOut, JobList, JobOut, JobPath, JobQuery
+from api.schemas import ErrorOut, EventsHeader, EventsQuery, JobList, JobOut, JobPath, JobQuery
+from api.stream_hub import Hub, read_events
+from api.streams import Slot, StreamLimiter
 from shared.clone.control import request_cancel, request_retry
 from shared.db import session_scope
-from shared.models import CloneJob, JobEvent, utcnow
+from shared.models import CloneJob, utcnow
 from shared.states import JobState
 from workers.workflow import dispatch_clone
 
@@ -26,8 +30,8 @@ bp = APIBlueprint("jobs", __name__, url_prefix="/v1", abp_tags=[Tag(name="jobs")
                   abp_responses={401: ErrorOut, 422: ErrorOut})
 bp.before_request(authenticate)
 
-SSE_POLL_S = 0.25  # the database is the source of truth; poll it rather than add a second channel
 SSE_KEEPALIVE_S = 15.0
+SSE_CHECK_S = 1.0  # how often a waiting stream looks at its client, its slot and its clock
 
 
 def _get_job(session: Session, job_id: str) -> CloneJob:
@@ -94,42 +98,64 @@ def retry_job(path: JobPath) -> Response:
         return _accepted(session.get(CloneJob, path.job_id))
 
 
-def _sse(event: JobEvent) -> str:
+def _sse(event: Row[Any]) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data, default=str)}\n\n"
 
 
-@bp.get("/jobs/<job_id>/events", responses={404: ErrorOut})
-def job_events(path: JobPath) -> Response:
+@bp.get("/jobs/<job_id>/events", responses={404: ErrorOut, 429: ErrorOut, 503: ErrorOut})
+def job_events(path: JobPath, query: EventsQuery, header: EventsHeader) -> Response:
     """Server-Sent Events: one per step transition and progress update; ends with `end` when the job
-    ends. Resumable: send `Last-Event-ID` (or `?last_event_id=`)."""
+    ends. Resumable: send `Last-Event-ID` (or `?last_event_id=`). A stream lasts at most
+    ENVCLONE_MAX_STREAM_S, then ends with `resume` (data: `last_event_id`): reconnect with it. A
+    tenant has at most ENVCLONE_MAX_STREAMS_PER_TENANT streams open; beyond, 429 with Retry-After."""
     with session_scope() as session:
         _get_job(session, path.job_id)
-    raw_last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    if not raw_last.isdigit() or len(raw_last) > 18:
-        raise ApiError(422, "invalid", "Last-Event-ID must be an event id", "Last-Event-ID")
-    start = int(raw_last)
+    start = int(header.last_event_id or query.last_event_id or 0)  # validated: ASCII digits
+    limiter: StreamLimiter = current_app.extensions["streams"]
+    slot = limiter.acquire(tenant())
+    client = request.environ.get("gunicorn.socket")
 
     def stream() -> Iterator[str]:
-        last, quiet_since = start, time.monotonic()
+        try:
+            yield ": open\n\n"  # the headers go out now, not with the first event
+            yield from _events(current_app.extensions["stream_hub"], path.job_id, start, limiter.max_stream_s,
+                               slot, client)
+        finally:
+            slot.release()
+
+    response = Response(stream_with_context(stream()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(slot.release)  # also when the stream never started
+    return response
+
+
+def _events(hub: Hub, job_id: str, last: int, max_s: float, slot: Slot,
+            client: socket.socket | None) -> Iterator[str]:
+    opened = beat = time.monotonic()
+    follower, upto = hub.follow(job_id, last)
+    try:
+        for event in read_events(job_id, last, upto):  # the past straight from the database, then the hub
+            yield _sse(event)
         while True:
-            with session_scope() as session:
-                events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == path.job_id,
-                                                                     JobEvent.id > last)
-                                              .order_by(JobEvent.id).limit(500)))
-                state = session.scalar(select(CloneJob.state).where(CloneJob.id == path.job_id))
+            left = max_s - (time.monotonic() - opened)
+            if left <= 0:
+                slot.release()  # before the client can reconnect
+                yield f"event: resume\ndata: {json.dumps({'last_event_id': follower.last})}\n\n"
+                return
+            slot.keep()
+            events, state = hub.next(follower, timeout=min(SSE_CHECK_S, left))
             for event in events:
-                last = event.id
                 yield _sse(event)
             if events:
-                quiet_since = time.monotonic()
+                beat = time.monotonic()
                 continue
             if state is not None and JobState(state).done:
                 yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
                 return
-            if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
-                quiet_since = time.monotonic()
+            if time.monotonic() - beat > SSE_KEEPALIVE_S:
+                beat = time.monotonic()
                 yield ": keepalive\n\n"
-            time.sleep(SSE_POLL_S)
-
-    return Response(stream_with_context(stream()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            if streams.peer_closed(client):
+                return
+    finally:
+        hub.unfollow(follower)

@@ -9,6 +9,7 @@ step that dies half-way leaves nothing that looks finished and a re-run starts c
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import json
 import os
@@ -149,9 +150,36 @@ class LocalDriver(Driver):
             run_as.chown_tree(path)
         path.chmod(0o700)
 
+    @contextmanager
+    def _exclusive(self, node_id: str) -> Iterator[Path]:
+        """Creating and destroying one node exclude each other, across processes: a destroy while a
+        creation is half-way would remove files under it, and could miss the process it then starts.
+        Yields the lock file; a destroy unlinks it, so a waiter re-checks that it locked the file
+        still at that path."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        path = locks / f"{_check_id('node', node_id)}.lock"
+        while True:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield path
+        finally:
+            os.close(fd)
+
     # ---- lifecycle -----------------------------------------------------------------------------
     def create_node(self, spec: NodeSpec) -> None:
         """Make the volume, initialise the stack, start it and run its first-start setup."""
+        with self._exclusive(spec.node_id):
+            self._create_node(spec)
+
+    def _create_node(self, spec: NodeSpec) -> None:
         self._ensure_root()
         stack = get_stack(spec.stack)
         final = self.volume(spec.node_id)
@@ -512,11 +540,13 @@ class LocalDriver(Driver):
     # ---- teardown ------------------------------------------------------------------------------
     def destroy_node(self, node_id: str) -> None:
         volume = self.volume(node_id)
-        if (volume / "node.json").exists():
-            self.stop(node_id)
-        for path in (volume, self.nodes_dir / f".{node_id}.creating",
-                     self.nodes_dir / f".{node_id}.provisioning"):
-            shutil.rmtree(path, ignore_errors=True)
+        with self._exclusive(node_id) as lock:
+            if (volume / "node.json").exists():
+                self.stop(node_id)
+            for path in (volume, self.nodes_dir / f".{node_id}.creating",
+                         self.nodes_dir / f".{node_id}.provisioning"):
+                shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         shutil.rmtree(self._snapshot_dir(snapshot_id), ignore_errors=True)

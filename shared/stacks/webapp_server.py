@@ -30,13 +30,16 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def read_env(path: Path) -> dict[str, str]:
+    """KEY=value lines. A line ends at "\n" only: str.splitlines() (and read_text()'s universal
+    newlines) would also break at \r, \x0b, \x0c, \x1c-\x1e, U+0085, U+2028 and U+2029, letting a
+    value that holds one add a line of its own -- one that could override DATABASE_URL."""
     values: dict[str, str] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
+        for line in path.read_bytes().decode().split("\n"):
+            line = line.strip(" \t\r")
             if line and not line.startswith("#") and "=" in line:
                 key, _, value = line.partition("=")
-                values[key.strip()] = value.strip()
+                values[key.strip(" \t")] = value.strip(" \t")
     return values
 
 

@@ -3,6 +3,7 @@ real worker, real nodes)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -67,6 +68,25 @@ def both(clean: Api, other: Api) -> Iterator[tuple[Api, Api]]:
     wait_for(lambda: other.get("/v1/environments").json["total"] == 0, timeout=60, what="globex environments deleted")
 
 
+def quiet_server(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The app logs no error (no traceback) while the test runs."""
+    caplog.set_level(logging.WARNING)
+    yield
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
+
+
+def assert_error(response, status: int, field: str, code: str | None = None) -> dict:
+    """The one error shape, naming ``field``."""
+    assert response.status_code == status, (response.status_code, response.data[:300])
+    error = response.json["error"]
+    assert set(error) >= {"code", "message", "field"} and error["message"]
+    assert error["field"] == field, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
 def make_env(api: Api, body: dict) -> dict:
     response = api.post("/v1/environments", body)
     assert response.status_code == 202, response.json
@@ -111,6 +131,48 @@ def test_bad_input_is_422_naming_the_field(clean: Api, body: dict, field: str) -
     assert response.json["error"]["field"] == field
     assert response.json["error"]["message"]
     assert clean.get("/v1/environments").json["total"] == 0  # nothing was made
+
+
+# U+2028/U+2029/U+0085 and the other characters str.splitlines() breaks on, C0/C1 controls too.
+LINE_BREAKERS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\r", "\n", "\x00", "\x9f"]
+
+
+@pytest.mark.parametrize("char", LINE_BREAKERS, ids=[f"U+{ord(c):04X}" for c in LINE_BREAKERS])
+def test_config_values_cannot_inject_lines(clean: Api, quiet_server: None, char: str) -> None:
+    body = {"name": "shop", "nodes": [{"name": "web", "stack": "webapp", "config": {
+        "CACHE_URL": "redis://127.0.0.1:1/0", "ZZ": f"x{char}DATABASE_URL=postgresql://evil@10.6.6.6/db"}}]}
+    assert_error(clean.post("/v1/environments", body), 422, "nodes[0].config.ZZ")
+    assert clean.get("/v1/environments").json["total"] == 0 and lease_count() == 0
+
+
+def test_a_node_referencing_itself_is_refused(clean: Api, quiet_server: None) -> None:
+    body = {"name": "shop", "nodes": [{"name": "db", "stack": "postgres"},
+                                      {"name": "web", "stack": "webapp", "config": {"SELF": "{{web.url}}"}}]}
+    assert_error(clean.post("/v1/environments", body), 422, "nodes[1].config", "self_reference")
+    assert clean.get("/v1/environments").json["total"] == 0 and lease_count() == 0
+
+
+@pytest.mark.parametrize("body", ["[" * 5000, '{"a":' * 5000, "[" * 200_000, '{"name": ' + "[" * 5000],
+                         ids=["lists", "objects", "very-deep", "inside-object"])
+def test_deeply_nested_json_is_refused(clean: Api, quiet_server: None, body: str) -> None:
+    response = clean.client.post("/v1/environments", data=body, headers={
+        **clean.headers(), "Content-Type": "application/json"})
+    assert response.status_code in (400, 422)
+    assert_error(response, response.status_code, "body")
+    assert clean.get("/v1/environments").json["total"] == 0 and lease_count() == 0
+
+
+def test_last_event_id_takes_ascii_digits_only(clean: Api, quiet_server: None) -> None:
+    make_env(clean, SOLO)
+    job_id = clean.post("/v1/environments/solo/clones", {"name": "solo-copy"}).json["id"]
+    path = f"/v1/jobs/{job_id}/events"
+    for bad in ("\u00b2", "1\u00b2", "\u00b9", "-1", "1.0", " 1", "1" * 19, "0x1"):
+        assert_error(clean.get(path, headers={"Last-Event-ID": bad}), 422, "Last-Event-ID")
+    for bad in ("%C2%B2", "%D9%A1", "%EF%BC%91", "-1", "1" * 19, "abc"):  # superscript 2, Arabic-Indic 1, fullwidth 1
+        assert_error(clean.get(f"{path}?last_event_id={bad}"), 422, "last_event_id")
+    events = clean.events(job_id, last_event_id=0)  # plain ASCII digits still work
+    assert events[-1]["event"] == "end" and events[-1]["data"]["state"] == "succeeded"
+    assert clean.events(job_id, last_event_id=events[-2]["id"])[0]["event"] == "end"
 
 
 def test_oversized_and_malformed_bodies(clean: Api) -> None:
@@ -221,6 +283,22 @@ def test_delete_refused_while_a_job_uses_the_environment(clean: Api) -> None:
     assert busy.status_code == 409 and busy.json["error"]["code"] == "busy"
     assert clean.delete("/v1/environments/solo-copy").status_code == 409
     assert wait_job(clean, job_id)["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("when", ["at_once", "mid_creation"])
+def test_delete_while_creating_leaves_nothing_behind(clean: Api, backend: Backend, when: str) -> None:
+    log_from = len(backend.worker_log())
+    assert clean.post("/v1/environments", SHOP).status_code == 202
+    if when == "mid_creation":  # the first level (db, cache) is up; web is being made
+        wait_for(lambda: any(n["state"] == "running" for n in clean.get("/v1/environments/shop").json["nodes"]),
+                 timeout=60, what="a first node running")
+    assert clean.delete("/v1/environments/shop").status_code == 202
+    wait_for(lambda: clean.get("/v1/environments/shop").status_code == 404, timeout=60, what="environment gone")
+    wait_for(backend.idle, timeout=120, what="creation tasks to end")
+    assert backend.processes() == [] and backend.volumes() == set() and lease_count() == 0
+    log = backend.worker_log()[log_from:]
+    assert "envclone.create_level" in log and "envclone.delete_environment" in log
+    assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
 
 
 def _step_state(job_id: str, node: str, step: str) -> str:

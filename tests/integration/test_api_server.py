@@ -3,6 +3,7 @@ broker that is down."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,19 +11,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from api.auth import create_token
+from api.cli.client import Client
+from api.cli.up import gunicorn_args
+from api.streams import per_process_cap
+from shared.db import session_scope
+from shared.models import JobEvent
 from tests.api_client import parse_sse
 from tests.helpers import wait_for
 from tests.stack import Backend
-from tests.workflow_client import lease_count
+from tests.workflow_client import drop_parked, lease_count, parked_job
 
 pytestmark = pytest.mark.integration
+BACKEND = {"pool": "127.107.0.0/16"}  # the module's shared back end (conftest's ``backend``)
 
 
 def free_port() -> int:
@@ -32,12 +41,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def api_server(env: dict[str, str], processes: int = 1, threads: int = 8) -> Iterator[str]:
+def api_server(env: dict[str, str], processes: int | None = None, threads: int | None = None,
+               log: Path | None = None) -> Iterator[str]:
+    """gunicorn serving the API as `envclone up` does (api/gunicorn_conf.py); ``processes`` and
+    ``threads`` override ENVCLONE_API_WORKERS and _THREADS. Its log (tracebacks too) goes to ``log``."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-k", "gthread", "--threads", str(threads),
-         "-w", str(processes), "api.wsgi:app"],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    server_env = {**os.environ, **env}
+    if processes is not None:
+        server_env["ENVCLONE_API_WORKERS"] = str(processes)
+    if threads is not None:
+        server_env["ENVCLONE_API_THREADS"] = str(threads)
+    log_file = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", *gunicorn_args(f"127.0.0.1:{port}")],
+                            env=server_env, stdout=log_file, stderr=log_file, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, timeout=30, what="api server")
@@ -45,6 +61,8 @@ def api_server(env: dict[str, str], processes: int = 1, threads: int = 8) -> Ite
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        if log:
+            log_file.close()
 
 
 def test_real_server_create_clone_and_stream(tmp_path) -> None:
@@ -156,3 +174,136 @@ def test_sse_reconnect_mid_job_with_last_event_id_misses_and_repeats_nothing() -
                 assert c.delete(f"/v1/environments/{name}").status_code == 202
                 wait_for(lambda n=name: c.get(f"/v1/environments/{n}").status_code == 404, timeout=60, what="delete")
         assert lease_count() == 0
+def test_a_chunked_body_is_held_to_the_size_limit(backend: Backend, tmp_path: Path) -> None:
+    """Sent chunked (no Content-Length), a body over 1 MiB is a 413, one under it is read whole."""
+    log = tmp_path / "api.log"
+    with api_server(backend.env, log=log) as base, httpx.Client(base_url=base, timeout=60, headers={
+            "Authorization": f"Bearer {create_token('acme')}", "Content-Type": "application/json"}) as c:
+
+        def chunked(body: dict) -> Iterator[bytes]:
+            data = json.dumps(body).encode()
+            return (data[i:i + 65536] for i in range(0, len(data), 65536))
+
+        big = {"name": "shop", "nodes": [{"name": "a", "stack": "webapp", "config": {"X": "y" * 2000}}] * 1000}
+        response = c.post("/v1/environments", content=chunked(big))
+        assert response.request.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in response.request.headers
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "request_entity_too_large"
+        assert response.json()["error"]["field"] == "body"
+        # Under the limit the whole body arrives: the error is about its content, not its end.
+        small = {"name": "Shop", "nodes": [{"name": "a", "stack": "valkey", "config": {"X": "y" * 2000}}] * 300}
+        response = c.post("/v1/environments", content=chunked(small))
+        assert response.status_code == 422 and response.json()["error"]["field"] == "name", response.text
+        assert c.get("/v1/environments").json()["total"] == 0 and lease_count() == 0
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+# ---- event streams: a cap per tenant, a maximum duration, the API answering beside them ---------------------
+def _open(c: httpx.Client, stack: ExitStack, job_id: str, **kw: object) -> httpx.Response:
+    """An event stream held open on its own connection (the server sends its headers at once). Its
+    body is left unread: an abandoned line iterator would close the connection."""
+    response = stack.enter_context(c.stream("GET", f"/v1/jobs/{job_id}/events", **kw))
+    if response.status_code != 200:
+        response.read()
+    return response
+
+
+def _client(base: str, tenant: str) -> httpx.Client:
+    return httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {create_token(tenant)}"})
+
+
+@pytest.fixture
+def tenants() -> Iterator[list[str]]:
+    """Tenant names for a test; their parked rows are removed afterwards."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        drop_parked(name)
+
+
+def test_open_streams_are_capped_per_tenant_across_processes(backend: Backend, tenants: list[str],
+                                                             tmp_path: Path) -> None:
+    tenants += ["cap-a", "cap-b"]
+    env = {**backend.env, "ENVCLONE_MAX_STREAMS_PER_TENANT": "2"}
+    job_a, job_b = parked_job("cap-a", "a"), parked_job("cap-b", "b")
+    log = tmp_path / "api.log"
+    # Two servers (two processes) on one Redis and one database: the count is theirs together.
+    with api_server(env, processes=1, log=log) as one, api_server(env, processes=1, log=log) as two, \
+            _client(one, "cap-a") as a1, _client(two, "cap-a") as a2, _client(two, "cap-b") as b2, \
+            ExitStack() as first, ExitStack() as rest:
+        assert _open(a1, first, job_a).status_code == 200
+        assert _open(a2, rest, job_a).status_code == 200
+        refused = _open(a1, rest, job_a)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "too_many_streams" and refused.json()["error"]["message"]
+        assert 1 <= int(refused.headers["Retry-After"]) <= 300  # when the oldest stream ends at the latest
+        assert _open(b2, rest, job_b).status_code == 200  # another tenant is not held back
+        first.close()  # the client goes away: its slot is given back
+        wait_for(lambda: _open(a2, rest, job_a).status_code == 200, timeout=30, what="a freed slot")
+        assert _open(a1, rest, job_a).status_code == 429
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+def test_a_stream_ends_with_resume_after_its_maximum_duration(backend: Backend, tenants: list[str]) -> None:
+    tenants.append("dur")
+    job = parked_job("dur", "d")
+    env = {**backend.env, "ENVCLONE_MAX_STREAM_S": "0.5", "ENVCLONE_MAX_STREAMS_PER_TENANT": "1"}
+    with api_server(env, processes=1) as base, _client(base, "dur") as c:
+        for last in (None, 7, 0):  # one slot: each reconnect finds the last stream's slot given back
+            headers = {"Last-Event-ID": str(last)} if last is not None else {}
+            response = c.get(f"/v1/jobs/{job}/events", headers=headers)
+            assert response.status_code == 200, response.text
+            assert parse_sse(response.text) == [{"id": None, "event": "resume", "data": {"last_event_id": last or 0}}]
+
+
+def test_the_cli_follows_a_job_across_stream_resumes(backend: Backend) -> None:
+    env = {**backend.env, "ENVCLONE_MAX_STREAM_S": "1", "ENVCLONE_MAX_STREAMS_PER_TENANT": "1"}
+    with api_server(env, processes=1) as base, _client(base, "acme") as c:
+        assert c.post("/v1/environments", json={"name": "solo", "nodes": [
+            {"name": "cache", "stack": "valkey"}]}).status_code == 202
+        wait_for(lambda: c.get("/v1/environments/solo").json()["state"] == "running", timeout=60, what="env")
+        # A job that takes more than 3 s: its stream is cut (and picked up) at least twice.
+        job_id = c.post("/v1/environments/solo/clones", json={"name": "solo-copy", "faults": [
+            {"step": "provision", "kind": "hang", "seconds": 3}]}).json()["id"]
+        cli = Client(base, c.headers["Authorization"].split()[1])
+        seen = list(cli.events(job_id))
+        assert cli.reconnects >= 2
+        assert seen[-1] == ("end", {"state": "succeeded"})
+        with session_scope() as session:  # every event, once, in order: what a single stream gives
+            recorded = [(e.kind, e.data) for e in session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))]
+        assert [(k, json.loads(json.dumps(d))) for k, d in recorded] == seen[:-1]
+        for name in ("solo-copy", "solo"):
+            assert c.delete(f"/v1/environments/{name}").status_code == 202
+            wait_for(lambda n=name: c.get(f"/v1/environments/{n}").status_code == 404, timeout=60, what="delete")
+
+
+def test_the_api_answers_beside_many_open_streams(backend: Backend, tenants: list[str], tmp_path: Path) -> None:
+    """40 streams of 4 tenants on the server model `envclone up` runs; ordinary requests still answer
+    (a generous deadline; bench/streams.py measures the latency)."""
+    tenants += [f"many-{i}" for i in range(4)]
+    jobs = {t: parked_job(t, "m") for t in tenants}
+    log = tmp_path / "api.log"
+    with api_server(backend.env, log=log) as base, ExitStack() as streams:
+        clients = {t: streams.enter_context(_client(base, t)) for t in tenants}
+        for i in range(40):
+            tenant = tenants[i % 4]
+            assert _open(clients[tenant], streams, jobs[tenant]).status_code == 200
+        with httpx.Client(base_url=base, timeout=10, headers=clients[tenants[0]].headers) as c:
+            for _ in range(20):
+                assert c.get("/healthz").status_code == 200
+                assert c.get("/readyz").status_code == 200
+                assert c.get(f"/v1/jobs/{jobs[tenants[0]]}").json()["state"] == "queued"
+                assert c.get("/v1/environments").json()["total"] == 2
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+def test_streams_leave_a_process_threads_for_other_requests(backend: Backend, tenants: list[str]) -> None:
+    tenants.append("busy")
+    job = parked_job("busy", "b")
+    with api_server(backend.env, processes=1, threads=8) as base, _client(base, "busy") as c, ExitStack() as open_:
+        answers = [_open(c, open_, job).status_code for _ in range(per_process_cap(8) + 1)]
+        assert answers == [200] * per_process_cap(8) + [503]
+        assert c.get("/healthz", timeout=10).status_code == 200
+        assert c.get(f"/v1/jobs/{job}", timeout=10).status_code == 200

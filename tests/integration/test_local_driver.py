@@ -17,7 +17,7 @@ from shared.drivers import NodeSpec, PermanentDriverError
 from shared.drivers.local import LocalDriver
 from shared.stacks.postgres import SUPERUSER
 from tests.conftest import destroy_everything, make_data_root
-from tests.helpers import wait_for
+from tests.helpers import processes_under, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -256,3 +256,14 @@ def test_copy_path_without_reflink() -> None:
             pass
     finally:
         destroy_everything(root)
+
+
+def test_destroy_during_create_waits_for_it_and_leaves_nothing(driver: LocalDriver, data_root: Path) -> None:
+    """A delete racing a half-made node: the destroy waits for the creation, then removes all of it."""
+    with ThreadPoolExecutor(1) as pool:
+        creating = pool.submit(driver.create_node, NodeSpec("racer", "postgres", "127.91.0.77", 5432))
+        wait_for(lambda: (data_root / "nodes" / ".racer.creating").exists(), timeout=30, what="creation under way")
+        driver.destroy_node("racer")
+        creating.result(timeout=120)  # the creation was not cut short under its feet
+    assert not driver.health("racer").running and driver.node_ids() == set()
+    assert list((data_root / "nodes").iterdir()) == [] and processes_under(data_root) == []

@@ -10,6 +10,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from api.cli.up import gunicorn_args
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,6 +36,9 @@ def test_compose_shape() -> None:
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
     assert (ROOT / "Dockerfile").exists() and services["api"]["build"] == "."
+    # The API runs the one server model (api/gunicorn_conf.py), as `envclone up` and the image do.
+    assert services["api"]["command"] == ["gunicorn", *gunicorn_args("0.0.0.0:8000")]
+    assert f'CMD {json.dumps(["gunicorn", *gunicorn_args("0.0.0.0:8000")])}' in (ROOT / "Dockerfile").read_text()
 
 
 def test_redis_wants_a_password_and_every_envclone_service_has_it() -> None:

@@ -39,6 +39,8 @@ SHOP = [NodeRequest("db", "postgres"), NodeRequest("web", "webapp", {"DATABASE_U
     ([NodeRequest("a", "webapp", {"U": "{{zz.url}}"})], "unknown_reference", "nodes[0].config"),
     ([NodeRequest("a", "webapp", {"U": "{{b.url}}"}), NodeRequest("b", "webapp", {"U": "{{a.url}}"})],
      "reference_cycle", "nodes"),
+    ([NodeRequest("db", "postgres"), NodeRequest("web", "webapp", {"U": "{{db.url}}", "ME": "{{ web.port }}"})],
+     "self_reference", "nodes[1].config"),
 ])
 def test_invalid_environments_are_refused_and_nothing_is_written(state_db: None, nodes: list[NodeRequest],
                                                                  code: str, field: str) -> None:
