@@ -132,7 +132,7 @@ def read_sse(stream: httpx.Response, after: int = 0, stop: Callable[[dict[str, A
 
 def test_sse_reconnect_mid_job_with_last_event_id_misses_and_repeats_nothing() -> None:
     done = ("succeeded", "failed", "cancelled")
-    with Backend(pool="127.107.0.0/16") as backend, api_server(backend.env) as base:
+    with Backend(pool="127.114.0.0/16") as backend, api_server(backend.env) as base:
         h = {"Authorization": f"Bearer {create_token('acme')}"}
         with httpx.Client(base_url=base, headers=h, timeout=30) as c:
             assert c.post("/v1/environments", json={"name": "solo", "nodes": [

@@ -21,7 +21,7 @@ from tests.stack import Backend
 
 pytestmark = pytest.mark.integration
 
-BACKEND = {"pool": "127.107.0.0/16"}
+BACKEND = {"pool": "127.115.0.0/16"}
 
 
 def envclone(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
