@@ -68,6 +68,7 @@ def both(clean: Api, other: Api) -> Iterator[tuple[Api, Api]]:
     wait_for(lambda: other.get("/v1/environments").json["total"] == 0, timeout=60, what="globex environments deleted")
 
 
+@pytest.fixture
 def quiet_server(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """The app logs no error (no traceback) while the test runs."""
     caplog.set_level(logging.WARNING)
