@@ -101,7 +101,10 @@ def _walk(root: Path, ignore: Ignore | None):
 def fingerprint(root: Path, ignore: Ignore | None = None) -> dict[str, tuple[int, int, int]]:
     """(type, size, mtime) of everything below root: equal before and after a copy of a live but
     write-paused tree means nothing changed under the copy."""
-    return {rel: (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns) for rel, st in _walk(root, ignore)}
+    # A directory's own times change when a file beside the copy comes and goes (an ignored one,
+    # such as an online copy's RDB); what it holds is in the fingerprint entry by entry.
+    return {rel: (stat.S_IFMT(st.st_mode), 0, 0) if stat.S_ISDIR(st.st_mode)
+            else (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns) for rel, st in _walk(root, ignore)}
 
 
 def tree_size(root: Path, ignore: Ignore | None = None) -> int:
