@@ -230,15 +230,21 @@ def test_the_kernel_fences_each_environment_in(alice: Api, bob: Api) -> None:
         c_env, _ = rows("alice", "stage")
         assert not connects(account_name(c_env), address(mine, "cache"), 6379)
         assert connects(account_name(c_env), address(stage, "cache"), 6379)
-        uids = [pwd.getpwnam(account_name(e)).pw_uid for e in (a_env, c_env, rows("bob", "shop")[0])]
+        ours = {pwd.getpwnam(account_name(e)).pw_uid: account_name(e) for e in (a_env, c_env, rows("bob", "shop")[0])}
+        uids = list(ours)
         chains = subprocess.run(["nft", "list", "table", "inet", "envclone"], capture_output=True, text=True).stdout
         assert all(f"chain env_{uid} " in chains for uid in uids)
         delete_env(alice, "stage")
         delete_env(alice, "shop")
         delete_env(bob, "shop")
-        # Removed with the environments: no chain of theirs is left in the kernel.
+        # Removed with the environments: no chain of theirs is left in the kernel (a uid given to a new
+        # environment meanwhile -- tests run side by side -- has that environment's chain).
         chains = subprocess.run(["nft", "list", "table", "inet", "envclone"], capture_output=True, text=True).stdout
-        assert not any(f"chain env_{uid} " in chains for uid in uids), chains
+        for uid, name in ours.items():
+            with pytest.raises(KeyError):
+                pwd.getpwnam(name)
+            if f"chain env_{uid} " in chains:
+                assert pwd.getpwuid(uid).pw_name != name, chains
     finally:
         listener.close()
         other.close()
