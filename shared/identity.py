@@ -10,12 +10,12 @@ import pwd
 import signal
 import subprocess
 
-from tenacity import RetryError, Retrying, retry_if_result, stop_after_attempt, wait_fixed
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_random
 
 from shared import fence
 
 log = logging.getLogger("envclone.identity")
-USERADD_EXISTS, USERDEL_MISSING = 9, 6  # shadow-utils exit codes
+USERADD_EXISTS, USERDEL_MISSING, PASSWD_BUSY = 9, 6, 10  # shadow-utils exit codes
 
 
 def can_switch_users() -> bool:
@@ -43,8 +43,13 @@ def ensure_account(environment_id: str) -> str | None:
         return name
     except KeyError:
         pass
-    done = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                           "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True, check=False)
+    argv = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+            "--shell", "/usr/sbin/nologin", name]
+    try:  # the account files are locked while another environment's account is made or removed
+        done = Retrying(retry=retry_if_result(lambda d: d.returncode == PASSWD_BUSY), stop=stop_after_delay(120),
+                        wait=wait_random(0.05, 0.5))(subprocess.run, argv, capture_output=True, text=True, check=False)
+    except RetryError as exc:
+        done = exc.last_attempt.result()
     if done.returncode not in (0, USERADD_EXISTS):  # another worker may have made it a moment ago
         raise RuntimeError(f"useradd {name} failed: {done.stderr.strip()}")
     return name
@@ -81,6 +86,6 @@ def remove_account(environment_id: str) -> None:
 
     try:  # a killed process may take a moment to be gone from the process table
         Retrying(retry=retry_if_result(lambda done: done.returncode not in (0, USERDEL_MISSING)),
-                 stop=stop_after_attempt(20), wait=wait_fixed(0.05))(attempt)
+                 stop=stop_after_delay(120), wait=wait_random(0.05, 0.5))(attempt)
     except RetryError as exc:
         log.warning("userdel %s failed: %s", name, exc.last_attempt.result().stderr.strip())

@@ -53,8 +53,10 @@ def bob(app) -> Api:  # noqa: ANN001
 def make_env(api: Api, name: str, nodes: list[dict], egress: list[dict] | None = None) -> dict:
     response = api.post("/v1/environments", {"name": name, "nodes": nodes, "egress": egress or []})
     assert response.status_code == 202, response.json
-    return wait_for(lambda: (e := api.get(f"/v1/environments/{name}").json)["state"] == "running" and e,
-                    timeout=120, what=f"environment {name} running")
+    env = wait_for(lambda: (e := api.get(f"/v1/environments/{name}").json)["state"] in ("running", "failed") and e,
+                   timeout=180, what=f"environment {name} made")
+    assert env["state"] == "running", env["error"]
+    return env
 
 
 def delete_env(api: Api, name: str) -> None:
