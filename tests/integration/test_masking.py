@@ -202,3 +202,61 @@ def test_bad_rules_are_refused_naming_the_field(api: Api, people: tuple[str, str
         assert bad.status_code == 422, bad.json
         assert (bad.json["error"]["code"], bad.json["error"]["field"]) == (code, field), bad.json
     assert api.get("/v1/environments/x").status_code == 404
+
+
+def test_a_mariadb_node_is_masked_on_its_private_start_too(api: Api, people: tuple[str, str, int]) -> None:
+    import pymysql
+
+    from shared.stacks.mariadb import mariadb_binaries
+
+    try:
+        mariadb_binaries()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    response = api.post("/v1/environments", {"name": "shop-m", "nodes": [{"name": "db", "stack": "mariadb"}]})
+    assert response.status_code == 202, response.json
+    wait_running(api, "shop-m")
+
+    def connect_m(env: str) -> pymysql.Connection:
+        found = environment(env)
+        assert found is not None
+        db = found.nodes[0]
+        return pymysql.connect(host=db.address, port=db.port, user=db.credentials["username"],
+                               password=db.credentials["password"], database="app", autocommit=True)
+
+    conn = connect_m("shop-m")
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE users (id int PRIMARY KEY, email varchar(100) UNIQUE NOT NULL, name varchar(100))")
+        cur.execute("CREATE TABLE orders (id int PRIMARY KEY, email varchar(100) NOT NULL, "
+                    "FOREIGN KEY (email) REFERENCES users (email) ON UPDATE CASCADE)")
+        cur.execute("INSERT INTO users SELECT seq, CONCAT('p', seq, '@mail.example.com'), CONCAT('Name ', seq) "
+                    "FROM seq_1_to_5000")
+        cur.execute("INSERT INTO orders SELECT seq, CONCAT('p', 1 + seq % 5000, '@mail.example.com') "
+                    "FROM seq_1_to_8000")
+    conn.close()
+    rules = [{"node": "db", "table": "users", "column": "email", "with": "email"},
+             {"node": "db", "table": "orders", "column": "email", "with": "email"},
+             {"node": "db", "table": "users", "column": "name", "with": "constant:Jane Doe"}]
+    response = api.post("/v1/environments/shop-m/clones", {"name": "shop-m-masked", "mask": rules})
+    assert response.status_code == 202, response.json
+    job_id = response.json["id"]
+    job = wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}").json)["state"] in ("succeeded", "failed") and j,
+                   timeout=300, what="the mariadb clone")
+    assert job["state"] == "succeeded", job["error"]
+    assert [(m["table"], m["column"], m["with"], m["rows"]) for m in job["masked"]] == [
+        ("users", "email", "email", 5000), ("orders", "email", "email", 8000), ("users", "name", "constant", 5000)]
+    assert "Jane Doe" not in json.dumps(job["masked"])  # shown only as the request's options
+    conn = connect_m("shop-m-masked")
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users WHERE email LIKE '%@mail.example.com' OR name <> 'Jane Doe'")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count(*) FROM orders o JOIN users u ON u.email = o.email")
+        assert cur.fetchone()[0] == 8000
+    conn.close()
+    source = connect_m("shop-m")
+    with source.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users WHERE email LIKE '%@mail.example.com'")
+        assert cur.fetchone()[0] == 5000
+    source.close()
+    delete_env(api, "shop-m-masked")
+    delete_env(api, "shop-m")
