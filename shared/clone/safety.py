@@ -4,11 +4,12 @@ every job carries.
 The pass runs inside assign_ips, on the stopped node, after its new address and credentials are set
 and its configs rewritten (see ``shared.clone.neutralize`` for why in this order):
 
-    config actions -> leak scan -> sql / delete_keys on a private start -> (first start)
+    config actions -> leak scan -> sql / delete_keys, then masking, on a private start -> (first start)
 
-Fail closed: a failed action, or a leak under ``on_leak: "fail"`` (the default), fails the step, and
-a failed step makes the report tear the whole clone down. Under ``"warn"`` the leaks are listed and
-the clone goes on. Findings name node, file, line and kind, never a value."""
+Fail closed: a failed action or masking rule (``shared.clone.masking``), or a leak under
+``on_leak: "fail"`` (the default), fails the step, and a failed step makes the report tear the whole
+clone down. Under ``"warn"`` the leaks are listed and the clone goes on. Findings name node, file,
+line and kind, never a value."""
 
 from __future__ import annotations
 
