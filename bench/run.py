@@ -125,7 +125,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "masking" in results:
         k = results["masking"]
         out += ["## Masking throughput (one PostgreSQL node)", "",
-                common.row("measure", "masking (email rule)", "plain UPDATE email = email || ''", "ratio", "target"),
+                common.row("measure", "masking (email rule)", "plain UPDATE email = email \\|\\| ''",
+                           "ratio", "target"),
                 common.row(*["---"] * 5),
                 common.row(f"{k['rows']} rows, one transaction", f"{k['mask_rows_s']:.0f} rows/s",
                            f"{k['plain_rows_s']:.0f} rows/s", f"{k['ratio']:.2f}",
