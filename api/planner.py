@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.clone import neutralize
+from shared.clone import masking, neutralize
 from shared.errors import Conflict
 from shared.leaks import Needles, literal_kinds
 from shared.models import JobNode, Node
@@ -54,12 +54,13 @@ def predicted_leaks(nodes: list[Node], on_clone: Iterable[dict[str, Any]], on_le
 
 def dry_run_plan(session: Session, tenant: str, source: str, target: str,
                  consistency: Consistency = Consistency.ONLINE, on_clone: list[dict[str, Any]] | None = None,
-                 on_leak: str = "fail") -> dict[str, Any]:
+                 on_leak: str = "fail", mask: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     plan = check_clone(session, tenant, source, target)
     reflink = plan.reflink
     nodes, longest = [], 0
     assert plan.source is not None  # check_clone answers 404 otherwise
     neutralize.check(on_clone or [], {n.name: n.stack for n in plan.source.nodes}, "on_clone")
+    masking.check(mask or [], {n.name: n.stack for n in plan.source.nodes}, "mask")
     leaks = predicted_leaks(list(plan.source.nodes), [*plan.source.on_clone, *(on_clone or [])], on_leak)
     if any(leak["outcome"] == "fail" for leak in leaks):
         plan.conflicts.append(Conflict("leak_predicted", "an on_clone config names the source literally; the "

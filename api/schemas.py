@@ -90,6 +90,28 @@ class EnvironmentIn(Strict):
         ON_CLONE_DESCRIPTION + " Run on every clone of this environment."))
 
 
+MaskIdentifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")]
+MaskTable = Annotated[str, StringConstraints(
+    pattern=r"^[A-Za-z_][A-Za-z0-9_$]{0,62}(\.[A-Za-z_][A-Za-z0-9_$]{0,62})?$")]
+MaskWith = Annotated[str, StringConstraints(
+    pattern=r"^(email|name|phone|null|hash|redact|constant:[^\x00]{0,1024})$")]
+
+
+class MaskIn(Strict):
+    """One masking rule: the clone's ``table.column`` on a postgres or mariadb node gets fakes."""
+
+    node: DnsLabel
+    table: MaskTable = Field(description="a table (or schema.table) of the application database")
+    column: MaskIdentifier
+    with_: MaskWith = Field(alias="with", description=(
+        "email, name, phone, hash: a fake derived from the value (the same value, the same fake within one "
+        "clone); redact: a fixed mask; null; constant:<value>."))
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def stored(self) -> dict[str, str]:
+        return {"node": self.node, "table": self.table, "column": self.column, "with": self.with_}
+
+
 class FaultIn(Strict):
     step: FaultPoint
     node: str = Field(default="*", max_length=63)
@@ -113,6 +135,12 @@ class CloneIn(Strict):
     on_leak: Literal["fail", "warn"] = Field(default="fail", description=(
         "A trace of the source (address, host:port, password) found in the clone's files before its first "
         "start: `fail` fails the job and tears the clone down; `warn` lists it and goes on."))
+    mask: list[MaskIn] = Field(default_factory=list, max_length=200, description=(
+        "Personal data replaced by fakes on the clone before anyone can reach it (one transaction per node); "
+        "any failure (an unknown table or column) fails the job and the clone is torn down."))
+    mask_seed: Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,128}$")] | None = Field(
+        default=None, description="Fakes derive from it: the same seed, the same fakes. Default: random per "
+        "job (never shown).")
     faults: list[FaultIn] = Field(default_factory=list, max_length=20,
                                   description="Fault injection (only when the server enables it).")
 
@@ -230,6 +258,9 @@ class SafetyOut(BaseModel):
     on_leak: str
     actions: int = Field(description="on_clone actions run")
     actions_failed: int
+    masked_rules: int = Field(default=0, description="masking rules run")
+    masked_failed: int = 0
+    masked_rows: int = Field(default=0, description="rows masked, over every rule")
     scanned_nodes: int
     scanned_files: int
     scan_complete: bool = Field(description="false: a node had more files than the scan reads")
@@ -251,6 +282,8 @@ class JobOut(BaseModel):
     rewrites: list[dict[str, Any]]
     leaks: list[dict[str, Any]] = Field(description="{node, file, line, kind}: never the value")
     actions: list[dict[str, Any]] = Field(description="{node, kind, state, ...counts}: on_clone actions run")
+    masked: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "{node, table, column, with, rows, state}: masking rules run (a constant's value is not shown)"))
     safety: SafetyOut
     nodes: list[JobNodeOut]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import object_session
 
-from shared.clone import safety
+from shared.clone import masking, safety
 from shared.models import CloneJob, Environment
 from shared.states import CLONE_STEPS, JobState, NodeState
 
@@ -42,17 +42,20 @@ def job(row: CloneJob) -> dict[str, Any]:
             "bytes_total": jn.bytes_total,
         })
     # on_clone is reported as the actions run (counts and key names; the SQL and values stay in the rows).
-    options = {k: v for k, v in row.options.items() if k not in ("faults", "on_clone")}
+    # The mask seed is a secret of the clone (with it, a fake can be matched to a guessed value).
+    options = {k: v for k, v in row.options.items() if k not in ("faults", "on_clone", "mask_seed")}
     # Collected when the job ends; from the steps' records while it runs.
     leaks, actions = (row.leaks, row.actions) if JobState(row.state).done else safety.collect(row.steps)
+    masked = row.masked if JobState(row.state).done else masking.collect(row.steps)
     fence = target.fence if target is not None else None
     return {
         "id": row.id, "state": row.state, "fence": fence,
         "source": row.source_name, "target": row.target_name,
         "percent": row.percent, "run": row.run, "error": row.error, "options": options,
         "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
-        "rewrites": row.rewrites, "leaks": leaks, "actions": actions,
-        "safety": safety.report(row.steps, fence, row.options.get("on_leak"), leaks, actions), "nodes": nodes,
+        "rewrites": row.rewrites, "leaks": leaks, "actions": actions, "masked": masked,
+        "safety": safety.report(row.steps, fence, row.options.get("on_leak"), leaks, actions, masked),
+        "nodes": nodes,
     }
 
 

@@ -159,6 +159,8 @@ class CloneJob(Base):
     # its outcome): leaks [{node, file, line, kind}] (never a value), on_clone actions run.
     leaks: Mapped[list[Any]] = mapped_column(default=list)
     actions: Mapped[list[Any]] = mapped_column(default=list)
+    # Masking rules run: [{node, table, column, with, rows, state}] (a constant's value is not shown).
+    masked: Mapped[list[Any]] = mapped_column(default=list)
     percent: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)

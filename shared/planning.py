@@ -5,6 +5,7 @@ so a dry run can list them all."""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import ipam, templates
-from shared.clone import neutralize
+from shared.clone import masking, neutralize
 from shared.config import get_settings
 from shared.errors import Conflict, PlanError, Problem
 from shared.hosts import local_host
@@ -137,15 +138,20 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,
                options: dict[str, Any]) -> CloneJob:
     """Write the job, its target environment, clone nodes, leases and steps (caller commits).
-    ``options["on_clone"]``: the request's actions, run after the source environment's own."""
+    ``options["on_clone"]``: the request's actions, run after the source environment's own;
+    ``options["mask"]``: masking rules (``shared.clone.masking``), with ``mask_seed``."""
     plan = check_clone(session, tenant, source_name, target_name)
     source = plan.source
     assert source is not None
     neutralize.check(options.get("on_clone", []), {n.name: n.stack for n in source.nodes}, "on_clone")
+    masking.check(options.get("mask", []), {n.name: n.stack for n in source.nodes}, "mask")
     if plan.conflicts:
         raise PlanError(plan.conflicts[0])
     settings = get_settings()
     options = {**options, "on_clone": [*source.on_clone, *options.get("on_clone", [])]}
+    if options.get("mask") and not options.get("mask_seed"):
+        # Random per job: another clone gets other fakes. Kept here, never shown in a response.
+        options["mask_seed"] = secrets.token_hex(16)
     # The clone reaches what its source may reach (the same configuration), never the source itself:
     # its fence admits its own nodes' addresses, not the source's. A clone of it is neutralized alike.
     target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id,

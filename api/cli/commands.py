@@ -78,16 +78,34 @@ def env_delete(ctx: typer.Context, name: str) -> None:
     console.print(f"environment {env['name']} is being deleted")
 
 
+def _mask_rule(text: str) -> dict[str, str]:
+    """NODE:TABLE.COLUMN=WITH (TABLE may be SCHEMA.TABLE)."""
+    where, sep, kind = text.partition("=")
+    node, colon, path = where.partition(":")
+    table, dot, column = path.rpartition(".")
+    if not (sep and colon and dot and node and table and column and kind):
+        raise typer.BadParameter(f"{text!r}: expected NODE:TABLE.COLUMN=WITH", param_hint="--mask")
+    return {"node": node, "table": table, "column": column, "with": kind}
+
+
 def clone(ctx: typer.Context, source: str, name: str,
           watch_: bool = typer.Option(False, "--watch", "-w", help="Follow progress until the job ends."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
           keep_on_failure: bool = typer.Option(False, "--keep-on-failure", help="Keep a failed clone to inspect."),
           on_leak: str = typer.Option("fail", "--on-leak", help="fail | warn: a trace of the source found in "
-                                      "the clone's files fails the job (and tears the clone down), or is listed.")
+                                      "the clone's files fails the job (and tears the clone down), or is listed."),
+          mask: list[str] = typer.Option([], "--mask", help="NODE:TABLE.COLUMN=WITH (email, name, phone, hash, "
+                                         "redact, null, constant:VALUE): fakes on the clone; repeatable."),
+          mask_seed: str | None = typer.Option(None, "--mask-seed", help="The same seed, the same fakes."),
           ) -> None:
     """Clone environment SOURCE as NAME."""
     api = client(ctx)
-    body = {"name": name, "dry_run": dry_run, "keep_on_failure": keep_on_failure, "on_leak": on_leak}
+    body: dict[str, Any] = {"name": name, "dry_run": dry_run, "keep_on_failure": keep_on_failure,
+                            "on_leak": on_leak}
+    if mask:
+        body["mask"] = [_mask_rule(m) for m in mask]
+    if mask_seed:
+        body["mask_seed"] = mask_seed
     result = api.post(f"/v1/environments/{source}/clones", body)
     if dry_run:
         table = Table(title=f"plan: {source} -> {name} ({'ok' if result['ok'] else 'CONFLICTS'})")

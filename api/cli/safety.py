@@ -33,10 +33,16 @@ def lines(job: dict[str, Any]) -> list[str]:
            f"{_plural(s['rewrites'], 'rewrite')} · [{leak_style}]{_plural(s['leaks'], 'leak')}[/] "
            f"(on_leak {s['on_leak']}) · {_plural(s['actions'], 'on_clone action')} run"
            + (f", [red]{s['actions_failed']} failed[/]" if s["actions_failed"] else "")
+           + (f" · {_plural(s.get('masked_rows', 0), 'row')} masked by {_plural(s['masked_rules'], 'rule')}"
+              if s.get("masked_rules") else "")
+           + (f", [red]{_plural(s['masked_failed'], 'masking rule')} failed[/]" if s.get("masked_failed") else "")
            + f" · scanned {_plural(s['scanned_files'], 'file')} on {_plural(s['scanned_nodes'], 'node')}"
            + ("" if s["scan_complete"] else " [yellow](incomplete: file limit)[/]")]
     out += [f"  leak    {x['node']} {x['file']}:{x['line']} {x['kind']}" for x in job.get("leaks", [])]
     out += [f"  action  {a['node']} {a['kind']}: {_action(a)}" for a in job.get("actions", [])]
+    out += [f"  masked  {m['node']} {m['table']}.{m['column']} with {m['with']}: "
+            + (f"FAILED: {m.get('error', '')}" if m.get("state") == "failed" else _plural(m.get("rows", 0), "row"))
+            for m in job.get("masked", [])]
     return out
 
 

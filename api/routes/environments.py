@@ -169,7 +169,7 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
         with session_scope() as session:
             _get_env(session, path.name)
             plan = dry_run_plan(session, tenant(), path.name, body.name, body.consistency,
-                                [a.stored() for a in body.on_clone], body.on_leak)
+                                [a.stored() for a in body.on_clone], body.on_leak, [m.stored() for m in body.mask])
             return jsonify(serialize.to_json(PlanOut.model_validate(plan)))
     key, digest = header.idempotency_key, _request_hash(path.name, body)
     if key:
@@ -184,6 +184,10 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
                                                     "consistency", "on_leak"})
     if body.on_clone:
         options["on_clone"] = [a.stored() for a in body.on_clone]
+    if body.mask:
+        options["mask"] = [m.stored() for m in body.mask]
+        if body.mask_seed:
+            options["mask_seed"] = body.mask_seed  # else plan_clone draws one per job
     if body.faults:
         options["faults"] = [f.model_dump() for f in body.faults]
     try:

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import identity, ipam
-from shared.clone import safety
+from shared.clone import masking, safety
 from shared.clone.events import record_event
 from shared.clone.sources import restart_source
 from shared.db import session_scope
@@ -78,6 +78,7 @@ def finish_job(job_id: str, run: int | None = None) -> JobState:
         problems = ensure_sources_running(session, job)  # safety net: no source is left down
         state = verdict([s.state for s in steps], problems)
         job.leaks, job.actions = safety.collect(steps)  # whatever the outcome: what the clone held and ran
+        job.masked = masking.collect(steps)
         if state == JobState.SUCCEEDED:
             if not job.options.get("retain_snapshots"):
                 delete_snapshots(session, job)

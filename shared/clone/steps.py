@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import identity, locks
-from shared.clone import neutralize, safety
+from shared.clone import masking, neutralize, safety
 from shared.clone.events import record_event
 from shared.clone.gate import Ticket, job_node
 from shared.clone.sources import restart_source
@@ -173,7 +173,9 @@ def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
         {"node": ticket.node_name, "file": r.file, "kind": "credential" if r.secret else "address",
          "old": REDACTED if r.secret else r.old, "new": REDACTED if r.secret else r.new, "count": r.count}
         for r in rewrites]}
-    safety.make_safe(driver, ticket, jn.clone_node_id, actions, needles, detail)  # UnsafeClone: never starts
+    rules = masking.for_node(ticket.options.get("mask", []), ticket.node_name)
+    mask = (rules, str(ticket.options.get("mask_seed", ""))) if rules else None
+    safety.make_safe(driver, ticket, jn.clone_node_id, actions, needles, detail, mask)  # UnsafeClone: never starts
     driver.restart(jn.clone_node_id, get_settings().health_timeout_s)
     with session_scope() as session:
         session.get(Node, jn.clone_node_id).state = NodeState.RUNNING

@@ -522,7 +522,8 @@ class LocalDriver(Driver):
                     raise
                 except Exception as exc:  # the server's client library decides what it raises
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise ActionFailed(f"on_clone {kind} on {stack.name} failed: {first}", done) from exc
+                    what = "masking" if kind == "mask" else f"on_clone {kind}"
+                    raise ActionFailed(f"{what} on {stack.name} failed: {first}", done) from exc
         if ctx.run_as is not None:
             ctx.run_as.chown_tree(ctx.config_dir)
         return done

@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pymysql
 
@@ -89,10 +90,35 @@ def _run_as_node(ctx: NodeContext, argv: list[str], stdin: str | None = None, ti
     return out.stdout + out.stderr
 
 
+def mask_statement(table: str, column: str, kind: str, seed: str) -> tuple[str, tuple[str, ...]]:
+    """UPDATE table SET column = <fake> for one masking rule (``shared.clone.masking``), as the
+    PostgreSQL stack's: a fake derived from MD5(seed || value). Table and column were checked to be
+    identifiers when the request was made; backquoted here all the same."""
+    col = f"`{column}`"
+    target = ".".join(f"`{part}`" for part in table.split("."))
+    digest = f"MD5(CONCAT(%s, CAST({col} AS CHAR)))"
+    derived = {
+        "email": f"CONCAT('user_', LEFT({digest}, 12), '@example.invalid')",
+        "name": f"CONCAT('Person ', UPPER(LEFT({digest}, 8)))",
+        "phone": f"CONCAT('+1-555-', LPAD(CONV(LEFT({digest}, 7), 16, 10) MOD 10000000, 7, '0'))",
+        "hash": f"SHA2(CONCAT(%s, CAST({col} AS CHAR)), 256)",
+        "redact": "'********'",
+    }
+    if kind in derived:
+        params: tuple[str, ...] = (seed,) if "%s" in derived[kind] else ()
+        return f"UPDATE {target} SET {col} = {derived[kind]} WHERE {col} IS NOT NULL", params
+    if kind == "null":
+        return f"UPDATE {target} SET {col} = NULL", ()
+    if kind.startswith("constant:"):
+        return f"UPDATE {target} SET {col} = %s", (kind[len("constant:"):],)
+    raise ValueError(f"unknown mask {kind!r}")
+
+
 class MariaDBStack(Stack):
     name = "mariadb"
     default_port = 3306
     refuses_root = True  # mariadbd will not run as root without --user=root
+    server_actions = frozenset({"mask"})
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
         user = (previous or {}).get("username", APP_USER)
@@ -196,6 +222,50 @@ class MariaDBStack(Stack):
         _run_as_node(ctx, [server, "--no-defaults", "--bootstrap", "--skip-networking", *self._options(ctx)],
                      stdin="\n".join(statements) + "\n")
         super().apply_credentials(ctx, credentials)
+
+    # ---- the private start: no TCP at all, a Unix socket in the driver's 0700 directory ---------
+    def private_command(self, ctx: NodeContext, sockdir: Path) -> tuple[list[str], dict[str, str]]:
+        server, _ = mariadb_binaries()
+        argv = [server, "--no-defaults", *self._options(ctx), "--skip-networking", f"--socket={sockdir / 'm.sock'}",
+                f"--pid-file={sockdir / 'mariadbd.pid'}"]
+        return argv, {"LC_ALL": "C"}
+
+    @contextmanager
+    def _private_connect(self, ctx: NodeContext, sockdir: Path, timeout: int = 2) -> Iterator[pymysql.Connection]:
+        creds = ctx.secrets()  # the clone's own, set before
+        conn = pymysql.connect(unix_socket=str(sockdir / "m.sock"), user=creds.get("superuser", SUPERUSER),
+                               password=creds["superuser_password"], database=APP_DB, connect_timeout=timeout,
+                               read_timeout=3600, write_timeout=3600, autocommit=False,
+                               client_flag=pymysql.constants.CLIENT.FOUND_ROWS)  # rows matched, not changed
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def private_check(self, ctx: NodeContext, sockdir: Path) -> None:
+        with self._private_connect(ctx, sockdir) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    def server_action(self, ctx: NodeContext, sockdir: Path, kind: str, payload: Any) -> dict[str, Any]:
+        """``mask``: the node's masking rules, one transaction (InnoDB tables), foreign key checks off
+        for it (a key and the columns referencing it are masked alike, each by its own rule)."""
+        if kind != "mask":
+            return super().server_action(ctx, sockdir, kind, payload)
+        masked: list[int] = []
+        with self._private_connect(ctx, sockdir, timeout=10) as conn:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SET SESSION foreign_key_checks = 0")
+                    cur.execute("START TRANSACTION")
+                    for rule in payload["rules"]:
+                        statement, params = mask_statement(rule["table"], rule["column"], rule["with"],
+                                                           payload["seed"])
+                        masked.append(max(cur.execute(statement, params or None), 0))
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+        return {"masked": masked}
 
     def check(self, ctx: NodeContext) -> str:
         with self._connect(ctx) as cur:

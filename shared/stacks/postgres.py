@@ -59,6 +59,33 @@ def _backup_ignore(rel: str) -> bool:
     return len(parts) > 2 and parts[0] == "data" and parts[1] in _BACKUP_EMPTY_DIRS
 
 
+def mask_statement(table: str, column: str, kind: str, seed: str) -> tuple[sql.Composed, dict[str, str]]:
+    """UPDATE table SET column = <fake> for one masking rule (``shared.clone.masking``): a fake
+    derived from md5(seed || value), so equal values get equal fakes within one seed."""
+    col = sql.Identifier(column)
+    value = sql.SQL("{}::text").format(col)
+    digest = sql.SQL("md5(%(seed)s::text || {})").format(value)
+    params = {"seed": seed}
+    derived = {
+        "email": sql.SQL("'user_' || substr({}, 1, 12) || '@example.invalid'").format(digest),
+        "name": sql.SQL("'Person ' || upper(substr({}, 1, 8))").format(digest),
+        "phone": sql.SQL("'+1-555-' || translate(substr({}, 1, 7), 'abcdef', '012345')").format(digest),
+        "hash": sql.SQL("encode(sha256(convert_to(%(seed)s::text || {}, 'UTF8')), 'hex')").format(value),
+        "redact": sql.SQL("'********'"),
+    }
+    where = sql.SQL(" WHERE {} IS NOT NULL").format(col)
+    if kind in derived:
+        fake = derived[kind]
+    elif kind == "null":
+        fake, where, params = sql.SQL("NULL"), sql.SQL(""), {}
+    elif kind.startswith("constant:"):
+        fake, where, params = sql.SQL("%(constant)s"), sql.SQL(""), {"constant": kind[len("constant:"):]}
+    else:
+        raise ValueError(f"unknown mask {kind!r}")
+    target = sql.Identifier(*table.split("."))
+    return sql.SQL("UPDATE {} SET {} = {}{}").format(target, col, fake, where), params
+
+
 class PostgresStack(Stack):
     name = "postgres"
     default_port = 5432
@@ -68,7 +95,7 @@ class PostgresStack(Stack):
     # Relation files, WAL, commit logs and the like; postmaster.opts records the last start's
     # command line (the source's address, in a clone) and is rewritten by every start.
     server_files = ("data/base/*", "data/global/*", "data/pg_*/*", "data/postmaster.opts", "data/postmaster.pid")
-    server_actions = frozenset({"sql"})
+    server_actions = frozenset({"sql", "mask"})
 
     def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
         user = (previous or {}).get("username", APP_USER)
@@ -221,7 +248,10 @@ class PostgresStack(Stack):
             conn.execute("SELECT 1")
 
     def server_action(self, ctx: NodeContext, sockdir: Path, kind: str, payload: Any) -> dict[str, Any]:
-        """``sql``: the statements, one transaction, as the superuser in the application database."""
+        """``sql``: the statements, one transaction, as the superuser in the application database.
+        ``mask``: the node's masking rules (``shared.clone.masking``), one transaction."""
+        if kind == "mask":
+            return self._mask(ctx, sockdir, payload)
         if kind != "sql":
             return super().server_action(ctx, sockdir, kind, payload)
         rows = 0
@@ -230,6 +260,19 @@ class PostgresStack(Stack):
                 cursor = conn.execute(statement)
                 rows += max(cursor.rowcount, 0)
         return {"statements": len(payload), "rows": rows}
+
+    def _mask(self, ctx: NodeContext, sockdir: Path, payload: dict[str, Any]) -> dict[str, Any]:
+        """One UPDATE per rule, all in one transaction; the seed is a bound parameter (never in the
+        statement text, so never in a server log). Foreign keys and triggers are off for the
+        transaction (session_replication_role = replica): a key and the columns referencing it are
+        masked alike, each by its own rule, and an ON UPDATE CASCADE must not mask a fake twice."""
+        masked: list[int] = []
+        with self._private_connect(ctx, sockdir, timeout=10) as conn, conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            for rule in payload["rules"]:
+                statement, params = mask_statement(rule["table"], rule["column"], rule["with"], payload["seed"])
+                masked.append(max(conn.execute(statement, params).rowcount, 0))
+        return {"masked": masked}
 
     def check(self, ctx: NodeContext) -> str:
         with self._connect(ctx) as conn:

@@ -100,4 +100,5 @@ def test_safety_report_from_the_steps_records() -> None:
     assert [a["node"] for a in actions] == ["db", "web"] and len(leaks) == 1
     assert safety.report(steps, "enforced", None, leaks, actions) == {
         "fence": "enforced", "credentials_rotated": 1, "rewrites": 2, "leaks": 1, "on_leak": "fail",
-        "actions": 1, "actions_failed": 1, "scanned_nodes": 2, "scanned_files": 8, "scan_complete": False}
+        "actions": 1, "actions_failed": 1, "masked_rules": 0, "masked_failed": 0, "masked_rows": 0,
+        "scanned_nodes": 2, "scanned_files": 8, "scan_complete": False}
