@@ -71,6 +71,8 @@ def fence_environment(env_id: str) -> str:
     ENVCLONE_REQUIRE_FENCE a fence that cannot be set up refuses the environment (RuntimeError)."""
     with session_scope() as session:
         env = session.get(Environment, env_id)
+        if not _wanted(env):
+            raise Gone(env_id)  # deleted meanwhile: no account or fence is made for it again
         own = [n.address for n in env.nodes]
         egress = [fence.Egress(e["cidr"], tuple(e.get("ports", ()))) for e in env.egress]
     account = identity.ensure_account(env_id)
@@ -96,6 +98,8 @@ def rebuild_fences() -> int:
     for env_id in ids:
         try:
             fence_environment(env_id)
+        except Gone:
+            continue  # deleted meanwhile: its delete removes its fence
         except RuntimeError as exc:
             log.error("env=%s fence: %s", env_id, exc)
     return len(ids)
@@ -127,7 +131,10 @@ def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
     driver = get_driver()
     size, error = 0, None
     try:
-        fence_environment(env_id)
+        try:
+            fence_environment(env_id)
+        except Gone:
+            _abandon(env_id, node_id)
         spec = NodeSpec(*spec_args, owner=identity.ensure_account(env_id))
         driver.create_node(spec)
         size = driver.volume_size(node_id)
