@@ -1,7 +1,7 @@
-"""The transactional outbox, sending side. Rows are committed first with ``dispatched_at`` empty;
-whoever sends the workflow marks it with a compare-and-set, so a job is dispatched once even when
-the API and the dispatcher race. What the API could not send (it crashed, the broker blinked) the
-watchdog sends after a grace period."""
+"""The transactional outbox, sending side. Rows are committed first with ``dispatched_at`` empty
+and marked with a compare-and-set: environments by whoever sends their task, clone jobs by the
+worker that takes their start task (the request itself costs one transaction). What was not marked
+within a grace period -- the API died, the broker blinked -- the watchdog sends again."""
 
 from __future__ import annotations
 

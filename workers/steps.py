@@ -16,6 +16,7 @@ from shared.models import CloneJob
 from shared.states import FaultPoint, Step
 from workers.broker_guard import await_broker, send_progress
 from workers.celery_app import TASK_OPTS
+from workers.dispatcher import mark_dispatched
 from workers.workflow import clone_canvas
 
 
@@ -57,6 +58,7 @@ def assign_ips(self: Task, job_id: str, source_node_id: str, run: int = 1) -> No
 def start_clone(self: Task, job_id: str) -> None:
     """The one message a clone request publishes: prepare the job's current run, then publish its
     per-node canvas (at most once per run)."""
+    mark_dispatched(CloneJob, job_id)  # the outbox: it reached a worker
     with session_scope() as session:
         job = session.get(CloneJob, job_id)
         run = job.run if job is not None else 0

@@ -8,7 +8,7 @@ from celery.canvas import Signature
 from sqlalchemy import select
 
 from shared.db import session_scope
-from shared.models import CloneJob, Environment, JobNode
+from shared.models import Environment, JobNode
 from shared.states import CLONE_STEPS
 from workers.dispatcher import mark_dispatched
 
@@ -33,8 +33,10 @@ def clone_canvas(app: Celery, job_id: str, run: int) -> Signature:
 # Each dispatch publishes one small message and marks its outbox row once the broker has it
 # (see workers.dispatcher); the worker that takes it builds the rest.
 def dispatch_clone(app: Celery, job_id: str) -> None:
+    """One publish and nothing else: the worker that takes the start task marks the outbox row, so a
+    clone request costs one transaction (what was not taken within the grace period is sent again
+    by the watchdog; a duplicate start finds its run's canvas published and stands down)."""
     _sig(app, "start_clone", job_id, argsrepr=f"job={job_id[:8]} step=start").apply_async()
-    mark_dispatched(CloneJob, job_id)
 
 
 def dispatch_create_environment(app: Celery, env_id: str) -> None:
