@@ -3,6 +3,7 @@ their baselines, ratios, targets met or missed) and downtime.png.
 
     python -m bench.run                 # everything: downtime at 100 MiB, 1 GiB, 4 GiB
     python -m bench.run --sizes 100,1024 --only downtime,copy
+    python -m bench.run --only realclient --realclient-sizes 1024 --realclient-roots default,xfs
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from bench import common
 
-ALL = ("downtime", "orchestration", "throughput", "copy", "streams")
+ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "realclient")
 
 
 def plot(downtime: list[dict[str, Any]], path: Path) -> None:
@@ -152,6 +153,10 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--orchestration-nodes", default="1,10,50")
     parser.add_argument("--jobs", type=int, default=30, help="jobs per throughput run")
+    parser.add_argument("--realclient-sizes", default="1024,4096", help="realclient PostgreSQL sizes in MiB")
+    parser.add_argument("--realclient-roots", default="default,xfs", help="realclient data roots: default,xfs")
+    parser.add_argument("--realclient-stacks", default="postgres,valkey")
+    parser.add_argument("--realclient-valkey-mib", type=int, default=1024)
     parser.add_argument("--data-root", type=Path, default=None, help="default data root (a fresh temp dir)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -186,6 +191,14 @@ def main() -> None:
         from bench import streams
 
         results["streams"] = streams.run()
+    if "realclient" in only:
+        from bench import realclient
+
+        fresh = realclient.run([int(s) for s in args.realclient_sizes.split(",")], args.realclient_roots.split(","),
+                               root / "rc", args.realclient_valkey_mib, args.realclient_stacks.split(","))
+        key = lambda r: (r["root"], r["stack"], r["size_mib"], r["mode"])  # noqa: E731
+        kept = [r for r in results.get("realclient", []) if key(r) not in {key(f) for f in fresh}]
+        results["realclient"] = sorted(kept + fresh, key=key)
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))
