@@ -126,18 +126,25 @@ class ConnectProbe(Probe):
 
 
 # ---- loads -------------------------------------------------------------------------------------
-def _client_gaps(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> float:
+def _gap_figures(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> dict[str, float]:
+    gap, at = _client_gaps(per_client, t0, t1, end)
+    return {"longest_client_gap_ms": gap, "longest_gap_began_s": at}
+
+
+def _client_gaps(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> tuple[float, float]:
     """The longest wait any one client had between two acknowledged transactions that overlaps
-    [t0, t1]; a client that stopped acknowledging (aborted) waited until the load's end."""
-    worst = 0.0
+    [t0, t1] (ms), and when it began (s after t0); a client that stopped acknowledging (aborted)
+    waited until the load's end."""
+    worst, at = 0.0, 0.0
     for times in per_client.values():
         times = sorted(times)
-        for a, b in zip(times, times[1:], strict=False):
-            if b >= t0 and a <= t1:
-                worst = max(worst, b - a)
+        spans = [(a, b) for a, b in zip(times, times[1:], strict=False) if b >= t0 and a <= t1]
         if times and times[-1] < t1:
-            worst = max(worst, end - times[-1])
-    return worst * 1000
+            spans.append((times[-1], end))
+        for a, b in spans:
+            if b - a > worst:
+                worst, at = b - a, a - t0
+    return worst * 1000, at
 
 
 class PgbenchLoad:
@@ -181,7 +188,7 @@ class PgbenchLoad:
                 "failed_transactions": int(failed.group(1)) if failed else self.failed_logged,
                 "aborted_clients": len(set(re.findall(r"client (\d+) (?:script \d+ )?aborted", self.stderr))),
                 "pgbench_exit": self.proc.returncode,
-                "longest_client_gap_ms": _client_gaps(self.ok, t0, t1, self.ended),
+                **_gap_figures(self.ok, t0, t1, self.ended),
                 "p99_before_ms": pct(before, 99), "p99_during_ms": pct(during, 99),
                 "tx_before": len(before), "tx_during": len(during),
                 "load_outlasted_clone": self.ended > t1}
@@ -232,7 +239,7 @@ class ValkeyPairLoad:
         before = [ms for t, ms in self.lat if t0 - BEFORE_S <= t < t0]
         during = [ms for t, ms in self.lat if t0 <= t <= t1]
         return {"transactions": len(self.lat), "failed_transactions": len(self.failures), "aborted_clients": 0,
-                "longest_client_gap_ms": _client_gaps(self.ok, t0, t1, self.ended),
+                **_gap_figures(self.ok, t0, t1, self.ended),
                 "p99_before_ms": pct(before, 99), "p99_during_ms": pct(during, 99),
                 "tx_before": len(before), "tx_during": len(during), "load_outlasted_clone": True}
 
@@ -279,7 +286,8 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
     driver.restart(copy_id, 600)
     t["end"] = time.time()
     return {"method": info.method, "snapshot_bytes": info.size_bytes, "window_ms": info.window_ms,
-            "clone_s": t["end"] - t["start"], "source_held_ms": (t["source_back"] - t["quiesce"]) * 1000
+            "clone_s": t["end"] - t["start"], "snapshot_done_s": t["source_back"] - t["start"],
+            "source_held_ms": (t["source_back"] - t["quiesce"]) * 1000
             if "quiesce" in t else 0.0, "t0": t["start"], "t1": t["end"], "copy_id": copy_id, "snap": snap,
             "credentials": credentials}
 
