@@ -23,22 +23,34 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import psycopg
+import pymysql
 import redis
 
 from bench.common import filesystem, pct
-from bench.downtime import ADDRESSES, MIB, fill, xfs_root
+from bench.downtime import MIB, xfs_root
 from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
 from shared.snapshots import tree_size
 from shared.stacks import get_stack
 from shared.stacks.postgres import APP_DB, SUPERUSER, postgres_bindir
 
-CLONE_ADDRESSES = {"postgres": "127.110.0.11", "valkey": "127.110.0.12"}
+# Off the test suites' address pools (127.80-115.x): tests may run on the machine at the same time.
+ADDRESSES = {"postgres": ("127.120.0.1", 5432), "valkey": ("127.120.0.2", 6379), "mariadb": ("127.120.0.3", 3306)}
+CLONE_ADDRESSES = {"postgres": "127.120.0.11", "valkey": "127.120.0.12", "mariadb": "127.120.0.13"}
+DB_ERRORS = (redis.RedisError, psycopg.Error, pymysql.Error, OSError)
 BEFORE_S = 10.0  # the baseline: the 10 s of load before the clone starts
 AFTER_S = 3.0
 TARGET_GAP_MS = {"postgres": 50, "valkey": 20, "mariadb": 50}
+
+
+def mysql_connect(url: str) -> pymysql.Connection:
+    u = urlsplit(url)
+    return pymysql.connect(host=u.hostname, port=u.port, user=unquote(u.username or ""),
+                           password=unquote(u.password or ""), database=u.path.lstrip("/"), autocommit=True,
+                           connect_timeout=1, read_timeout=600, write_timeout=600)
 
 
 # ---- probes ------------------------------------------------------------------------------------
@@ -59,7 +71,7 @@ class Probe:
             try:
                 self.op()
                 self.events.append((time.time(), True))
-            except (redis.RedisError, psycopg.Error, OSError):
+            except DB_ERRORS:
                 self.events.append((time.time(), False))
                 self.reset()
             self._stop.wait(self.pace)
@@ -94,11 +106,16 @@ class WriteProbe(Probe):
         if self.client is None:
             if self.stack == "valkey":
                 self.client = redis.Redis.from_url(self.url, socket_timeout=600, socket_connect_timeout=1)
+            elif self.stack == "mariadb":
+                self.client = mysql_connect(self.url)
+                self.client.cursor().execute("CREATE TABLE IF NOT EXISTS bench_probe (at double) ENGINE=InnoDB")
             else:
                 self.client = psycopg.connect(self.url, autocommit=True, connect_timeout=1)
                 self.client.execute("CREATE TABLE IF NOT EXISTS bench_probe (at double precision)")
         if self.stack == "valkey":
             self.client.set("bench:probe", time.time())
+        elif self.stack == "mariadb":
+            self.client.cursor().execute("INSERT INTO bench_probe VALUES (%s)", (time.time(),))
         else:
             self.client.execute("INSERT INTO bench_probe VALUES (%s)", (time.time(),))
 
@@ -120,6 +137,12 @@ class ConnectProbe(Probe):
                 client.ping()
             finally:
                 client.close()
+        elif self.stack == "mariadb":
+            conn = mysql_connect(self.url)
+            try:
+                conn.cursor().execute("SELECT 1")
+            finally:
+                conn.close()
         else:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=1) as conn:
                 conn.execute("SELECT 1")
@@ -194,9 +217,8 @@ class PgbenchLoad:
                 "load_outlasted_clone": self.ended > t1}
 
 
-class ValkeyPairLoad:
-    """4 clients, each looping MULTI INCR bench:a INCR bench:b EXEC; a failed EXEC is counted and
-    the client reconnects."""
+class ThreadLoad:
+    """4 clients, each looping one transaction; a failed one is counted and the client reconnects."""
 
     def __init__(self, url: str, clients: int = 4) -> None:
         self.url, self.clients = url, clients
@@ -206,20 +228,23 @@ class ValkeyPairLoad:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def transaction(self, client: Any) -> None:
+        raise NotImplementedError
+
     def _run(self, i: int) -> None:
         client = None
         while not self._stop.is_set():
             try:
-                client = client or redis.Redis.from_url(self.url, socket_timeout=600, socket_connect_timeout=1)
+                client = client or self.connect()
                 sent = time.time()
-                pipe = client.pipeline(transaction=True)
-                pipe.incr("bench:a")
-                pipe.incr("bench:b")
-                pipe.execute()
+                self.transaction(client)
                 done = time.time()
                 self.ok[i].append(done)
                 self.lat.append((done, (done - sent) * 1000))
-            except (redis.RedisError, OSError):
+            except DB_ERRORS:
                 self.failures.append(time.time())
                 client = None
                 time.sleep(0.005)
@@ -244,6 +269,15 @@ class ValkeyPairLoad:
                 "tx_before": len(before), "tx_during": len(during), "load_outlasted_clone": True}
 
 
+def fill_postgres(driver: LocalDriver, node_id: str, mib: int) -> None:
+    """pgbench -i at about 15 MiB per scale unit (as bench.downtime.fill)."""
+    _, ctx = driver._node(node_id)
+    address, port = ADDRESSES["postgres"]
+    env = {**os.environ, "PGPASSWORD": ctx.secrets()["superuser_password"]}
+    subprocess.run([str(postgres_bindir() / "pgbench"), "-i", "-q", "-s", str(max(1, round(mib / 15))),
+                    "-h", address, "-p", str(port), "-U", SUPERUSER, APP_DB], env=env, check=True, capture_output=True)
+
+
 def fill_valkey(url: str, mib: int) -> None:
     """As bench.downtime.fill, through the node's URL (it has a password): 1 MiB values, then an
     append-only rewrite as a long-running server would have done."""
@@ -261,6 +295,63 @@ def fill_valkey(url: str, mib: int) -> None:
     while client.info("persistence")["aof_rewrite_in_progress"] or client.info("persistence")["aof_rewrite_scheduled"]:
         time.sleep(0.1)  # poll: valkey reports the rewrite's end only through INFO
     client.close()
+
+
+class ValkeyPairLoad(ThreadLoad):
+    """MULTI INCR bench:a INCR bench:b EXEC."""
+
+    def connect(self) -> Any:
+        return redis.Redis.from_url(self.url, socket_timeout=600, socket_connect_timeout=1)
+
+    def transaction(self, client: Any) -> None:
+        pipe = client.pipeline(transaction=True)
+        pipe.incr("bench:a")
+        pipe.incr("bench:b")
+        pipe.execute()
+
+
+class TransferLoad(ThreadLoad):
+    """A transfer between two accounts: UPDATE both in one InnoDB transaction (the balances sum to 0)."""
+
+    def connect(self) -> Any:
+        conn = mysql_connect(self.url)
+        conn.autocommit(False)
+        return conn
+
+    def transaction(self, client: Any) -> None:
+        try:
+            with client.cursor() as cur:
+                cur.execute("UPDATE bench_accounts SET balance = balance - 1 WHERE id = 1")
+                cur.execute("UPDATE bench_accounts SET balance = balance + 1 WHERE id = 2")
+            client.commit()
+        except DB_ERRORS:
+            try:
+                client.close()
+            finally:
+                raise
+
+
+def fill_mariadb(url: str, mib: int) -> None:
+    """The accounts, and ``mib`` MiB of InnoDB rows beside them (random bytes: incompressible)."""
+    conn = mysql_connect(url)
+    cur = conn.cursor()
+    cur.execute("CREATE TABLE bench_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB")
+    cur.execute("INSERT INTO bench_accounts VALUES (1, 0), (2, 0)")
+    cur.execute("CREATE TABLE bench_blob (id INT AUTO_INCREMENT PRIMARY KEY, v LONGBLOB) ENGINE=InnoDB")
+    chunk = os.urandom(256 * 1024)
+    for _ in range(mib * 4 // 16):
+        cur.executemany("INSERT INTO bench_blob (v) VALUES (%s)", [chunk[j:] + chunk[:j] for j in range(16)])
+    conn.close()
+
+
+def mariadb_invariant(url: str) -> dict[str, Any]:
+    conn = mysql_connect(url)
+    cur = conn.cursor()
+    cur.execute("SELECT id, balance FROM bench_accounts ORDER BY id")
+    rows = cur.fetchall()
+    conn.close()
+    balances = [int(b) for _, b in rows]
+    return {"invariant_holds": len(balances) == 2 and sum(balances) == 0, "balances": balances}
 
 
 # ---- the clone ---------------------------------------------------------------------------------
@@ -314,6 +405,8 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
     url = driver.url(source)
     if stack == "postgres":
         load: Any = PgbenchLoad(driver, source, int(BEFORE_S + budget_s + AFTER_S), work)
+    elif stack == "mariadb":
+        load = TransferLoad(url)
     else:
         load = ValkeyPairLoad(url)
     probes = [WriteProbe(stack, url), ConnectProbe(stack, url)]
@@ -324,7 +417,7 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
         load.start()
         time.sleep(BEFORE_S)
         c = clone(driver, source, stack, mode, tag)
-        if stack == "valkey":
+        if stack != "postgres":
             time.sleep(AFTER_S)
         load.finish()
         for p in probes:
@@ -338,6 +431,8 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
         if stack == "postgres":
             result.update(pg_invariant(CLONE_ADDRESSES[stack], ADDRESSES[stack][1],
                                        c["credentials"]["superuser_password"]))
+        elif stack == "mariadb":
+            result.update(mariadb_invariant(driver.url(c["copy_id"])))
         else:
             result.update(valkey_invariant(driver.url(c["copy_id"])))
         return result
@@ -347,7 +442,7 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
         if getattr(load, "proc", None) is not None and load.proc.poll() is None:
             load.proc.kill()
             load.proc.wait()
-        if isinstance(load, ValkeyPairLoad):
+        if isinstance(load, ThreadLoad):
             load._stop.set()
         driver.destroy_node(f"rc{tag}copy")
         driver.delete_snapshot(f"rc{tag}snap")
@@ -366,7 +461,9 @@ def measure(root: Path, stack: str, mib: int, modes: list[str], label: str) -> l
         driver.create_node(NodeSpec(source, stack, address, port))
         started = time.monotonic()
         if stack == "postgres":
-            fill(driver, source, stack, mib)
+            fill_postgres(driver, source, mib)
+        elif stack == "mariadb":
+            fill_mariadb(driver.url(source), mib)
         else:
             fill_valkey(driver.url(source), mib)
         fill_s = time.monotonic() - started
@@ -393,7 +490,7 @@ def measure(root: Path, stack: str, mib: int, modes: list[str], label: str) -> l
 
 
 def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: int,
-        stacks: list[str]) -> list[dict[str, Any]]:
+        stacks: list[str], mariadb_mib: int = 256) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     modes = ["online", "stop"]
     default_root.mkdir(parents=True, exist_ok=True)
@@ -416,4 +513,6 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
                     results += measure(root, "postgres", mib, modes, label)
             if "valkey" in stacks:
                 results += measure(root, "valkey", valkey_mib, modes, label)
+            if "mariadb" in stacks:
+                results += measure(root, "mariadb", mariadb_mib, modes, label)
     return results

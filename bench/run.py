@@ -205,8 +205,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=30, help="jobs per throughput run")
     parser.add_argument("--realclient-sizes", default="1024,4096", help="realclient PostgreSQL sizes in MiB")
     parser.add_argument("--realclient-roots", default="default,xfs", help="realclient data roots: default,xfs")
-    parser.add_argument("--realclient-stacks", default="postgres,valkey")
+    parser.add_argument("--realclient-stacks", default="postgres,valkey,mariadb")
     parser.add_argument("--realclient-valkey-mib", type=int, default=1024)
+    parser.add_argument("--realclient-mariadb-mib", type=int, default=256)
     parser.add_argument("--data-root", type=Path, default=None, help="default data root (a fresh temp dir)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -249,7 +250,8 @@ def main() -> None:
         from bench import realclient
 
         fresh = realclient.run([int(s) for s in args.realclient_sizes.split(",")], args.realclient_roots.split(","),
-                               root / "rc", args.realclient_valkey_mib, args.realclient_stacks.split(","))
+                               root / "rc", args.realclient_valkey_mib, args.realclient_stacks.split(","),
+                               args.realclient_mariadb_mib)
         key = lambda r: (r["root"], r["stack"], r["size_mib"], r["mode"])  # noqa: E731
         kept = [r for r in results.get("realclient", []) if key(r) not in {key(f) for f in fresh}]
         results["realclient"] = sorted(kept + fresh, key=key)

@@ -145,7 +145,7 @@ def enqueue_cpu(n: int = 200) -> dict[str, Any]:
     gunicorn, the server's processes' CPU time before and after; and the same for GET /healthz (the
     HTTP stack's own cost). Also the sequential latency (p50), the figure the old notes call
     "server time when sent alone"."""
-    with Backend(pool="127.114.0.0/16") as backend:
+    with Backend(pool="127.116.0.0/16") as backend:
         create_environment("cpu", [{"name": "cache", "stack": "valkey"}])
         backend.stop_worker()
         with api_server({**backend.env}) as base:
