@@ -172,7 +172,8 @@ def realclient_markdown(rows: list[dict[str, Any]]) -> list[str]:
            "prepare_snapshot, quiesce, snapshot, restart; online: snapshot_online), then provision, "
            "assign_address, set_credentials, restart of the copy. Window = clone start to the copy serving. "
            "\"Longest client gap\": the longest wait one load client had between two acknowledged transactions "
-           "(a pgbench client that aborted waited until the run's end: pgbench does not reconnect, so in stop mode "
+           "(a pgbench client that aborted is counted as waiting until the clone's end: pgbench does not reconnect, "
+           "and exits once all its clients have aborted; so in stop mode "
            "its p99 during covers only the time before the shutdown). One run per row. Targets: "
            "0 failed, 0 refused, gap <= 50 ms (PostgreSQL, MariaDB) / 20 ms (Valkey), p99 during <= 3x before.", "",
            common.row("root", "stack", "size", "mode", "method", "clone", "source held", "longest client gap",
