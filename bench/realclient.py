@@ -90,8 +90,14 @@ class Probe:
         return sum(1 for t, ok in self.events if not ok and t0 <= t <= t1)
 
     def max_gap_ms(self, t0: float, t1: float) -> float:
+        return self.max_gap(t0, t1)[0]
+
+    def max_gap(self, t0: float, t1: float) -> tuple[float, float]:
+        """The longest gap between two acknowledged operations overlapping [t0, t1] (ms), and
+        when it began (s after t0)."""
         ok = [t for t, good in self.events if good]
-        return max(((b - a) * 1000 for a, b in zip(ok, ok[1:], strict=False) if b >= t0 and a <= t1), default=0.0)
+        return max((((b - a) * 1000, a - t0) for a, b in zip(ok, ok[1:], strict=False) if b >= t0 and a <= t1),
+                   default=(0.0, 0.0))
 
 
 class WriteProbe(Probe):
@@ -425,6 +431,7 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
         t0, t1 = c["t0"], c["t1"]
         result = {**{k: v for k, v in c.items() if k not in ("credentials",)}, **load.figures(t0, t1),
                   "probe_write_gap_ms": probes[0].max_gap_ms(t0, t1),
+                  "probe_gap_began_s": probes[0].max_gap(t0, t1)[1],
                   "probe_write_failures": probes[0].failures(t0, t1),
                   "refused_connections": probes[1].failures(t0, t1),
                   "connect_attempts": sum(1 for t, _ in probes[1].events if t0 <= t <= t1)}
