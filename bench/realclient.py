@@ -35,6 +35,7 @@ from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
 from shared.snapshots import tree_size
 from shared.stacks import get_stack
+from shared.stacks.mariadb import mariadb_backup
 from shared.stacks.postgres import APP_DB, SUPERUSER, postgres_bindir
 
 # Off the test suites' address pools (127.80-115.x): tests may run on the machine at the same time.
@@ -521,5 +522,8 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
             if "valkey" in stacks:
                 results += measure(root, "valkey", valkey_mib, modes, label)
             if "mariadb" in stacks:
-                results += measure(root, "mariadb", mariadb_mib, modes, label)
+                if mariadb_backup() is None:
+                    print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)
+                else:
+                    results += measure(root, "mariadb", mariadb_mib, modes, label)
     return results
