@@ -3,6 +3,7 @@ their baselines, ratios, targets met or missed) and downtime.png.
 
     python -m bench.run                 # everything: downtime at 100 MiB, 1 GiB, 4 GiB
     python -m bench.run --sizes 100,1024 --only downtime,copy
+    python -m bench.run --only realclient --realclient-sizes 1024 --realclient-roots default,xfs
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from bench import common
 
-ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "masking")
+ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "masking", "realclient", "enqueue")
 
 
 def plot(downtime: list[dict[str, Any]], path: Path) -> None:
@@ -154,7 +155,59 @@ def markdown(results: dict[str, Any]) -> str:
                 out.append(common.row(f"{label} {q}", f"{idle[f]:.1f} ms", f"{quiet[f]:.1f} ms", f"{active[f]:.1f} ms",
                                       f"{worst / idle[f]:.1f}x", target))
         out.append("")
+    if "enqueue" in results:
+        c, e = results["enqueue"]["cpu"], results["enqueue"]["latency"]
+        out += ["## Thin enqueue (one transaction + one publish of envclone.start_clone)", "",
+                "Beside the figures of the former enqueue (six transactions and a chord per request) as "
+                "analysis.md recorded them; same harness (gunicorn as `envclone up` runs it, 50 clients).", "",
+                common.row("measure", "now", "before", "ratio (> 1: better now)"), common.row(*["---"] * 4),
+                common.row("server CPU per enqueue (sequential, gunicorn processes' CPU time)",
+                           f"{c['enqueue_cpu_ms']:.1f} ms", "not measured (sequential latency 20-24 ms)", ""),
+                common.row("sequential latency p50", f"{c['enqueue_sequential_p50_ms']:.1f} ms", "20-24 ms",
+                           f"{22 / c['enqueue_sequential_p50_ms']:.1f}x"),
+                common.row("GET /healthz CPU per request (floor)", f"{c['healthz_cpu_ms']:.1f} ms", "", ""),
+                common.row("paced p99, 50 clients x 0.2 req/s (10 req/s)", f"{e['paced_enqueue_p99_ms']:.1f} ms",
+                           "107 ms", f"{107 / e['paced_enqueue_p99_ms']:.1f}x"),
+                common.row("closed-loop throughput, 50 clients", f"{e['closed_enqueue_per_s']:.0f} req/s",
+                           "30 req/s", f"{e['closed_enqueue_per_s'] / 30:.1f}x"),
+                common.row("closed-loop p99", f"{e['closed_enqueue_p99_ms']:.0f} ms", "2200 ms", ""), ""]
+    if "realclient" in results:
+        out += realclient_markdown(results["realclient"])
     return "\n".join(out) + "\n"
+
+
+def realclient_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["## A real client through a clone: consistency=online vs stop", "",
+           "PostgreSQL: pgbench TPC-B, -c 4 -j 2 --max-tries=10, per-transaction log; Valkey: 4 clients looping "
+           "MULTI INCR a INCR b EXEC. Beside the load, a probe writing every 5 ms (reconnecting when refused) and "
+           "one opening a new connection every 10 ms. The clone: driver calls as the workflow makes them (stop: "
+           "prepare_snapshot, quiesce, snapshot, restart; online: snapshot_online), then provision, "
+           "assign_address, set_credentials, restart of the copy. Window = clone start to the copy serving. "
+           "\"Longest client gap\": the longest wait one load client had between two acknowledged transactions "
+           "(a pgbench client that aborted is counted as waiting until the clone's end: pgbench does not reconnect, "
+           "and exits once all its clients have aborted; so in stop mode "
+           "its p99 during covers only the time before the shutdown). One run per row. Targets: "
+           "0 failed, 0 refused, gap <= 50 ms (PostgreSQL, MariaDB) / 20 ms (Valkey), p99 during <= 3x before.", "",
+           common.row("root", "stack", "size", "mode", "method", "clone", "source held", "longest client gap",
+                      "probe write gap", "failed tx", "aborted clients", "refused conns", "p99 before -> during",
+                      "invariant on copy", "targets"),
+           common.row(*["---"] * 15)]
+    for r in rows:
+        gap_target = 20 if r["stack"] == "valkey" else 50
+        ratio_ = r["p99_during_ms"] / r["p99_before_ms"] if r["p99_before_ms"] else float("inf")
+        missed = [name for name, ok in (("failed/aborted", r["failed_transactions"] == 0 and r["aborted_clients"] == 0),
+                                        ("refused", r["refused_connections"] == 0),
+                                        (f"gap <= {gap_target} ms", r["longest_client_gap_ms"] <= gap_target),
+                                        ("p99 <= 3x", ratio_ <= 3)) if not ok]
+        out.append(common.row(r["root"], r["stack"], f"{r['size_mib']} MiB", r["mode"], r["method"],
+                              f"{r['clone_s']:.1f} s", f"{r['source_held_ms']:.0f} ms",
+                              f"{r['longest_client_gap_ms']:.0f} ms", f"{r['probe_write_gap_ms']:.0f} ms",
+                              r["failed_transactions"], r["aborted_clients"],
+                              f"{r['refused_connections']} / {r['connect_attempts']}",
+                              f"{r['p99_before_ms']:.1f} -> {r['p99_during_ms']:.1f} ms ({ratio_:.1f}x)",
+                              "holds" if r["invariant_holds"] else "BROKEN",
+                              "all met" if not missed else "MISSED: " + ", ".join(missed)))
+    return out + [""]
 
 
 def main() -> None:
@@ -165,6 +218,11 @@ def main() -> None:
     parser.add_argument("--orchestration-nodes", default="1,10,50")
     parser.add_argument("--jobs", type=int, default=30, help="jobs per throughput run")
     parser.add_argument("--mask-rows", type=int, default=200_000, help="rows of the masking benchmark")
+    parser.add_argument("--realclient-sizes", default="1024,4096", help="realclient PostgreSQL sizes in MiB")
+    parser.add_argument("--realclient-roots", default="default,xfs", help="realclient data roots: default,xfs")
+    parser.add_argument("--realclient-stacks", default="postgres,valkey,mariadb")
+    parser.add_argument("--realclient-valkey-mib", type=int, default=1024)
+    parser.add_argument("--realclient-mariadb-mib", type=int, default=256)
     parser.add_argument("--data-root", type=Path, default=None, help="default data root (a fresh temp dir)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -203,6 +261,19 @@ def main() -> None:
         from bench import masking
 
         results["masking"] = masking.run(args.mask_rows, root=root / "masking")
+    if "enqueue" in only:
+        from bench import throughput
+
+        results["enqueue"] = throughput.enqueue_only()
+    if "realclient" in only:
+        from bench import realclient
+
+        fresh = realclient.run([int(s) for s in args.realclient_sizes.split(",")], args.realclient_roots.split(","),
+                               root / "rc", args.realclient_valkey_mib, args.realclient_stacks.split(","),
+                               args.realclient_mariadb_mib)
+        key = lambda r: (r["root"], r["stack"], r["size_mib"], r["mode"])  # noqa: E731
+        kept = [r for r in results.get("realclient", []) if key(r) not in {key(f) for f in fresh}]
+        results["realclient"] = sorted(kept + fresh, key=key)
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))

@@ -10,10 +10,12 @@ server is not hidden by sending less)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -119,6 +121,66 @@ def enqueue_latency(clients: int = 50, per_client: int = 10, paced_rate: float =
     for kind in ("closed", "paced"):
         r[f"{kind}_p99_over_floor"] = ratio(r[f"{kind}_enqueue_p99_ms"], r[f"{kind}_healthz_p99_ms"])
     return r
+
+
+def _server_cpu_s(port: str) -> float:
+    """CPU seconds (user + system) of the gunicorn processes bound to ``port`` (master and workers)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "gunicorn" not in cmd or f":{port}" not in cmd:
+                continue
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def enqueue_cpu(n: int = 200) -> dict[str, Any]:
+    """Server CPU per enqueue: ``n`` clone requests one after another from one client against
+    gunicorn, the server's processes' CPU time before and after; and the same for GET /healthz (the
+    HTTP stack's own cost). Also the sequential latency (p50), the figure the old notes call
+    "server time when sent alone"."""
+    with Backend(pool="127.116.0.0/16") as backend:
+        create_environment("cpu", [{"name": "cache", "stack": "valkey"}])
+        backend.stop_worker()
+        with api_server({**backend.env}) as base:
+            port = base.rsplit(":", 1)[1]
+            headers = {"Authorization": f"Bearer {create_token('acme')}"}
+            out: dict[str, Any] = {"requests": n}
+            with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+                for kind in ("healthz", "enqueue"):
+                    lat = []
+                    before = _server_cpu_s(port)
+                    for i in range(n):
+                        start = time.perf_counter()
+                        if kind == "enqueue":
+                            r = http.post("/v1/environments/cpu/clones", json={"name": f"cpu-{i:04d}"})
+                            assert r.status_code == 202, r.text
+                        else:
+                            assert http.get("/healthz").status_code == 200
+                        lat.append((time.perf_counter() - start) * 1000)
+                    out[f"{kind}_cpu_ms"] = (_server_cpu_s(port) - before) * 1000 / n
+                    out[f"{kind}_sequential_p50_ms"] = median(lat)
+                    out[f"{kind}_sequential_p99_ms"] = pct(lat, 99)
+    return out
+
+
+def enqueue_only() -> dict[str, Any]:
+    """The API's side alone: CPU per enqueue, then paced and closed-loop latency (no clone jobs run)."""
+    cpu = enqueue_cpu()
+    print(f"enqueue: server CPU {cpu['enqueue_cpu_ms']:.1f} ms per request (GET /healthz "
+          f"{cpu['healthz_cpu_ms']:.1f} ms), sequential p50 {cpu['enqueue_sequential_p50_ms']:.1f} ms", flush=True)
+    lat = enqueue_latency()
+    for kind in ("closed", "paced"):
+        print(f"enqueue latency, 50 clients, {kind} load ({lat[f'{kind}_enqueue_per_s']:.0f} req/s): "
+              f"p50 {lat[f'{kind}_enqueue_p50_ms']:.1f} ms, p99 {lat[f'{kind}_enqueue_p99_ms']:.1f} ms; "
+              f"GET /healthz p99 {lat[f'{kind}_healthz_p99_ms']:.1f} ms", flush=True)
+    return {"cpu": cpu, "latency": lat}
 
 
 def run(jobs: int = 30) -> dict[str, Any]:

@@ -1,0 +1,529 @@
+"""What a real client of the source sees while it is cloned, consistency=online against
+consistency=stop, on the same source in the same run.
+
+PostgreSQL: pgbench TPC-B (-c 4 -j 2, per-transaction log) runs through the clone; beside it a
+probe writes every 5 ms (reconnecting when refused) and another opens a new connection every
+10 ms. Valkey: 4 clients each looping MULTI INCR a INCR b EXEC, with the same two probes. The clone
+is taken at driver level with the calls the workflow makes -- stop: prepare_snapshot, quiesce,
+snapshot, restart; online: snapshot_online -- then provision, assign_address, set_credentials and
+restart of the copy. Reported: the longest gap any one client saw between two acknowledged
+transactions, failed transactions and aborted clients, refused connections, p99 latency during the
+clone against the 10 s before it, and whether the copy holds the load's invariant (pgbench: the
+account, teller and branch balances each sum to the history's deltas; valkey: a == b)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+import pymysql
+import redis
+
+from bench.common import filesystem, pct
+from bench.downtime import MIB, xfs_root
+from shared.drivers import NodeSpec
+from shared.drivers.local import LocalDriver
+from shared.snapshots import tree_size
+from shared.stacks import get_stack
+from shared.stacks.mariadb import mariadb_backup
+from shared.stacks.postgres import APP_DB, SUPERUSER, postgres_bindir
+
+# Off the test suites' address pools (127.80-115.x): tests may run on the machine at the same time.
+ADDRESSES = {"postgres": ("127.120.0.1", 5432), "valkey": ("127.120.0.2", 6379), "mariadb": ("127.120.0.3", 3306)}
+CLONE_ADDRESSES = {"postgres": "127.120.0.11", "valkey": "127.120.0.12", "mariadb": "127.120.0.13"}
+DB_ERRORS = (redis.RedisError, psycopg.Error, pymysql.Error, OSError)
+BEFORE_S = 10.0  # the baseline: the 10 s of load before the clone starts
+AFTER_S = 3.0
+TARGET_GAP_MS = {"postgres": 50, "valkey": 20, "mariadb": 50}
+
+
+def mysql_connect(url: str) -> pymysql.Connection:
+    u = urlsplit(url)
+    return pymysql.connect(host=u.hostname, port=u.port, user=unquote(u.username or ""),
+                           password=unquote(u.password or ""), database=u.path.lstrip("/"), autocommit=True,
+                           connect_timeout=1, read_timeout=600, write_timeout=600)
+
+
+# ---- probes ------------------------------------------------------------------------------------
+class Probe:
+    """A thread doing one small operation every `pace` s until stopped; records (time, ok)."""
+
+    def __init__(self, pace: float) -> None:
+        self.pace = pace
+        self.events: list[tuple[float, bool]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def op(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.op()
+                self.events.append((time.time(), True))
+            except DB_ERRORS:
+                self.events.append((time.time(), False))
+                self.reset()
+            self._stop.wait(self.pace)
+
+    def reset(self) -> None:
+        pass
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def failures(self, t0: float, t1: float) -> int:
+        return sum(1 for t, ok in self.events if not ok and t0 <= t <= t1)
+
+    def max_gap_ms(self, t0: float, t1: float) -> float:
+        return self.max_gap(t0, t1)[0]
+
+    def max_gap(self, t0: float, t1: float) -> tuple[float, float]:
+        """The longest gap between two acknowledged operations overlapping [t0, t1] (ms), and
+        when it began (s after t0)."""
+        ok = [t for t, good in self.events if good]
+        return max((((b - a) * 1000, a - t0) for a, b in zip(ok, ok[1:], strict=False) if b >= t0 and a <= t1),
+                   default=(0.0, 0.0))
+
+
+class WriteProbe(Probe):
+    """Writes every 5 ms on one connection, reconnecting when refused."""
+
+    def __init__(self, stack: str, url: str) -> None:
+        super().__init__(0.005)
+        self.stack, self.url = stack, url
+        self.client: Any = None
+
+    def op(self) -> None:
+        if self.client is None:
+            if self.stack == "valkey":
+                self.client = redis.Redis.from_url(self.url, socket_timeout=600, socket_connect_timeout=1)
+            elif self.stack == "mariadb":
+                self.client = mysql_connect(self.url)
+                self.client.cursor().execute("CREATE TABLE IF NOT EXISTS bench_probe (at double) ENGINE=InnoDB")
+            else:
+                self.client = psycopg.connect(self.url, autocommit=True, connect_timeout=1)
+                self.client.execute("CREATE TABLE IF NOT EXISTS bench_probe (at double precision)")
+        if self.stack == "valkey":
+            self.client.set("bench:probe", time.time())
+        elif self.stack == "mariadb":
+            self.client.cursor().execute("INSERT INTO bench_probe VALUES (%s)", (time.time(),))
+        else:
+            self.client.execute("INSERT INTO bench_probe VALUES (%s)", (time.time(),))
+
+    def reset(self) -> None:
+        self.client = None
+
+
+class ConnectProbe(Probe):
+    """A new connection (and one round trip) every 10 ms: a refusal is a failure."""
+
+    def __init__(self, stack: str, url: str) -> None:
+        super().__init__(0.010)
+        self.stack, self.url = stack, url
+
+    def op(self) -> None:
+        if self.stack == "valkey":
+            client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=1)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        elif self.stack == "mariadb":
+            conn = mysql_connect(self.url)
+            try:
+                conn.cursor().execute("SELECT 1")
+            finally:
+                conn.close()
+        else:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=1) as conn:
+                conn.execute("SELECT 1")
+
+
+# ---- loads -------------------------------------------------------------------------------------
+def _gap_figures(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> dict[str, float]:
+    gap, at = _client_gaps(per_client, t0, t1, end)
+    return {"longest_client_gap_ms": gap, "longest_gap_began_s": at}
+
+
+def _client_gaps(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> tuple[float, float]:
+    """The longest wait any one client had between two acknowledged transactions that overlaps
+    [t0, t1] (ms), and when it began (s after t0); a client that stopped acknowledging (aborted)
+    waited until the load's end."""
+    worst, at = 0.0, 0.0
+    for times in per_client.values():
+        times = sorted(times)
+        spans = [(a, b) for a, b in zip(times, times[1:], strict=False) if b >= t0 and a <= t1]
+        if times and times[-1] < t1:
+            spans.append((times[-1], end))
+        for a, b in spans:
+            if b - a > worst:
+                worst, at = b - a, a - t0
+    return worst * 1000, at
+
+
+class PgbenchLoad:
+    def __init__(self, driver: LocalDriver, node_id: str, duration_s: int, work: Path) -> None:
+        _, ctx = driver._node(node_id)
+        address, port = ADDRESSES["postgres"]
+        self.prefix = work / "pgbench_log"
+        self.argv = [str(postgres_bindir() / "pgbench"), "-n", "-c", "4", "-j", "2", "-T", str(duration_s),
+                     "--max-tries=10", "--failures-detailed", "-l", f"--log-prefix={self.prefix}",
+                     "-h", address, "-p", str(port), "-U", SUPERUSER, APP_DB]
+        self.env = {**os.environ, "PGPASSWORD": ctx.secrets()["superuser_password"]}
+        self.work = work
+
+    def start(self) -> None:
+        self.started = time.time()
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.work, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def finish(self) -> None:
+        self.stdout, self.stderr = self.proc.communicate(timeout=900)
+        self.ended = time.time()
+        self.ok: dict[int, list[float]] = {}
+        self.lat: list[tuple[float, float]] = []  # (completion time, latency ms)
+        self.failed_logged = 0
+        for path in self.work.glob("pgbench_log.*"):
+            for line in path.read_text().splitlines():
+                f = line.split()
+                done = int(f[4]) + int(f[5]) / 1e6
+                if f[2].isdigit():
+                    self.ok.setdefault(int(f[0]), []).append(done)
+                    self.lat.append((done, int(f[2]) / 1000))
+                else:
+                    self.failed_logged += 1
+
+    def figures(self, t0: float, t1: float) -> dict[str, Any]:
+        failed = re.search(r"number of failed transactions: (\d+)", self.stdout)
+        processed = re.search(r"number of transactions actually processed: (\d+)", self.stdout)
+        before = [ms for t, ms in self.lat if t0 - BEFORE_S <= t < t0]
+        during = [ms for t, ms in self.lat if t0 <= t <= t1]
+        return {"transactions": int(processed.group(1)) if processed else sum(map(len, self.ok.values())),
+                "failed_transactions": int(failed.group(1)) if failed else self.failed_logged,
+                "aborted_clients": len(set(re.findall(r"client (\d+) (?:script \d+ )?aborted", self.stderr))),
+                "pgbench_exit": self.proc.returncode,
+                **_gap_figures(self.ok, t0, t1, self.ended),
+                "p99_before_ms": pct(before, 99), "p99_during_ms": pct(during, 99),
+                "tx_before": len(before), "tx_during": len(during),
+                "load_outlasted_clone": self.ended > t1}
+
+
+class ThreadLoad:
+    """4 clients, each looping one transaction; a failed one is counted and the client reconnects."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url, self.clients = url, clients
+        self.ok: dict[int, list[float]] = {i: [] for i in range(clients)}
+        self.lat: list[tuple[float, float]] = []
+        self.failures: list[float] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def connect(self) -> Any:
+        raise NotImplementedError
+
+    def transaction(self, client: Any) -> None:
+        raise NotImplementedError
+
+    def _run(self, i: int) -> None:
+        client = None
+        while not self._stop.is_set():
+            try:
+                client = client or self.connect()
+                sent = time.time()
+                self.transaction(client)
+                done = time.time()
+                self.ok[i].append(done)
+                self.lat.append((done, (done - sent) * 1000))
+            except DB_ERRORS:
+                self.failures.append(time.time())
+                client = None
+                time.sleep(0.005)
+
+    def start(self) -> None:
+        self.started = time.time()
+        for t in self._threads:
+            t.start()
+
+    def finish(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+        self.ended = time.time()
+
+    def figures(self, t0: float, t1: float) -> dict[str, Any]:
+        before = [ms for t, ms in self.lat if t0 - BEFORE_S <= t < t0]
+        during = [ms for t, ms in self.lat if t0 <= t <= t1]
+        return {"transactions": len(self.lat), "failed_transactions": len(self.failures), "aborted_clients": 0,
+                **_gap_figures(self.ok, t0, t1, self.ended),
+                "p99_before_ms": pct(before, 99), "p99_during_ms": pct(during, 99),
+                "tx_before": len(before), "tx_during": len(during), "load_outlasted_clone": True}
+
+
+def fill_postgres(driver: LocalDriver, node_id: str, mib: int) -> None:
+    """pgbench -i at about 15 MiB per scale unit (as bench.downtime.fill)."""
+    _, ctx = driver._node(node_id)
+    address, port = ADDRESSES["postgres"]
+    env = {**os.environ, "PGPASSWORD": ctx.secrets()["superuser_password"]}
+    subprocess.run([str(postgres_bindir() / "pgbench"), "-i", "-q", "-s", str(max(1, round(mib / 15))),
+                    "-h", address, "-p", str(port), "-U", SUPERUSER, APP_DB], env=env, check=True, capture_output=True)
+
+
+def fill_valkey(url: str, mib: int) -> None:
+    """As bench.downtime.fill, through the node's URL (it has a password): 1 MiB values, then an
+    append-only rewrite as a long-running server would have done."""
+    client = redis.Redis.from_url(url, socket_timeout=600)
+    value = os.urandom(MIB)
+    for start in range(0, mib, 64):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(mib, start + 64)):
+            pipe.set(f"blob:{i}", value[i % 1024:] + value[: i % 1024])
+        pipe.execute()
+    try:
+        client.bgrewriteaof()
+    except redis.ResponseError:
+        pass  # valkey's own auto-rewrite is already at it
+    while client.info("persistence")["aof_rewrite_in_progress"] or client.info("persistence")["aof_rewrite_scheduled"]:
+        time.sleep(0.1)  # poll: valkey reports the rewrite's end only through INFO
+    client.close()
+
+
+class ValkeyPairLoad(ThreadLoad):
+    """MULTI INCR bench:a INCR bench:b EXEC."""
+
+    def connect(self) -> Any:
+        return redis.Redis.from_url(self.url, socket_timeout=600, socket_connect_timeout=1)
+
+    def transaction(self, client: Any) -> None:
+        pipe = client.pipeline(transaction=True)
+        pipe.incr("bench:a")
+        pipe.incr("bench:b")
+        pipe.execute()
+
+
+class TransferLoad(ThreadLoad):
+    """A transfer between two accounts: UPDATE both in one InnoDB transaction (the balances sum to 0)."""
+
+    def connect(self) -> Any:
+        conn = mysql_connect(self.url)
+        conn.autocommit(False)
+        return conn
+
+    def transaction(self, client: Any) -> None:
+        try:
+            with client.cursor() as cur:
+                cur.execute("UPDATE bench_accounts SET balance = balance - 1 WHERE id = 1")
+                cur.execute("UPDATE bench_accounts SET balance = balance + 1 WHERE id = 2")
+            client.commit()
+        except DB_ERRORS:
+            try:
+                client.close()
+            finally:
+                raise
+
+
+def fill_mariadb(url: str, mib: int) -> None:
+    """The accounts, and ``mib`` MiB of InnoDB rows beside them (random bytes: incompressible)."""
+    conn = mysql_connect(url)
+    cur = conn.cursor()
+    cur.execute("CREATE TABLE bench_accounts (id INT PRIMARY KEY, balance BIGINT NOT NULL) ENGINE=InnoDB")
+    cur.execute("INSERT INTO bench_accounts VALUES (1, 0), (2, 0)")
+    cur.execute("CREATE TABLE bench_blob (id INT AUTO_INCREMENT PRIMARY KEY, v LONGBLOB) ENGINE=InnoDB")
+    chunk = os.urandom(256 * 1024)
+    for _ in range(mib * 4 // 16):
+        cur.executemany("INSERT INTO bench_blob (v) VALUES (%s)", [chunk[j:] + chunk[:j] for j in range(16)])
+    conn.close()
+
+
+def mariadb_invariant(url: str) -> dict[str, Any]:
+    conn = mysql_connect(url)
+    cur = conn.cursor()
+    cur.execute("SELECT id, balance FROM bench_accounts ORDER BY id")
+    rows = cur.fetchall()
+    conn.close()
+    balances = [int(b) for _, b in rows]
+    return {"invariant_holds": len(balances) == 2 and sum(balances) == 0, "balances": balances}
+
+
+# ---- the clone ---------------------------------------------------------------------------------
+def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> dict[str, Any]:
+    snap, copy_id = f"rc{tag}snap", f"rc{tag}copy"
+    t: dict[str, float] = {"start": time.time()}
+    if mode == "stop":
+        driver.prepare_snapshot(source, snap)
+        t["quiesce"] = time.time()
+        driver.quiesce(source)
+        try:
+            info = driver.snapshot(source, snap)
+        finally:
+            driver.restart(source, 600)
+        t["source_back"] = time.time()
+    else:
+        info = driver.snapshot_online(source, snap)
+        t["source_back"] = time.time()
+    driver.provision(snap, copy_id)
+    driver.assign_address(copy_id, CLONE_ADDRESSES[stack], ADDRESSES[stack][1])
+    credentials = get_stack(stack).new_credentials()
+    driver.set_credentials(copy_id, credentials)
+    driver.restart(copy_id, 600)
+    t["end"] = time.time()
+    return {"method": info.method, "snapshot_bytes": info.size_bytes, "window_ms": info.window_ms,
+            "clone_s": t["end"] - t["start"], "snapshot_done_s": t["source_back"] - t["start"],
+            "source_held_ms": (t["source_back"] - t["quiesce"]) * 1000
+            if "quiesce" in t else 0.0, "t0": t["start"], "t1": t["end"], "copy_id": copy_id, "snap": snap,
+            "credentials": credentials}
+
+
+def pg_invariant(address: str, port: int, password: str) -> dict[str, Any]:
+    with psycopg.connect(host=address, port=port, user=SUPERUSER, password=password, dbname=APP_DB,
+                         connect_timeout=10) as conn:
+        a, t, b, h, n = conn.execute(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM pgbench_tellers),"
+            " (SELECT sum(bbalance) FROM pgbench_branches), (SELECT coalesce(sum(delta), 0) FROM pgbench_history),"
+            " (SELECT count(*) FROM pgbench_history)").fetchone()
+    return {"invariant_holds": a == t == b == h, "sums": [int(a), int(t), int(b), int(h)], "history_rows": n}
+
+
+def valkey_invariant(url: str) -> dict[str, Any]:
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    a, b = (int(client.get(k) or 0) for k in ("bench:a", "bench:b"))
+    client.close()
+    return {"invariant_holds": a == b, "pair": [a, b]}
+
+
+def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, budget_s: float,
+            work: Path) -> dict[str, Any]:
+    url = driver.url(source)
+    if stack == "postgres":
+        load: Any = PgbenchLoad(driver, source, int(BEFORE_S + budget_s + AFTER_S), work)
+    elif stack == "mariadb":
+        load = TransferLoad(url)
+    else:
+        load = ValkeyPairLoad(url)
+    probes = [WriteProbe(stack, url), ConnectProbe(stack, url)]
+    result: dict[str, Any] = {}
+    try:
+        for p in probes:
+            p.start()
+        load.start()
+        time.sleep(BEFORE_S)
+        c = clone(driver, source, stack, mode, tag)
+        if stack != "postgres":
+            time.sleep(AFTER_S)
+        load.finish()
+        for p in probes:
+            p.stop()
+        t0, t1 = c["t0"], c["t1"]
+        result = {**{k: v for k, v in c.items() if k not in ("credentials",)}, **load.figures(t0, t1),
+                  "probe_write_gap_ms": probes[0].max_gap_ms(t0, t1),
+                  "probe_gap_began_s": probes[0].max_gap(t0, t1)[1],
+                  "probe_write_failures": probes[0].failures(t0, t1),
+                  "refused_connections": probes[1].failures(t0, t1),
+                  "connect_attempts": sum(1 for t, _ in probes[1].events if t0 <= t <= t1)}
+        if stack == "postgres":
+            result.update(pg_invariant(CLONE_ADDRESSES[stack], ADDRESSES[stack][1],
+                                       c["credentials"]["superuser_password"]))
+        elif stack == "mariadb":
+            result.update(mariadb_invariant(driver.url(c["copy_id"])))
+        else:
+            result.update(valkey_invariant(driver.url(c["copy_id"])))
+        return result
+    finally:
+        for p in probes:
+            p.stop()
+        if getattr(load, "proc", None) is not None and load.proc.poll() is None:
+            load.proc.kill()
+            load.proc.wait()
+        if isinstance(load, ThreadLoad):
+            load._stop.set()
+        driver.destroy_node(f"rc{tag}copy")
+        driver.delete_snapshot(f"rc{tag}snap")
+        for path in work.glob("pgbench_log.*"):
+            path.unlink()
+
+
+def measure(root: Path, stack: str, mib: int, modes: list[str], label: str) -> list[dict[str, Any]]:
+    driver = LocalDriver(root)
+    source = f"rc{stack}"
+    address, port = ADDRESSES[stack]
+    work = Path(tempfile.mkdtemp(prefix="envclone-rc-", dir="/tmp"))
+    work.chmod(0o777)
+    out = []
+    try:
+        driver.create_node(NodeSpec(source, stack, address, port))
+        started = time.monotonic()
+        if stack == "postgres":
+            fill_postgres(driver, source, mib)
+        elif stack == "mariadb":
+            fill_mariadb(driver.url(source), mib)
+        else:
+            fill_valkey(driver.url(source), mib)
+        fill_s = time.monotonic() - started
+        driver.stop(source)
+        driver.restart(source, 600)
+        budget = 60.0 if not driver.reflink else 30.0
+        budget *= max(1.0, mib / 1024)
+        for n, mode in enumerate(modes):
+            r = run_one(driver, source, stack, mode, f"{stack[0]}{n}", budget, work)
+            budget = max(20.0, 2.0 * r["clone_s"] + 10)
+            r.update(stack=stack, size_mib=mib, mode=mode, root=label, filesystem=filesystem(root),
+                     reflink=driver.reflink, fill_s=fill_s, volume_bytes=tree_size(driver.volume(source)))
+            out.append(r)
+            print(f"realclient {label:<11} {stack:<8} {mib:>5} MiB {mode:<6}: clone {r['clone_s']:.1f}s "
+                  f"({r['method']}), longest client gap {r['longest_client_gap_ms']:.0f} ms, probe gap "
+                  f"{r['probe_write_gap_ms']:.0f} ms, failed {r['failed_transactions']}, aborted "
+                  f"{r['aborted_clients']}, refused {r['refused_connections']}/{r['connect_attempts']}, p99 "
+                  f"{r['p99_before_ms']:.1f} -> {r['p99_during_ms']:.1f} ms, invariant "
+                  f"{'holds' if r['invariant_holds'] else 'BROKEN'}", flush=True)
+    finally:
+        driver.destroy_node(source)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: int,
+        stacks: list[str], mariadb_mib: int = 256) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    modes = ["online", "stop"]
+    default_root.mkdir(parents=True, exist_ok=True)
+    default_root.chmod(0o755)
+    with ExitStack() as stack:
+        places = []
+        if "default" in roots:
+            places.append(("default", default_root))
+        if "xfs" in roots:
+            xfs = stack.enter_context(xfs_root(max(8, max(sizes_mib + [valkey_mib]) * 4 // 1024 + 4)))
+            if xfs is not None:
+                places.append(("xfs-reflink", xfs / "var"))
+            else:
+                print("realclient: no XFS loop image (needs root and mkfs.xfs): skipped", flush=True)
+        for label, root in places:
+            root.mkdir(parents=True, exist_ok=True)
+            root.chmod(0o755)
+            if "postgres" in stacks:
+                for mib in sizes_mib:
+                    results += measure(root, "postgres", mib, modes, label)
+            if "valkey" in stacks:
+                results += measure(root, "valkey", valkey_mib, modes, label)
+            if "mariadb" in stacks:
+                if mariadb_backup() is None:
+                    print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)
+                else:
+                    results += measure(root, "mariadb", mariadb_mib, modes, label)
+    return results
