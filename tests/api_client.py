@@ -7,6 +7,8 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
+from tests.helpers import wait_for
+
 
 class Api:
     def __init__(self, client: FlaskClient, token: str) -> None:
@@ -47,3 +49,27 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
             events.append({"id": int(fields["id"]) if "id" in fields else None, "event": fields["event"],
                            "data": json.loads(fields.get("data", "{}"))})
     return events
+
+
+def wait_running(api: Api, name: str, timeout: float = 120) -> dict[str, Any]:
+    """The environment once it runs; fails at once, with its error, if it failed."""
+    def running() -> dict[str, Any] | None:
+        env = api.get(f"/v1/environments/{name}").json
+        assert env["state"] != "failed", env["error"]
+        return env if env["state"] == "running" else None
+
+    return wait_for(running, timeout=timeout, what=f"environment {name} running")
+
+
+def delete_env(api: Api, name: str) -> None:
+    assert api.delete(f"/v1/environments/{name}").status_code == 202
+    wait_for(lambda: api.get(f"/v1/environments/{name}").status_code == 404, timeout=60, what=f"{name} deleted")
+
+
+def clone_job(api: Api, source: str, body: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
+    """Clone ``source`` with ``body`` and return the job once it succeeded or failed."""
+    response = api.post(f"/v1/environments/{source}/clones", body)
+    assert response.status_code == 202, response.json
+    job_id = response.json["id"]
+    return wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}").json)["state"] in ("succeeded", "failed") and j,
+                    timeout=timeout, what=f"clone {body['name']}")

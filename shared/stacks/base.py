@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -167,3 +168,24 @@ class Stack(ABC):
     def server_action(self, ctx: NodeContext, sockdir: Path, kind: str, payload: Any) -> dict[str, Any]:
         """Run an on_clone action against the private server; returns what to report (no secret)."""
         raise NotImplementedError(f"{self.name} runs no {kind!r} action")
+
+
+class DatabaseStack(Stack):
+    """A database server with a superuser and an application user that owns database ``app``; its
+    URL is ``scheme://user:password@address:port/app``."""
+
+    scheme: str
+    superuser: str
+    app_user = app_db = "app"
+
+    def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
+        user = (previous or {}).get("username", self.app_user)
+        if rename_users:
+            user = f"{self.app_user}_{secrets.token_hex(4)}"
+        return {"username": user, "password": secrets.token_hex(16),
+                "superuser": self.superuser, "superuser_password": secrets.token_hex(16)}
+
+    def url(self, address: str, port: int, credentials: Credentials, secret: bool = True) -> str:
+        user = credentials.get("username", self.app_user)
+        auth = f"{user}:{credentials['password']}" if secret and credentials.get("password") else user
+        return f"{self.scheme}://{auth}@{address}:{port}/{self.app_db}"

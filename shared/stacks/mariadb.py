@@ -15,7 +15,6 @@ a socket: no client can connect in between."""
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from typing import Any
 
 import pymysql
 
-from shared.stacks.base import CopyTree, Credentials, NodeContext, Stack, write_private
+from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, write_private
 
 SUPERUSER = "root"
 APP_USER = APP_DB = "app"
@@ -114,23 +113,12 @@ def mask_statement(table: str, column: str, kind: str, seed: str) -> tuple[str, 
     raise ValueError(f"unknown mask {kind!r}")
 
 
-class MariaDBStack(Stack):
+class MariaDBStack(DatabaseStack):
+    scheme, superuser = "mysql", SUPERUSER
     name = "mariadb"
     default_port = 3306
     refuses_root = True  # mariadbd will not run as root without --user=root
     server_actions = frozenset({"mask"})
-
-    def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
-        user = (previous or {}).get("username", APP_USER)
-        if rename_users:
-            user = f"{APP_USER}_{secrets.token_hex(4)}"
-        return {"username": user, "password": secrets.token_hex(16),
-                "superuser": SUPERUSER, "superuser_password": secrets.token_hex(16)}
-
-    def url(self, address: str, port: int, credentials: Credentials, secret: bool = True) -> str:
-        user = credentials.get("username", APP_USER)
-        auth = f"{user}:{credentials['password']}" if secret and credentials.get("password") else user
-        return f"mysql://{auth}@{address}:{port}/{APP_DB}"
 
     # ---- files and processes -------------------------------------------------------------------
     @staticmethod

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from shared.stacks.base import CopyTree, Credentials, NodeContext, Stack, write_private
+from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, write_private
 
 SUPERUSER = "envclone"
 APP_USER = APP_DB = "app"
@@ -86,7 +86,8 @@ def mask_statement(table: str, column: str, kind: str, seed: str) -> tuple[sql.C
     return sql.SQL("UPDATE {} SET {} = {}{}").format(target, col, fake, where), params
 
 
-class PostgresStack(Stack):
+class PostgresStack(DatabaseStack):
+    scheme, superuser = "postgresql", SUPERUSER
     name = "postgres"
     default_port = 5432
     refuses_root = True
@@ -96,18 +97,6 @@ class PostgresStack(Stack):
     # command line (the source's address, in a clone) and is rewritten by every start.
     server_files = ("data/base/*", "data/global/*", "data/pg_*/*", "data/postmaster.opts", "data/postmaster.pid")
     server_actions = frozenset({"sql", "mask"})
-
-    def new_credentials(self, previous: Credentials | None = None, rename_users: bool = False) -> dict[str, str]:
-        user = (previous or {}).get("username", APP_USER)
-        if rename_users:
-            user = f"{APP_USER}_{secrets.token_hex(4)}"
-        return {"username": user, "password": secrets.token_hex(16),
-                "superuser": SUPERUSER, "superuser_password": secrets.token_hex(16)}
-
-    def url(self, address: str, port: int, credentials: Credentials, secret: bool = True) -> str:
-        user = credentials.get("username", APP_USER)
-        auth = f"{user}:{credentials['password']}" if secret and credentials.get("password") else user
-        return f"postgresql://{auth}@{address}:{port}/{APP_DB}"
 
     def init(self, ctx: NodeContext, config: dict[str, str], credentials: Credentials) -> None:
         credentials = credentials or self.new_credentials()

@@ -19,7 +19,7 @@ from api.auth import create_token
 from shared.db import session_scope
 from shared.models import Node
 from shared.planning import plan_clone
-from tests.api_client import Api
+from tests.api_client import Api, clone_job, delete_env, wait_running
 from tests.helpers import wait_for
 from tests.integration.test_safety import Probe, assert_nothing_left
 from tests.stack import Backend, publisher
@@ -58,26 +58,10 @@ def fingerprint(env: str) -> tuple[str, str, int]:
         return users, orders, conn.execute(JOIN).fetchone()[0]
 
 
-def wait_running(api: Api, name: str) -> dict:
-    def running() -> dict | None:
-        env = api.get(f"/v1/environments/{name}").json
-        assert env["state"] != "failed", env["error"]
-        return env if env["state"] == "running" else None
-
-    return wait_for(running, timeout=120, what=f"environment {name} running")
 
 
-def delete_env(api: Api, name: str) -> None:
-    assert api.delete(f"/v1/environments/{name}").status_code == 202
-    wait_for(lambda: api.get(f"/v1/environments/{name}").status_code == 404, timeout=60, what=f"{name} deleted")
 
 
-def clone_job(api: Api, body: dict) -> dict:
-    response = api.post("/v1/environments/people/clones", body)
-    assert response.status_code == 202, response.json
-    job_id = response.json["id"]
-    return wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}").json)["state"] in ("succeeded", "failed") and j,
-                    timeout=300, what=f"clone {body['name']}")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +97,7 @@ def emails(env: str, limit: int | None = None) -> list[str]:
 def test_masking_100k_users_keeps_joins_and_leaves_the_source_untouched(
         api: Api, people: tuple[str, str, int]) -> None:
     started = time.monotonic()
-    job = clone_job(api, {"name": "masked", "mask": RULES})
+    job = clone_job(api, "people", {"name": "masked", "mask": RULES}, timeout=300)
     assert job["state"] == "succeeded", job["error"]
     took = time.monotonic() - started
     assert job["masked"] == [
@@ -145,7 +129,8 @@ def test_masking_100k_users_keeps_joins_and_leaves_the_source_untouched(
 
 def test_fakes_differ_between_clones_unless_they_share_a_seed(api: Api, people: tuple[str, str, int]) -> None:
     rules = [RULES[0], RULES[1]]
-    jobs = [clone_job(api, {"name": name, "mask": rules, **({"mask_seed": seed} if seed else {})})
+    jobs = [clone_job(api, "people", {"name": name, "mask": rules, **({"mask_seed": seed} if seed else {})},
+                      timeout=300)
             for name, seed in (("plain-a", None), ("plain-b", None), ("seeded-a", "s3cr3t-seed"),
                                ("seeded-b", "s3cr3t-seed"))]
     assert [j["state"] for j in jobs] == ["succeeded"] * 4, [j["error"] for j in jobs]

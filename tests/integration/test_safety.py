@@ -27,8 +27,7 @@ from shared.drivers import get_driver
 from shared.identity import account_name
 from shared.models import AddressLease, CloneJob, Node
 from shared.planning import plan_clone
-from tests.api_client import Api
-from tests.helpers import wait_for
+from tests.api_client import Api, clone_job, delete_env, wait_running
 from tests.stack import Backend, publisher
 from tests.workflow_client import TENANT, environment, lease_count, valkey, wait_job
 from workers.workflow import dispatch_clone
@@ -82,26 +81,10 @@ def api(backend: Backend) -> Api:
     return Api(create_app().test_client(), create_token(TENANT))
 
 
-def wait_running(api: Api, name: str) -> dict:
-    def running() -> dict | None:
-        env = api.get(f"/v1/environments/{name}").json
-        assert env["state"] != "failed", env["error"]
-        return env if env["state"] == "running" else None
-
-    return wait_for(running, timeout=120, what=f"environment {name} running")
 
 
-def delete_env(api: Api, name: str) -> None:
-    assert api.delete(f"/v1/environments/{name}").status_code == 202
-    wait_for(lambda: api.get(f"/v1/environments/{name}").status_code == 404, timeout=60, what=f"{name} deleted")
 
 
-def clone_job(api: Api, body: dict) -> dict:
-    response = api.post("/v1/environments/shop/clones", body)
-    assert response.status_code == 202, response.json
-    job_id = response.json["id"]
-    return wait_for(lambda: (j := api.get(f"/v1/jobs/{job_id}").json)["state"] in ("succeeded", "failed") and j,
-                    timeout=180, what=f"clone {body['name']}")
 
 
 def web(env: dict) -> str:
@@ -174,7 +157,7 @@ def assert_nothing_left(backend: Backend, job_id: str) -> None:
 
 def test_on_clone_actions_run_on_the_clone_only_and_its_webhook_reaches_the_sink(
         api: Api, shop: dict, production: HookReceiver, sink: HookReceiver, backend: Backend) -> None:
-    job = clone_job(api, {"name": "stage", "on_clone": [{"node": "cache", "delete_keys": ["tmp:*"]}]})
+    job = clone_job(api, "shop", {"name": "stage", "on_clone": [{"node": "cache", "delete_keys": ["tmp:*"]}]})
     assert job["state"] == "succeeded", job["error"]
     stage = api.get("/v1/environments/stage").json
     assert stage["on_clone"] == shop["on_clone"]  # a clone of the clone is neutralized alike
@@ -232,7 +215,7 @@ def test_a_planted_trace_of_the_source_fails_the_clone_or_is_listed_with_warn(
                 {"node": "web", "file": "config/extra.conf", "line": 3, "kind": "host_port"},
                 {"node": "web", "file": "config/extra.conf", "line": 4, "kind": "secret"}]
     try:
-        failed = clone_job(api, {"name": "leaky"})  # on_leak: fail is the default
+        failed = clone_job(api, "shop", {"name": "leaky"})  # on_leak: fail is the default
         assert failed["state"] == "failed"
         assert "web: assign_ips: UnsafeClone: the clone holds 3 trace(s) of its source" in failed["error"]
         assert "config/extra.conf:2 address" in failed["error"]
@@ -244,7 +227,7 @@ def test_a_planted_trace_of_the_source_fails_the_clone_or_is_listed_with_warn(
         assert api.get("/v1/environments/leaky").json["state"] == "failed"
         assert_nothing_left(backend, failed["id"])
 
-        warned = clone_job(api, {"name": "leaky-warn", "on_leak": "warn"})
+        warned = clone_job(api, "shop", {"name": "leaky-warn", "on_leak": "warn"})
         assert warned["state"] == "succeeded", warned["error"]
         assert warned["leaks"] == expected and password not in json.dumps(warned)
         assert (warned["safety"]["leaks"], warned["safety"]["on_leak"]) == (3, "warn")
