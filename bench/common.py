@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
 RESULTS = Path(__file__).parent / "results"
+MIB = 1024 * 1024
 
 
 def filesystem(path: Path) -> str:
@@ -59,3 +62,21 @@ def save(name: str, data: dict[str, Any]) -> Path:
 
 def row(*cells: Any) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+def fill_valkey(url: str, mib: int) -> None:
+    """``mib`` values of 1 MiB through the node's URL (it has a password), then an append-only
+    rewrite, as a long-running server would have done."""
+    client = redis.Redis.from_url(url, socket_timeout=600)
+    value = os.urandom(MIB)
+    for start in range(0, mib, 64):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(mib, start + 64)):
+            pipe.set(f"blob:{i}", value[i % 1024:] + value[: i % 1024])
+        pipe.execute()
+    try:
+        client.bgrewriteaof()
+    except redis.ResponseError:
+        pass  # valkey's own auto-rewrite is already at it
+    while client.info("persistence")["aof_rewrite_in_progress"] or client.info("persistence")["aof_rewrite_scheduled"]:
+        time.sleep(0.1)  # poll: valkey reports the rewrite's end only through INFO
+    client.close()

@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import redis
 
+from bench import common
 from bench.common import filesystem, median, ratio, timed
 from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
@@ -39,21 +40,7 @@ def fill(driver: LocalDriver, node_id: str, stack: str, mib: int) -> None:
         subprocess.run([str(postgres_bindir() / "pgbench"), "-i", "-q", "-s", str(scale), "-h", address,
                         "-p", str(port), "-U", SUPERUSER, "app"], env=env, check=True, capture_output=True)
     else:
-        client = redis.Redis(host=address, port=port)
-        value = os.urandom(MIB)
-        for start in range(0, mib, 64):
-            pipe = client.pipeline(transaction=False)
-            for i in range(start, min(mib, start + 64)):
-                pipe.set(f"blob:{i}", value[i % 1024:] + value[: i % 1024])
-            pipe.execute()
-        # Compact the append-only file as a long-running server would have (auto-rewrite).
-        try:
-            client.bgrewriteaof()
-        except redis.ResponseError:
-            pass  # valkey's own auto-rewrite is already at it
-        while client.info("persistence")["aof_rewrite_in_progress"] or \
-                client.info("persistence")["aof_rewrite_scheduled"]:
-            time.sleep(0.1)  # poll: valkey reports the rewrite's end only through INFO
+        common.fill_valkey(driver.url(node_id), mib)
 
 
 class WriteProbe:

@@ -29,8 +29,8 @@ import psycopg
 import pymysql
 import redis
 
-from bench.common import filesystem, pct
-from bench.downtime import MIB, xfs_root
+from bench.common import filesystem, fill_valkey, pct
+from bench.downtime import xfs_root
 from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
 from shared.snapshots import tree_size
@@ -285,23 +285,6 @@ def fill_postgres(driver: LocalDriver, node_id: str, mib: int) -> None:
                     "-h", address, "-p", str(port), "-U", SUPERUSER, APP_DB], env=env, check=True, capture_output=True)
 
 
-def fill_valkey(url: str, mib: int) -> None:
-    """As bench.downtime.fill, through the node's URL (it has a password): 1 MiB values, then an
-    append-only rewrite as a long-running server would have done."""
-    client = redis.Redis.from_url(url, socket_timeout=600)
-    value = os.urandom(MIB)
-    for start in range(0, mib, 64):
-        pipe = client.pipeline(transaction=False)
-        for i in range(start, min(mib, start + 64)):
-            pipe.set(f"blob:{i}", value[i % 1024:] + value[: i % 1024])
-        pipe.execute()
-    try:
-        client.bgrewriteaof()
-    except redis.ResponseError:
-        pass  # valkey's own auto-rewrite is already at it
-    while client.info("persistence")["aof_rewrite_in_progress"] or client.info("persistence")["aof_rewrite_scheduled"]:
-        time.sleep(0.1)  # poll: valkey reports the rewrite's end only through INFO
-    client.close()
 
 
 class ValkeyPairLoad(ThreadLoad):
