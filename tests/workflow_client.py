@@ -57,6 +57,16 @@ def start_clone(source: str, target: str, **options: Any) -> str:
     return job_id
 
 
+def plan_only(source: str, target: str, options: dict[str, Any], node: str = "db") -> tuple[str, str, int]:
+    """Plan a clone without dispatching it: (job id, address, port) the clone's ``node`` will get,
+    so a test can watch that address before anything of the clone exists."""
+    with session_scope() as session:
+        job = plan_clone(session, TENANT, source, target, options)
+        clone = next(n for n in session.scalars(select(Node).where(Node.environment_id == job.target_environment_id))
+                     if n.name == node)
+        return job.id, clone.address, clone.port
+
+
 def wait_job(job_id: str, timeout: float = 180) -> CloneJob:
     def done() -> CloneJob | None:
         with session_scope() as session:

@@ -12,18 +12,14 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from sqlalchemy import select
 
 from api import create_app
 from api.auth import create_token
-from shared.db import session_scope
-from shared.models import Node
-from shared.planning import plan_clone
 from tests.api_client import Api, clone_job, delete_env, wait_running
 from tests.helpers import wait_for
 from tests.integration.test_safety import Probe, assert_nothing_left
 from tests.stack import Backend, publisher
-from tests.workflow_client import TENANT, environment, lease_count, wait_job
+from tests.workflow_client import TENANT, environment, lease_count, plan_only, wait_job
 from workers.workflow import dispatch_clone
 
 pytestmark = pytest.mark.integration
@@ -148,12 +144,7 @@ def test_fakes_differ_between_clones_unless_they_share_a_seed(api: Api, people: 
 def test_a_failing_rule_fails_the_job_and_the_clone_database_never_listens(
         api: Api, people: tuple[str, str, int], backend: Backend) -> None:
     bad = [RULES[0], {"node": "db", "table": "users", "column": "no_such_column", "with": "name"}]
-    with session_scope() as session:
-        job = plan_clone(session, TENANT, "people", "broken", {"mask": bad})
-        job_id = job.id
-        clone_db = next(n for n in session.scalars(select(Node).where(Node.environment_id == job.target_environment_id))
-                        if n.name == "db")
-        address, port = clone_db.address, clone_db.port
+    job_id, address, port = plan_only("people", "broken", {"mask": bad})
     probe = Probe(address, port)
     probe.start()  # before the job is dispatched: it watches the clone's database address throughout
     try:

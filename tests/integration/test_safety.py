@@ -26,10 +26,9 @@ from shared.db import session_scope
 from shared.drivers import get_driver
 from shared.identity import account_name
 from shared.models import AddressLease, CloneJob, Node
-from shared.planning import plan_clone
 from tests.api_client import Api, clone_job, delete_env, wait_running
 from tests.stack import Backend, publisher
-from tests.workflow_client import TENANT, environment, lease_count, valkey, wait_job
+from tests.workflow_client import TENANT, environment, lease_count, plan_only, valkey, wait_job
 from workers.workflow import dispatch_clone
 
 pytestmark = pytest.mark.integration
@@ -242,13 +241,8 @@ def test_a_planted_trace_of_the_source_fails_the_clone_or_is_listed_with_warn(
 
 def test_a_failing_action_fails_the_job_and_the_clone_database_never_listens(
         api: Api, shop: dict, backend: Backend) -> None:
-    with session_scope() as session:
-        job = plan_clone(session, TENANT, "shop", "broken",
+    job_id, address, port = plan_only("shop", "broken",
                          {"on_clone": [{"node": "db", "sql": ["UPDATE no_such_table SET x = 1"]}]})
-        job_id = job.id
-        clone_db = next(n for n in session.scalars(select(Node).where(Node.environment_id == job.target_environment_id))
-                        if n.name == "db")
-        address, port = clone_db.address, clone_db.port
     probe = Probe(address, port)
     probe.start()  # before the job is dispatched: it watches the clone's database address throughout
     try:
