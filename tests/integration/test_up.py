@@ -167,7 +167,10 @@ def test_up_clone_watch_flower_and_clean_stop() -> None:
             client = httpx.Client(base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=30)
             assert client.post("/v1/environments", json={"name": "src", "nodes": [
                 {"name": "cache", "stack": "valkey"}, {"name": "db", "stack": "postgres"}]}).status_code == 202
-            wait_for(lambda: client.get("/v1/environments/src").json()["state"] == "running", timeout=90, what="env")
+            # Generous: in a parallel run, other suites make and remove accounts (the account files' lock).
+            env_state = wait_for(lambda: (e := client.get("/v1/environments/src").json())["state"]
+                                 in ("running", "failed") and e, timeout=180, what="env")
+            assert env_state["state"] == "running", env_state["error"]
             with sqlite3.connect(data / "envclone.sqlite3") as db:
                 (src_id,) = db.execute("SELECT id FROM environments WHERE name = 'src'").fetchone()
 
