@@ -32,7 +32,17 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = ""  # empty: same as broker_url
     address_pool: str = "127.80.0.0/16"
-    host_name: str = "local"  # the machine this process's driver acts on
+    host_name: str = "local"  # the host this process's driver acts on
+    # Whether this worker is its host's agent (consumes envclone.host.<name>): the only process that
+    # touches that host's nodes. General workers of a cluster set it false.
+    agent: bool = True
+    orchestrate: bool = True  # whether this worker also runs orchestration (the general queue)
+    host_down_s: float = 30.0  # an agent silent this long marks its host down
+    heartbeat_s: float = 0.0  # 0: a quarter of host_down_s
+    # Agents authenticate snapshot transfers between them with it (same value on every host).
+    cluster_secret: str = ""
+    transfer_bind: str = ""  # host:port where this agent serves its snapshots to other agents ("" = none)
+    transfer_url: str = ""  # how other agents reach it (default: http://<transfer_bind>)
     # Unprivileged account that runs node processes when envclone itself runs as root.
     node_user: str = "nobody"
     max_nodes: int = 64
@@ -84,6 +94,14 @@ class Settings(BaseSettings):
     @property
     def resolved_job_stall_s(self) -> float:
         return self.job_stall_s or (self.task_time_limit_s + self.retry_cap_s + 120)
+
+    @property
+    def resolved_heartbeat_s(self) -> float:
+        return self.heartbeat_s or max(self.host_down_s / 4, 0.5)
+
+    @property
+    def resolved_transfer_url(self) -> str:
+        return self.transfer_url or (f"http://{self.transfer_bind}" if self.transfer_bind else "")
 
     @property
     def resolved_result_backend(self) -> str:

@@ -10,8 +10,8 @@ from typing import NoReturn
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import fence, identity, ipam, locks, templates
-from shared.clone.outcome import delete_snapshots
+from shared import fence, hosts, identity, ipam, locks, templates
+from shared.clone.outcome import delete_snapshots, job_hosts
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.drivers import DriverError, NodeSpec, TransientDriverError, get_driver
@@ -39,8 +39,8 @@ def _wanted(env: Environment | None) -> bool:
     return env is not None and env.state != EnvState.DELETING
 
 
-def level_node_ids(env_id: str, level: int) -> list[tuple[str, str]] | None:
-    """(node id, name) of one creation level; None once every level is made (or the environment failed)."""
+def level_node_ids(env_id: str, level: int) -> list[tuple[str, str, str]] | None:
+    """(node id, name, host) of one creation level; None once every level is made (or the environment failed)."""
     with session_scope() as session:
         env = session.get(Environment, env_id)
         if not _wanted(env):
@@ -48,7 +48,7 @@ def level_node_ids(env_id: str, level: int) -> list[tuple[str, str]] | None:
         all_levels = levels(env)
         if level >= len(all_levels) or env.state == EnvState.FAILED:
             return None
-        return [(n.id, n.name) for n in env.nodes if n.name in all_levels[level]]
+        return [(n.id, n.name, n.host) for n in env.nodes if n.name in all_levels[level]]
 
 
 def template_lookup(env: Environment) -> Callable[[str, str], str]:
@@ -92,9 +92,12 @@ def fence_environment(env_id: str) -> str:
 
 
 def rebuild_fences() -> int:
-    """After a restart of the machine (or a flushed ruleset) every environment's fence comes back."""
+    """After a restart of the machine (or a flushed ruleset) the fence of every environment with a
+    node on this host comes back (each host's kernel fences its own nodes)."""
     with session_scope() as session:
-        ids = list(session.scalars(select(Environment.id).where(Environment.state != EnvState.DELETING)))
+        ids = list(session.scalars(select(Environment.id).distinct().join(Node, Node.environment_id == Environment.id)
+                                   .where(Environment.state != EnvState.DELETING,
+                                          Node.host == get_settings().host_name)))
     for env_id in ids:
         try:
             fence_environment(env_id)
@@ -161,43 +164,56 @@ def create_node(env_id: str, node_id: str, may_retry: bool) -> None:
     log.info("env=%s node=%s create state=%s%s", env_id, node_id, node.state, f" error={error!r}" if error else "")
 
 
-def finish_environment(env_id: str) -> EnvState:
+def _destroy(session: Session, nodes: list[Node]) -> set[str]:
+    """Destroy nodes: those on this worker's own host at once, the others by their host's sweep
+    (their rows say destroyed, or are gone). Returns the other hosts, to be asked to sweep."""
+    driver, elsewhere = get_driver(), set()
+    for node in nodes:
+        if hosts.is_local(node.host):
+            driver.destroy_node(node.id)
+        else:
+            elsewhere.add(node.host)
+        ipam.release_node(session, node.id)
+        node.state = NodeState.DESTROYED
+    return elsewhere
+
+
+def finish_environment(env_id: str) -> tuple[EnvState, set[str]]:
+    """The environment's outcome, and the hosts that must sweep what a failed creation left."""
     with session_scope() as session:
         env = _locked(session, env_id)
         if not _wanted(env):
             raise Gone(env_id)
         if all(n.state == NodeState.RUNNING for n in env.nodes) and env.state != EnvState.FAILED:
             env.state = EnvState.RUNNING
-            return env.state
+            return env.state, set()
         env.state = EnvState.FAILED
-        driver = get_driver()
-        for node in env.nodes:  # a half-made environment is not left behind
-            driver.destroy_node(node.id)
-            ipam.release_node(session, node.id)
-            node.state = NodeState.DESTROYED
-        identity.remove_account(env_id)
-        return env.state
+        elsewhere = _destroy(session, list(env.nodes))  # a half-made environment is not left behind
+        if not elsewhere:
+            identity.remove_account(env_id)
+        return env.state, elsewhere
 
 
-def delete_environment(env_id: str) -> None:
-    driver = get_driver()
+def delete_environment(env_id: str) -> set[str]:
+    """Delete the environment; returns the other hosts that held its nodes (they sweep them away)."""
     with session_scope() as session:
         env = session.get(Environment, env_id)
         if env is None:
-            return
-        for node in env.nodes:
-            driver.destroy_node(node.id)
-            ipam.release_node(session, node.id)
+            return set()
+        elsewhere = _destroy(session, list(env.nodes))
         # Snapshots kept for a clone (retain_snapshots, keep_on_failure) go with it.
         for job in session.scalars(select(CloneJob).where(CloneJob.target_environment_id == env_id)):
             delete_snapshots(session, job)
-        identity.remove_account(env_id)  # before the row goes: a deleted environment has no account left
+            elsewhere |= {h for h in job_hosts(job.id) if not hosts.is_local(h)}
+        if not elsewhere:
+            identity.remove_account(env_id)  # before the row goes: a deleted environment has no account left
         session.delete(env)
     log.info("env=%s deleted", env_id)
+    return elsewhere
 
 
 def reconcile_nodes() -> int:
-    """Restart nodes that should run but do not (not those a job is holding down on purpose)."""
+    """Restart this host's nodes that should run but do not (not those a job holds down on purpose)."""
     settings = get_settings()
     driver, fixed = get_driver(), 0
     with session_scope() as session:
@@ -205,7 +221,8 @@ def reconcile_nodes() -> int:
         down_on_purpose = set(session.scalars(select(JobNode.source_node_id).where(
             JobNode.quiesced_at.is_not(None), JobNode.restarted_at.is_(None))))
         rows = session.execute(select(Node, Environment).join(Environment, Environment.id == Node.environment_id)
-                               .where(Node.state == NodeState.RUNNING, Environment.state == EnvState.RUNNING)).all()
+                               .where(Node.state == NodeState.RUNNING, Environment.state == EnvState.RUNNING,
+                                      Node.host == settings.host_name)).all()
         for node, env in rows:
             if node.id in held or node.id in down_on_purpose or driver.health(node.id).running:
                 continue

@@ -89,3 +89,9 @@ def remove_account(environment_id: str) -> None:
                  stop=stop_after_delay(120), wait=wait_random(0.05, 0.5))(attempt)
     except RetryError as exc:
         log.warning("userdel %s failed: %s", name, exc.last_attempt.result().stderr.strip())
+
+
+def remove_account_named(name: str) -> None:
+    """An environment's account known only by name (a host's sweep finds it on a leftover volume)."""
+    if name.startswith("ec-"):
+        remove_account(name[3:])

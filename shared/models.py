@@ -125,6 +125,8 @@ class Node(Base):
     credentials: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Bytes a snapshot of the node holds, as last measured by a worker (plans read it).
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The host whose agent alone acts on it (shared.placement chose it).
+    host: Mapped[str] = mapped_column(String(63), default="local", index=True)
 
     environment: Mapped[Environment] = relationship(back_populates="nodes")
 
@@ -215,6 +217,7 @@ class StepRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    host: Mapped[str | None] = mapped_column(String(63), nullable=True)  # the host whose agent ran it
 
 
 class Snapshot(Base):
@@ -228,6 +231,7 @@ class Snapshot(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     window_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    host: Mapped[str | None] = mapped_column(String(63), nullable=True)  # where it is kept (the source's host)
 
 
 class NodeLock(Base):
@@ -267,8 +271,9 @@ class JobEvent(Base):
 
 
 class Host(Base):
-    """A machine that holds nodes, as its worker last reported it: what plans and the API read
-    instead of probing the filesystem themselves."""
+    """A machine that holds nodes, as its agent last reported it: what placement, plans and the API
+    read instead of probing a filesystem themselves. ``heartbeat_at`` older than ENVCLONE_HOST_DOWN_S
+    makes it ``down``; ``draining`` is an operator's word and outlives restarts."""
 
     __tablename__ = "hosts"
 
@@ -277,3 +282,6 @@ class Host(Base):
     reflink: Mapped[bool] = mapped_column(Boolean, default=False)
     free_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    address_pool: Mapped[str | None] = mapped_column(String(64), nullable=True)  # its nodes' addresses
+    transfer_url: Mapped[str | None] = mapped_column(String(256), nullable=True)  # where its agent serves snapshots
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)  # its agent's start

@@ -12,11 +12,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import ipam, templates
+from shared import ipam, placement, templates
 from shared.clone import masking, neutralize
-from shared.config import get_settings
 from shared.errors import Conflict, PlanError, Problem
-from shared.hosts import local_host
 from shared.models import CloneJob, Environment, JobNode, Node, StepRun, new_id
 from shared.stacks import CATALOG
 from shared.states import CLONE_STEPS, JOB_DONE, EnvState
@@ -27,6 +25,26 @@ class NodeRequest:
     name: str
     stack: str
     config: dict[str, str] = field(default_factory=dict)
+    host: str | None = None  # pinned by the request; else placement chooses
+
+
+def _lease_by_host(session: Session, hosts: placement.Hosts, wanted: list[str], *, job_id: str | None = None,
+                   busy: set[str] | None = None, node_ids: list[str] | None = None, field: str = "nodes",
+                   dry: bool = False) -> list[str]:
+    """An address per node from its host's pool (``wanted[i]``: node i's host), in node order."""
+    out: list[str | None] = [None] * len(wanted)
+    for host in sorted(set(wanted)):
+        idx = [i for i, h in enumerate(wanted) if h == host]
+        pool = placement.pool_of(hosts, host)
+        try:
+            got = (ipam.plan(session, pool, len(idx), busy=busy) if dry else
+                   ipam.lease(session, pool, len(idx), job_id=job_id, busy=busy,
+                              node_ids=[node_ids[i] for i in idx] if node_ids else None))
+        except ipam.PoolExhausted as exc:
+            raise PlanError(Conflict("pool_exhausted", f"host {host}: {exc}", field)) from None
+        for i, address in zip(idx, got, strict=True):
+            out[i] = address
+    return [a for a in out if a is not None]
 
 
 def find_environment(session: Session, tenant: str, name: str) -> Environment | None:
@@ -47,7 +65,6 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
                      egress: list[dict[str, Any]] | None = None,
                      on_clone: list[dict[str, Any]] | None = None) -> Environment:
     """``on_clone``: actions every clone of it runs before it is reachable (shared.clone.neutralize)."""
-    settings = get_settings()
     if find_environment(session, tenant, name) is not None:
         raise PlanError(Conflict("name_taken", f"environment {name!r} already exists", "name"))
     names = [n.name for n in nodes]
@@ -74,15 +91,14 @@ def plan_environment(session: Session, tenant: str, name: str, nodes: list[NodeR
     neutralize.check(on_clone or [], {n.name: n.stack for n in nodes}, "on_clone")
     env = Environment(tenant=tenant, name=name, egress=list(egress or []), on_clone=list(on_clone or []))
     session.add(env)
-    try:
-        addresses = ipam.lease(session, settings.address_pool, len(nodes))
-    except ipam.PoolExhausted as exc:
-        raise PlanError(Conflict("pool_exhausted", str(exc), "nodes")) from None
-    for node, address in zip(nodes, addresses, strict=True):
+    hosts = placement.Hosts(session)
+    where = placement.place_new(session, [n.host for n in nodes])
+    addresses = _lease_by_host(session, hosts, where)
+    for node, address, host in zip(nodes, addresses, where, strict=True):
         stack = CATALOG[node.stack]
         credentials = stack.new_credentials()
         row = Node(id=new_id(), name=node.name, stack=node.stack, address=address, port=stack.default_port,
-                   config=dict(node.config), credentials=credentials,
+                   config=dict(node.config), credentials=credentials, host=host,
                    url=stack.url(address, stack.default_port, credentials, secret=False))
         env.nodes.append(row)
         ipam.bind(session, address, row.id)
@@ -103,11 +119,14 @@ class ClonePlan:
     bytes_free: int = 0
     reflink: bool = False
     busy: set[str] = field(default_factory=set)  # addresses something listens on, read once
+    hosts: dict[str, str] = field(default_factory=dict)  # source node name -> the clone node's host
+    host_rows: placement.Hosts | None = None
 
 
-def check_clone(session: Session, tenant: str, source_name: str, target_name: str) -> ClonePlan:
-    """Everything a clone needs, checked without writing anything."""
-    settings = get_settings()
+def check_clone(session: Session, tenant: str, source_name: str, target_name: str,
+                target_host: str | None = None, pins: dict[str, str] | None = None) -> ClonePlan:
+    """Everything a clone needs, checked without writing anything. A request that names a host
+    that does not exist is refused (PlanError); what the current state does not allow is listed."""
     conflicts: list[Conflict] = []
     source = find_environment(session, tenant, source_name)
     if source is None:
@@ -117,22 +136,29 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
         conflicts.append(Conflict("source_not_running", f"environment {source_name!r} is {source.state}", "source"))
     if find_environment(session, tenant, target_name) is not None:
         conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
+    try:
+        where, hosts = placement.place_clone(session, source.nodes, target_host, pins or {})
+    except PlanError as exc:
+        if exc.problem != Problem.CONFLICT:
+            raise
+        conflicts.append(exc.conflict)
+        return ClonePlan(source, target_name, {}, conflicts)
     addresses: dict[str, str] = {}
     busy = ipam.listening_addresses(max_age_s=LISTENER_SCAN_MAX_AGE_S)
     try:
-        planned = ipam.plan(session, settings.address_pool, len(source.nodes), busy=busy)
+        planned = _lease_by_host(session, hosts, [where[n.name] for n in source.nodes], busy=busy, dry=True)
         addresses = {n.name: a for n, a in zip(source.nodes, planned, strict=True)}
-    except ipam.PoolExhausted as exc:
-        conflicts.append(Conflict("pool_exhausted", str(exc), "name"))
-    # Sizes and the host's disk as the workers last measured them: a plan reads rows, never a disk.
-    host = local_host(session)
-    reflink = bool(host and host.reflink)
-    # A snapshot and a clone volume per node, unless reflink shares the blocks.
-    needed = 0 if reflink else 2 * sum(n.size_bytes for n in source.nodes)
-    free = host.free_bytes if host is not None else 0
-    if host is not None and needed > free:
-        conflicts.append(Conflict("disk_full", f"needs {needed} bytes of disk, {free} free", "name"))
-    return ClonePlan(source, target_name, addresses, conflicts, needed, free, reflink, busy)
+    except PlanError as exc:
+        conflicts.append(exc.conflict)
+    # Sizes and disks as the agents last measured them: a plan reads rows, never a disk.
+    needed = sum(hosts.promised.values())
+    free = sum(hosts.free(h) + hosts.promised.get(h, 0) for h in set(where.values())) if hosts.known else 0
+    for host in sorted(set(where.values())):
+        if hosts.known and hosts.free(host) < 0:
+            conflicts.append(Conflict("disk_full", f"host {host}: needs {hosts.promised[host]} bytes of disk, "
+                                      f"{hosts.free(host) + hosts.promised[host]} free", "name"))
+    reflink = hosts.known and all(hosts.rows[h].reflink for h in set(where.values()) if h in hosts.rows)
+    return ClonePlan(source, target_name, addresses, conflicts, needed, free, reflink, busy, where, hosts)
 
 
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,
@@ -140,14 +166,14 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
     """Write the job, its target environment, clone nodes, leases and steps (caller commits).
     ``options["on_clone"]``: the request's actions, run after the source environment's own;
     ``options["mask"]``: masking rules (``shared.clone.masking``), with ``mask_seed``."""
-    plan = check_clone(session, tenant, source_name, target_name)
+    plan = check_clone(session, tenant, source_name, target_name, options.get("target_host"),
+                       options.get("placement"))
     source = plan.source
     assert source is not None
     neutralize.check(options.get("on_clone", []), {n.name: n.stack for n in source.nodes}, "on_clone")
     masking.check(options.get("mask", []), {n.name: n.stack for n in source.nodes}, "mask")
     if plan.conflicts:
         raise PlanError(plan.conflicts[0])
-    settings = get_settings()
     options = {**options, "on_clone": [*source.on_clone, *options.get("on_clone", [])]}
     if options.get("mask") and not options.get("mask_seed"):
         # Random per job: another clone gets other fakes. Kept here, never shown in a response.
@@ -160,20 +186,20 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
                    target_name=target_name, target_environment_id=target.id, options=dict(options))
     sources = list(source.nodes)
     clone_ids = [new_id() for _ in sources]
-    try:
-        addresses = ipam.lease(session, settings.address_pool, len(sources), job_id=job.id, busy=plan.busy,
-                               node_ids=clone_ids)
-    except ipam.PoolExhausted as exc:
-        raise PlanError(Conflict("pool_exhausted", str(exc), "name")) from None
+    where = [plan.hosts[s.name] for s in sources]
+    assert plan.host_rows is not None
+    addresses = _lease_by_host(session, plan.host_rows, where, job_id=job.id, busy=plan.busy, node_ids=clone_ids,
+                               field="name")
     # Rows are added by foreign key rather than through relationship lists: appending to a list
     # of a persistent object would load it first, a query per list per request.
     rows: list[object] = [job, target]
-    for src, address, clone_id in zip(sources, addresses, clone_ids, strict=True):
+    for src, address, clone_id, host in zip(sources, addresses, clone_ids, where, strict=True):
         # A clone never shares a secret with its source: new credentials, set before it first listens.
         stack = CATALOG[src.stack]
         credentials = stack.new_credentials(src.credentials, rename_users=bool(options.get("rename_db_users")))
         rows.append(Node(id=clone_id, environment_id=target.id, name=src.name, stack=src.stack, address=address,
-                         port=src.port, config=dict(src.config), source_node_id=src.id, credentials=credentials,
+                         port=src.port, host=host, config=dict(src.config), source_node_id=src.id,
+                         credentials=credentials,
                          url=stack.url(address, src.port, credentials, secret=False)))
         rows.append(JobNode(job_id=job.id, source_node_id=src.id, name=src.name, clone_node_id=clone_id,
                             snapshot_id=new_id()))

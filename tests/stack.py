@@ -131,7 +131,7 @@ class Backend:
         name = f"test-{uuid.uuid4().hex[:8]}@%h"
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-c", str(self.concurrency),
-             "-Q", "envclone.window,envclone", "-n", name, "-l", "info", "-E"],
+             "-n", name, "-l", "info", "-E"],
             env={**os.environ, **self.env}, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )

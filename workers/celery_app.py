@@ -12,12 +12,14 @@ from celery import Celery
 from kombu import Queue
 
 from shared.config import Settings, get_settings
+from shared.hosts import queue, window_queue
 
-# Snapshot and restart run while a source node is held: their queue is consumed first, so a
-# quiesced node never waits behind other nodes' quiesce or provision work.
-WINDOW_QUEUE = "envclone.window"
+# Orchestration (start, report, watchdog, environment bookkeeping) runs on any general worker; every
+# step that touches a node goes to its host's queues (shared.hosts.queue / window_queue), which only
+# that host's agent consumes. Snapshot and restart run while a source node is held: the window queue
+# is consumed first, so a quiesced node never waits behind other nodes' quiesce or provision work.
 DEFAULT_QUEUE = "envclone"
-TASK_MODULES = ["workers.steps", "workers.environments", "workers.watchdog"]
+TASK_MODULES = ["workers.steps", "workers.environments", "workers.watchdog", "workers.hosts"]
 
 # Every task: late acks and a retry budget that is the domain's to bound (shared.clone.retry).
 TASK_OPTS: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": None}
@@ -36,6 +38,13 @@ def _publish_retry(role: Role) -> tuple[dict[str, Any], float]:
     # Workers ride out a Redis outage of a couple of minutes (publishing the next step, the chord
     # counter) rather than break a chain.
     return {"max_retries": 90, "interval_start": 0, "interval_step": 0.5, "interval_max": 2}, 180.0
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """What a worker consumes, in priority order: its host's window and node queues if it is that
+    host's agent, the general queue if it orchestrates (one process may be both: one host)."""
+    out = [window_queue(settings.host_name), queue(settings.host_name)] if settings.agent else []
+    return out + ([DEFAULT_QUEUE] if settings.orchestrate else [])
 
 
 def make_celery(role: Role, settings: Settings | None = None) -> Celery:
@@ -64,10 +73,9 @@ def make_celery(role: Role, settings: Settings | None = None) -> Celery:
         task_track_started=True,
         result_expires=7 * 24 * 3600,
         result_extended=True,
-        task_queues=[Queue(WINDOW_QUEUE), Queue(DEFAULT_QUEUE)],
+        # A worker consumes these (no -Q needed); a publisher routes each node's step explicitly.
+        task_queues=[Queue(q) for q in worker_queues(settings)] if role == Role.WORKER else [Queue(DEFAULT_QUEUE)],
         task_default_queue=DEFAULT_QUEUE,
-        task_routes={"envclone.snapshot": {"queue": WINDOW_QUEUE},
-                     "envclone.restart": {"queue": WINDOW_QUEUE}},
         worker_hijack_root_logger=False,
         beat_schedule={"watchdog": {"task": "envclone.watchdog", "schedule": settings.watchdog_interval_s,
                                     "options": {"expires": settings.watchdog_interval_s}}},

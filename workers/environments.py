@@ -8,11 +8,12 @@ from typing import TypeVar
 
 from celery import Task, chord, group, shared_task
 
-from shared import environments
+from shared import environments, hosts
 from shared.clone.retry import RetryPolicy
 from shared.db import retry_db
 from shared.drivers import TransientDriverError
 from workers.celery_app import TASK_OPTS
+from workers.workflow import dispatch_sweeps
 
 log = logging.getLogger("envclone.environments")
 T = TypeVar("T")
@@ -39,7 +40,8 @@ def create_level(self: Task, env_id: str, level: int) -> None:
         self.app.signature("envclone.finish_environment", args=(env_id,)).apply_async()
         return
     header = [self.app.signature("envclone.create_node", args=(env_id, node_id), immutable=True)
-              .set(argsrepr=f"env={env_id[:8]} node={name} step=create") for node_id, name in nodes]
+              .set(argsrepr=f"env={env_id[:8]} node={name} step=create", queue=hosts.queue(host))
+              for node_id, name, host in nodes]
     chord(group(header), self.app.signature("envclone.create_level", args=(env_id, level + 1),
                                             immutable=True)).apply_async()
 
@@ -55,9 +57,14 @@ def create_node(self: Task, env_id: str, node_id: str) -> None:
 
 @shared_task(name="envclone.finish_environment", **TASK_OPTS)
 def finish_environment(self: Task, env_id: str) -> str | None:
-    return _unless_gone(environments.finish_environment, env_id)
+    outcome = _unless_gone(environments.finish_environment, env_id)
+    if outcome is None:
+        return None
+    state, elsewhere = outcome
+    dispatch_sweeps(self.app, elsewhere)
+    return state
 
 
 @shared_task(name="envclone.delete_environment", **TASK_OPTS)
 def delete_environment(self: Task, env_id: str) -> None:
-    retry_db(environments.delete_environment)(env_id)
+    dispatch_sweeps(self.app, retry_db(environments.delete_environment)(env_id))

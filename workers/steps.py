@@ -12,12 +12,13 @@ from shared.clone.gate import worker_id
 from shared.clone.runner import run_step
 from shared.config import get_settings
 from shared.db import retry_db, session_scope
+from shared.hosts import is_local
 from shared.models import CloneJob
 from shared.states import FaultPoint, Step
 from workers.broker_guard import await_broker, send_progress
 from workers.celery_app import TASK_OPTS
 from workers.dispatcher import mark_dispatched
-from workers.workflow import clone_canvas
+from workers.workflow import clone_canvas, dispatch_sweeps
 
 
 def _step(task: Task, step: Step, job_id: str, source_node_id: str, run: int) -> None:
@@ -81,5 +82,7 @@ def _report_started(job_id: str) -> dict:
 def report(self: Task, job_id: str, run: int = 1) -> str:
     options = _report_started(job_id)
     state = retry_db(outcome.finish_job)(job_id, run)
+    # The other hosts of the job make their disks match (snapshots done with, a failed clone's nodes).
+    dispatch_sweeps(self.app, {h for h in outcome.job_hosts(job_id) if not is_local(h)})
     hang_after(FaultPoint.REPORT, "*", self.request.retries + 1, options)
     return state

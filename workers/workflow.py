@@ -6,10 +6,12 @@ from __future__ import annotations
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
 from sqlalchemy import select
+from sqlalchemy.orm import aliased
 
+from shared import hosts
 from shared.db import session_scope
-from shared.models import Environment, JobNode
-from shared.states import CLONE_STEPS
+from shared.models import Environment, JobNode, Node
+from shared.states import CLONE_STEPS, Step
 from workers.dispatcher import mark_dispatched
 
 
@@ -17,15 +19,30 @@ def _sig(app: Celery, name: str, *args: str | int, argsrepr: str) -> Signature:
     return app.signature(f"envclone.{name}", args=args, immutable=True).set(argsrepr=argsrepr)
 
 
+# Where each step runs: the source's host holds the source (quiesce, snapshot, restart), the clone's
+# host makes the clone (provision, assign_ips); snapshot and restart take the host's window queue.
+_ON_SOURCE = {Step.QUIESCE, Step.SNAPSHOT, Step.RESTART}
+_IN_WINDOW = {Step.SNAPSHOT, Step.RESTART}
+
+
+def step_queue(step: Step, source_host: str, clone_host: str) -> str:
+    host = source_host if step in _ON_SOURCE else clone_host
+    return hosts.window_queue(host) if step in _IN_WINDOW else hosts.queue(host)
+
+
 def clone_canvas(app: Celery, job_id: str, run: int) -> Signature:
-    """chord(group(chain(steps of node) for node), report) -- explicit, so one-node jobs work too."""
+    """chord(group(chain(steps of node) for node), report) -- explicit, so one-node jobs work too.
+    Every step goes to the queue of the host whose node it touches; the report to any general worker."""
+    source, clone = aliased(Node), aliased(Node)
     with session_scope() as session:
-        nodes = [(jn.source_node_id, jn.name) for jn in
-                 session.scalars(select(JobNode).where(JobNode.job_id == job_id).order_by(JobNode.name))]
+        nodes = session.execute(
+            select(JobNode.source_node_id, JobNode.name, source.host, clone.host)
+            .join(source, source.id == JobNode.source_node_id).join(clone, clone.id == JobNode.clone_node_id)
+            .where(JobNode.job_id == job_id).order_by(JobNode.name)).all()
     chains = [
         chain(*[_sig(app, step, job_id, src, run, argsrepr=f"job={job_id[:8]} node={name} step={step}")
-                for step in CLONE_STEPS])
-        for src, name in nodes
+                .set(queue=step_queue(step, src_host, clone_host)) for step in CLONE_STEPS])
+        for src, name, src_host, clone_host in nodes
     ]
     return chord(group(chains), _sig(app, "report", job_id, run, argsrepr=f"job={job_id[:8]} step=report"))
 
@@ -47,3 +64,9 @@ def dispatch_create_environment(app: Celery, env_id: str) -> None:
 def dispatch_delete_environment(app: Celery, env_id: str) -> None:
     _sig(app, "delete_environment", env_id, argsrepr=f"env={env_id[:8]} step=delete").apply_async()
     mark_dispatched(Environment, env_id)
+
+
+def dispatch_sweeps(app: Celery, names: set[str] | list[str]) -> None:
+    """Ask each host's agent to make its disk match the rows (what was removed elsewhere in rows)."""
+    for name in sorted(set(names)):
+        app.signature("envclone.sweep").set(queue=hosts.queue(name), argsrepr=f"host={name} step=sweep").apply_async()

@@ -133,7 +133,7 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
     api_argv = " ".join(q(a) for a in gunicorn_args(f"127.0.0.1:{api_port}"))
     manager.add_process("api", f"{py} -m gunicorn --graceful-timeout 5 --access-logfile - {api_argv}", env=child_env)
     manager.add_process("worker", f"{py} -m celery -A workers.worker worker -c 2 -E -l info "
-                        "-Q envclone.window,envclone -n envclone@%h", env=child_env)
+                        "-n envclone@%h", env=child_env)
     manager.add_process("beat", f"{py} -m celery -A workers.worker beat -l info "
                         f"-s {q(str(data_dir / 'celerybeat-schedule'))}", env=child_env)
     manager.add_process("flower", f"{py} -m celery -A workers.worker flower --address=127.0.0.1 "

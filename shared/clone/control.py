@@ -10,15 +10,14 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from shared import ipam
+from shared import hosts, ipam, placement
 from shared.clone.events import record_event
-from shared.config import get_settings
 from shared.db import retry_db, session_scope
 from shared.drivers import get_driver
 from shared.errors import Conflict, PlanError
-from shared.models import AddressLease, CloneJob, Environment, JobNode, Node, StepRun
+from shared.models import AddressLease, CloneJob, Environment, JobNode, Node, Snapshot, StepRun, new_id
 from shared.stacks import CATALOG
-from shared.states import CLONE_STEPS, EnvState, JobState, NodeState, Step, StepState
+from shared.states import CLONE_STEPS, EnvState, JobState, NodeState, SnapshotState, Step, StepState
 
 
 def request_cancel(session: Session, job: CloneJob) -> None:
@@ -65,29 +64,43 @@ def _relet_address(session: Session, node: Node) -> None:
     if (held is None and node.address not in ipam.listening_addresses()
             and ipam.try_lease(session, node.address, node_id=node.id)):
         return
-    node.address = ipam.lease(session, get_settings().address_pool, 1)[0]
+    node.address = ipam.lease(session, placement.pool_of(placement.Hosts(session), node.host), 1)[0]
     ipam.bind(session, node.address, node.id)
 
 
 def _resume(session: Session, job: CloneJob) -> None:
-    """Reset each node's steps from where it resumes, removing what the resumed steps remake."""
+    """Reset each node's steps from where it resumes, removing what the resumed steps remake. What
+    lives on this worker's own host is looked at and removed here; on another host the rows say what
+    exists, a stale snapshot gets a new id (its host's sweep removes the old one) and provisioning
+    replaces a stale clone volume itself."""
     driver = get_driver()
-    snapshots, volumes = driver.snapshot_ids(), driver.node_ids()
     order = {s: i for i, s in enumerate(CLONE_STEPS)}
     for jn in session.scalars(select(JobNode).where(JobNode.job_id == job.id)):
+        clone, source = session.get(Node, jn.clone_node_id), session.get(Node, jn.source_node_id)
+        snap = session.get(Snapshot, jn.snapshot_id)
+        snap_local = hosts.is_local((snap.host if snap else None) or source.host)
+        clone_local = hosts.is_local(clone.host)
         steps = sorted(session.scalars(select(StepRun).where(StepRun.job_id == job.id,
                                                              StepRun.source_node_id == jn.source_node_id)),
                        key=lambda s: order[s.step])
-        resume = resume_index([s.state for s in steps], jn.snapshot_id in snapshots, jn.clone_node_id in volumes)
+        snapshot_ok = (jn.snapshot_id in driver.snapshot_ids() if snap_local
+                       else snap is not None and snap.state == SnapshotState.READY)
+        clone_ok = jn.clone_node_id in driver.node_ids() if clone_local else clone.state.has_process
+        resume = resume_index([s.state for s in steps], snapshot_ok, clone_ok)
         for step in steps[resume:]:
             step.state, step.error, step.started_at, step.finished_at = StepState.PENDING, None, None, None
         if resume <= Step.QUIESCE.seq:
-            driver.delete_snapshot(jn.snapshot_id)
+            if snap_local:
+                driver.delete_snapshot(jn.snapshot_id)
+            else:
+                if snap is not None:
+                    snap.state = SnapshotState.DELETED
+                jn.snapshot_id = new_id()
             jn.quiesced_at = jn.restarted_at = jn.downtime_ms = None
         if resume <= Step.PROVISION.seq:
-            driver.destroy_node(jn.clone_node_id)
+            if clone_local:
+                driver.destroy_node(jn.clone_node_id)
             jn.bytes_copied = jn.bytes_total = 0
-        clone = session.get(Node, jn.clone_node_id)
         if resume < len(steps):
             clone.state = NodeState.PENDING
         _relet_address(session, clone)

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.clone.events import record_event
+from shared.config import get_settings
 from shared.db import retry_db, session_scope
 from shared.drivers import PermanentDriverError
 from shared.locks import NodeBusy
@@ -90,6 +91,7 @@ def open_step(job_id: str, source_node_id: str, step: Step, run: int, always_run
         row.state, row.attempts = StepState.RUNNING, row.attempts + 1
         row.started_at = row.started_at or utcnow()
         row.detail = {**row.detail, "worker": worker_id()}
+        row.host = get_settings().host_name
         record_event(session, job, "step", node=row.node_name, step=step, state=StepState.RUNNING,
                      attempt=row.attempts)
         return Ticket(job_id, source_node_id, row.node_name, Step(step), row.attempts, dict(job.options), run)

@@ -11,7 +11,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import identity, ipam
+from shared import hosts, identity, ipam
 from shared.clone import masking, safety
 from shared.clone.events import record_event
 from shared.clone.sources import restart_source
@@ -43,11 +43,15 @@ def ensure_sources_running(session: Session, job: CloneJob) -> list[str]:
     return problems
 
 
+# Removal is recorded in rows first; what lives on this worker's own host is removed at once, what
+# lives elsewhere by that host's agent when its sweep runs (shared.sweep; the report asks for it).
 def delete_snapshots(session: Session, job: CloneJob) -> None:
     driver = get_driver()
     for jn in session.scalars(select(JobNode).where(JobNode.job_id == job.id)):
-        driver.delete_snapshot(jn.snapshot_id)
         row = session.get(Snapshot, jn.snapshot_id)
+        source = session.get(Node, jn.source_node_id)
+        if hosts.is_local((row.host if row else None) or (source.host if source else None)):
+            driver.delete_snapshot(jn.snapshot_id)
         if row is not None:
             row.state = SnapshotState.DELETED
 
@@ -55,16 +59,28 @@ def delete_snapshots(session: Session, job: CloneJob) -> None:
 def tear_down_clone(session: Session, job: CloneJob) -> None:
     """Remove the clone's nodes, volumes, snapshots and leases; keep the rows as a record."""
     driver = get_driver()
+    everywhere_local = True
     for jn in session.scalars(select(JobNode).where(JobNode.job_id == job.id)):
-        driver.destroy_node(jn.clone_node_id)
-        ipam.release_node(session, jn.clone_node_id)
         node = session.get(Node, jn.clone_node_id)
+        if node is None or hosts.is_local(node.host):
+            driver.destroy_node(jn.clone_node_id)
+        else:
+            everywhere_local = False
+        ipam.release_node(session, jn.clone_node_id)
         if node is not None:
             node.state = NodeState.DESTROYED
     delete_snapshots(session, job)
-    if job.target_environment_id:
+    if job.target_environment_id and everywhere_local:
         identity.remove_account(job.target_environment_id)
     log.info("job=%s torn down the partial clone %s", job.id, job.target_name)
+
+
+def job_hosts(job_id: str) -> set[str]:
+    """Every host holding a source or a clone node of the job."""
+    with session_scope() as session:
+        return set(session.scalars(select(Node.host).join(JobNode, (JobNode.source_node_id == Node.id)
+                                                          | (JobNode.clone_node_id == Node.id))
+                                   .where(JobNode.job_id == job_id)))
 
 
 def finish_job(job_id: str, run: int | None = None) -> JobState:

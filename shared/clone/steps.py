@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import identity, locks
@@ -22,9 +22,10 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.drivers import PermanentDriverError, get_driver
 from shared.environments import fence_environment, template_lookup
-from shared.models import CloneJob, Environment, JobNode, Node, Snapshot, utcnow
+from shared.models import CloneJob, Environment, Host, JobNode, Node, Snapshot, utcnow
 from shared.stacks import CATALOG
 from shared.states import Consistency, NodeState, SnapshotState, Step
+from shared.transfer_service import fetch_snapshot
 
 Notify = Callable[..., None]  # best-effort progress to watchers outside the database (Flower)
 PROGRESS_EVERY_S = 0.5
@@ -83,7 +84,7 @@ def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
         row = session.get(Snapshot, jn.snapshot_id) or Snapshot(id=jn.snapshot_id, job_id=ticket.job_id,
                                                                 source_node_id=ticket.source_node_id)
         row.state, row.method = SnapshotState.READY, info.method
-        row.size_bytes, row.window_ms = info.size_bytes, info.window_ms
+        row.size_bytes, row.window_ms, row.host = info.size_bytes, info.window_ms, get_settings().host_name
         session.add(row)
         # The freshest size of the source, for the next plan of a clone of it.
         session.get(Node, ticket.source_node_id).size_bytes = info.size_bytes
@@ -122,11 +123,33 @@ def provision(ticket: Ticket, notify: Notify) -> dict[str, Any]:
 
     with session_scope() as session:
         target = session.get(CloneJob, ticket.job_id).target_environment_id
-    copied = get_driver().provision(jn.snapshot_id, jn.clone_node_id, progress, owner=identity.ensure_account(target))
+        snap = session.get(Snapshot, jn.snapshot_id)
+        kept_on = (snap.host if snap is not None else None) or session.get(Node, ticket.source_node_id).host
+        stale = session.get(Node, jn.clone_node_id).state == NodeState.PENDING
+        source_url = None
+        if kept_on != get_settings().host_name:
+            row = session.get(Host, kept_on)
+            source_url = row.transfer_url if row is not None else None
+            if not source_url:
+                raise PermanentDriverError(f"host {kept_on} serves no snapshots (its agent has no "
+                                           "ENVCLONE_TRANSFER_BIND)")
+    driver = get_driver()
+    if stale:
+        driver.destroy_node(jn.clone_node_id)  # what an older run left: made again from this snapshot
+    detail: dict[str, Any] = {"host": get_settings().host_name}
+    if source_url is not None:
+        # Straight from the source host's agent; resumable, verified file by file on arrival.
+        got = fetch_snapshot(jn.snapshot_id, source_url, progress)
+        detail["transfer"] = {"from": kept_on, "bytes_received": got.bytes_received, "bytes_total": got.bytes_total,
+                              "files_skipped": got.files_skipped}
+    copied = driver.provision(jn.snapshot_id, jn.clone_node_id, progress, owner=identity.ensure_account(target))
+    if source_url is not None:
+        driver.delete_snapshot(jn.snapshot_id)  # this host's copy; the source host's goes when the job ends
     with session_scope() as session:
-        clone = session.get(Node, jn.clone_node_id)
-        clone.state, clone.size_bytes = NodeState.PROVISIONED, copied
-    return {"bytes": copied}
+        # Not over a teardown: a job ended meanwhile (a host went down) has destroyed this node.
+        session.execute(update(Node).where(Node.id == jn.clone_node_id, Node.state != NodeState.DESTROYED)
+                        .values(state=NodeState.PROVISIONED, size_bytes=copied))
+    return {"bytes": copied, **detail}
 
 
 def _maps(session: Session, job_id: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -178,7 +201,8 @@ def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     safety.make_safe(driver, ticket, jn.clone_node_id, actions, needles, detail, mask)  # UnsafeClone: never starts
     driver.restart(jn.clone_node_id, get_settings().health_timeout_s)
     with session_scope() as session:
-        session.get(Node, jn.clone_node_id).state = NodeState.RUNNING
+        session.execute(update(Node).where(Node.id == jn.clone_node_id, Node.state != NodeState.DESTROYED)
+                        .values(state=NodeState.RUNNING))
     return detail
 
 

@@ -18,20 +18,22 @@ from shared.clone.sources import restart_source
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.drivers import DriverError
-from shared.models import CloneJob, JobEvent, JobNode, utcnow
+from shared.models import CloneJob, JobEvent, JobNode, Node, utcnow
 from shared.states import JOB_DONE, Step, StepState
 
 log = logging.getLogger("envclone.watchdog")
 
 
 def restart_overdue_sources() -> int:
+    """Run by each host's agent for the sources on its own host."""
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.max_downtime_s)
     fixed = 0
     with session_scope() as session:
         overdue = session.execute(
             select(JobNode, CloneJob).join(CloneJob, CloneJob.id == JobNode.job_id)
-            .where(JobNode.quiesced_at < cutoff, JobNode.restarted_at.is_(None),
+            .join(Node, Node.id == JobNode.source_node_id)
+            .where(JobNode.quiesced_at < cutoff, JobNode.restarted_at.is_(None), Node.host == settings.host_name,
                    CloneJob.state.not_in(JOB_DONE)).with_for_update(of=JobNode)).all()
         for jn, job in overdue:
             try:
@@ -46,6 +48,31 @@ def restart_overdue_sources() -> int:
             log.warning("job=%s node=%s %s", job.id, jn.name, reason)
             fixed += 1
     return fixed
+
+
+def fail_jobs_on_down_hosts(down: set[str]) -> list[str]:
+    """A job that needs a down host cannot finish: its open steps fail and it ends now, cleanly --
+    the caller asks the other hosts to sweep (a source held down there comes back, the partial clone
+    goes); the down host sweeps its own leftovers when its agent returns. Returns the jobs ended."""
+    if not down:
+        return []
+    with session_scope() as session:
+        jobs = list(session.scalars(
+            select(CloneJob.id).distinct().join(JobNode, JobNode.job_id == CloneJob.id)
+            .join(Node, (Node.id == JobNode.source_node_id) | (Node.id == JobNode.clone_node_id))
+            .where(CloneJob.state.not_in(JOB_DONE), Node.host.in_(sorted(down)))))
+    for job_id in jobs:
+        with session_scope() as session:
+            job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
+            if job.state.done:
+                continue
+            reason = f"host {', '.join(sorted(down))} is down"
+            for step in fail_open_steps(session, job_id, reason):
+                record_event(session, job, "step", node=step.node_name, step=step.step, state=StepState.FAILED,
+                             error=reason)
+        finish_job(job_id)
+        log.error("job=%s failed: a host it needs is down (%s)", job_id, ", ".join(sorted(down)))
+    return jobs
 
 
 def resume_or_give_up_stalled_jobs(dispatch: Callable[[str], object]) -> tuple[int, int]:

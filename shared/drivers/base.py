@@ -166,6 +166,14 @@ class Driver(ABC):
     @abstractmethod
     def snapshot_ids(self) -> set[str]: ...
 
+    def partial_snapshot_ids(self) -> set[str]:
+        """Snapshots begun or being received here and not finished."""
+        return set()
+
+    def node_owner(self, node_id: str) -> str | None:
+        """The account a node runs as (None: the driver's default)."""
+        return None
+
     @abstractmethod
     def volume_size(self, node_id: str) -> int:
         """Bytes of data a snapshot of this node would hold (0 if the node does not exist)."""

@@ -551,7 +551,8 @@ class LocalDriver(Driver):
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         shutil.rmtree(self._snapshot_dir(snapshot_id), ignore_errors=True)
-        shutil.rmtree(self.snaps_dir / f".{snapshot_id}.staging", ignore_errors=True)
+        for partial in (f".{snapshot_id}.staging", f".{snapshot_id}.incoming"):
+            shutil.rmtree(self.snaps_dir / partial, ignore_errors=True)
 
     def node_ids(self) -> set[str]:
         if not self.nodes_dir.exists():
@@ -562,6 +563,19 @@ class LocalDriver(Driver):
         if not self.snaps_dir.exists():
             return set()
         return {p.name for p in self.snaps_dir.iterdir() if not p.name.startswith(".")}
+
+    def partial_snapshot_ids(self) -> set[str]:
+        """Snapshots half-made or half-received here (staging and incoming dirs of steps that died)."""
+        if not self.snaps_dir.exists():
+            return set()
+        return {p.name[1:].split(".")[0] for p in self.snaps_dir.iterdir()
+                if p.name.startswith(".") and not p.name.startswith(".reflink-probe")}
+
+    def node_owner(self, node_id: str) -> str | None:
+        try:
+            return str(self._meta(node_id).get("owner") or "") or None
+        except (PermanentDriverError, ValueError):
+            return None
 
     def running_node_ids(self) -> set[str]:
         return {n for n in self.node_ids() if process.running_pid(self._pid_path(n)) is not None}
