@@ -27,11 +27,12 @@ def create_app() -> OpenAPI:
     app.json.sort_keys = False
     errors.register(app)
 
-    from api.routes import environments, health, jobs
+    from api.routes import environments, health, hosts, jobs
 
     app.register_api(health.bp)
     app.register_api(environments.bp)
     app.register_api(jobs.bp)
+    app.register_api(hosts.bp)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> Response:

@@ -28,6 +28,7 @@ from shared.states import CLONE_STEPS, Consistency
 STOP_START_MS = 300  # stop + start of a stack, the floor of any window
 COPY_BYTES_PER_MS = 200_000  # ~200 MB/s: a conservative local-disk copy rate
 NODE_START_MS = 1_500  # provision bookkeeping + start + health of a clone node
+TRANSFER_BYTES_PER_MS = 100_000  # ~100 MB/s agent to agent: a conservative 1 Gbit/s link
 
 
 def _measured_downtime(session: Session, source_node_id: str) -> int | None:
@@ -54,8 +55,9 @@ def predicted_leaks(nodes: list[Node], on_clone: Iterable[dict[str, Any]], on_le
 
 def dry_run_plan(session: Session, tenant: str, source: str, target: str,
                  consistency: Consistency = Consistency.ONLINE, on_clone: list[dict[str, Any]] | None = None,
-                 on_leak: str = "fail", mask: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    plan = check_clone(session, tenant, source, target)
+                 on_leak: str = "fail", mask: list[dict[str, Any]] | None = None,
+                 target_host: str | None = None, placement: dict[str, str] | None = None) -> dict[str, Any]:
+    plan = check_clone(session, tenant, source, target, target_host, placement)
     reflink = plan.reflink
     nodes, longest = [], 0
     assert plan.source is not None  # check_clone answers 404 otherwise
@@ -70,12 +72,16 @@ def dry_run_plan(session: Session, tenant: str, source: str, target: str,
         online = consistency == Consistency.ONLINE and CATALOG[node.stack].online_copy_supported
         window = STOP_START_MS + (0 if reflink else size // COPY_BYTES_PER_MS)
         downtime = 0 if online else (_measured_downtime(session, node.id) or window)
-        duration = downtime + (0 if reflink else size // COPY_BYTES_PER_MS) + NODE_START_MS
+        host = plan.hosts.get(node.name, node.host)
+        across = size if host != node.host else 0  # the snapshot goes agent to agent, then a local copy
+        duration = (downtime + (0 if reflink and not across else size // COPY_BYTES_PER_MS)
+                    + across // TRANSFER_BYTES_PER_MS + NODE_START_MS)
         longest = max(longest, duration)
         nodes.append({"name": node.name, "stack": node.stack, "source_address": node.address,
                       "address": plan.addresses.get(node.name), "steps": list(CLONE_STEPS), "bytes": size,
                       "consistency": Consistency.ONLINE if online else Consistency.STOP,
-                      "estimated_downtime_ms": downtime})
+                      "estimated_downtime_ms": downtime, "source_host": node.host, "host": host,
+                      "bytes_across_hosts": across, "estimated_ms": duration})
     return {
         "source": source, "target": target, "ok": not plan.conflicts, "consistency": consistency, "nodes": nodes,
         "addresses": [n["address"] for n in nodes if n["address"]],

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints, model_validator
 
 from shared.stacks import CATALOG
-from shared.states import Consistency, EnvState, FaultKind, FaultPoint, JobState, NodeState, Step, StepState
+from shared.states import Consistency, EnvState, FaultKind, FaultPoint, HostState, JobState, NodeState, Step, StepState
 
 DnsLabel = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
 # Config keys are environment-variable names; values must not carry line breaks or other control
@@ -41,10 +41,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+HostName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{0,62}$")]
+
+
 class NodeIn(Strict):
     name: DnsLabel
     stack: StackName  # type: ignore[valid-type]
     config: dict[ConfigKey, ConfigValue] = Field(default_factory=dict, max_length=64)
+    host: HostName | None = Field(default=None, description=(
+        "Pin the node to this host; default: the up host with the most free disk (nodes spread)."))
 
 
 class EgressIn(Strict):
@@ -143,6 +148,11 @@ class CloneIn(Strict):
         "job (never shown).")
     faults: list[FaultIn] = Field(default_factory=list, max_length=20,
                                   description="Fault injection (only when the server enables it).")
+    target_host: HostName | None = Field(default=None, description=(
+        "Put every clone node on this host. Default: each on its source's host when it has room (a local "
+        "copy), else the up host with the most free disk; a snapshot crosses hosts agent to agent."))
+    placement: dict[DnsLabel, HostName] = Field(default_factory=dict, max_length=1024, description=(
+        "Pin single clone nodes to hosts: {\"db\": \"host-2\"} (wins over target_host)."))
 
 
 class EnvPath(Strict):
@@ -210,6 +220,7 @@ class ErrorOut(BaseModel):
 class NodeOut(BaseModel):
     name: str
     stack: str
+    host: str
     address: str
     port: int
     state: NodeState
@@ -235,6 +246,7 @@ class EnvironmentList(BaseModel):
 
 class StepOut(BaseModel):
     step: Step
+    host: str | None = Field(description="the host whose agent ran it")
     state: StepState
     attempts: int
     started_at: datetime | None
@@ -302,6 +314,27 @@ class PlanNode(BaseModel):
     bytes: int
     consistency: Consistency
     estimated_downtime_ms: int
+    source_host: str
+    host: str = Field(description="where the clone node goes")
+    bytes_across_hosts: int = Field(description="bytes the snapshot sends from the source's host to this one")
+    estimated_ms: int = Field(description="this node's clone, snapshot to start, transfer included")
+
+
+class HostOut(BaseModel):
+    name: str
+    state: HostState
+    nodes: int
+    free_bytes: int
+    reflink: bool
+    heartbeat_at: datetime
+
+
+class HostList(BaseModel):
+    items: list[HostOut]
+
+
+class HostPath(Strict):
+    name: HostName
 
 
 class PredictedLeak(BaseModel):

@@ -21,8 +21,8 @@ def environment(env: Environment, source_name: str | None = None) -> dict[str, A
         "source": source_name,
         "error": env.error,
         "created_at": env.created_at,
-        "nodes": [{"name": n.name, "stack": n.stack, "address": n.address, "port": n.port, "state": n.state,
-                   "url": n.url if NodeState(n.state).has_process else None} for n in env.nodes],
+        "nodes": [{"name": n.name, "stack": n.stack, "host": n.host, "address": n.address, "port": n.port,
+                   "state": n.state, "url": n.url if NodeState(n.state).has_process else None} for n in env.nodes],
     }
 
 
@@ -35,8 +35,8 @@ def job(row: CloneJob) -> dict[str, Any]:
         steps = sorted((s for s in row.steps if s.source_node_id == jn.source_node_id), key=lambda s: order[s.step])
         nodes.append({
             "name": jn.name,
-            "steps": [{"step": s.step, "state": s.state, "attempts": s.attempts, "started_at": s.started_at,
-                       "finished_at": s.finished_at, "error": s.error} for s in steps],
+            "steps": [{"step": s.step, "host": s.host, "state": s.state, "attempts": s.attempts,
+                       "started_at": s.started_at, "finished_at": s.finished_at, "error": s.error} for s in steps],
             "downtime_ms": jn.downtime_ms,
             "bytes_copied": jn.bytes_copied,
             "bytes_total": jn.bytes_total,

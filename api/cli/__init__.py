@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from api.cli import commands, operator, private
+from api.cli import commands, hosts, operator, private
 from api.cli.client import CliError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -26,6 +26,7 @@ def _options(ctx: typer.Context,
 
 operator.register(app)
 commands.register(app)
+hosts.register(app)
 
 
 def main() -> None:

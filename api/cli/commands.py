@@ -27,10 +27,10 @@ def client(ctx: typer.Context) -> Client:
 
 def _nodes_table(env: dict[str, Any]) -> Table:
     table = Table(title=f"{env['name']} ({env['state']})" + (f" clone of {env['source']}" if env.get("source") else ""))
-    for col in ("node", "stack", "address", "port", "state", "url"):
+    for col in ("node", "stack", "host", "address", "port", "state", "url"):
         table.add_column(col)
     for n in env["nodes"]:
-        table.add_row(n["name"], n["stack"], n["address"], str(n["port"]), n["state"], n["url"] or "")
+        table.add_row(n["name"], n["stack"], n["host"], n["address"], str(n["port"]), n["state"], n["url"] or "")
     return table
 
 
@@ -97,11 +97,19 @@ def clone(ctx: typer.Context, source: str, name: str,
           mask: list[str] = typer.Option([], "--mask", help="NODE:TABLE.COLUMN=WITH (email, name, phone, hash, "
                                          "redact, null, constant:VALUE): fakes on the clone; repeatable."),
           mask_seed: str | None = typer.Option(None, "--mask-seed", help="The same seed, the same fakes."),
+          target_host: str | None = typer.Option(None, "--target-host", help="Put every clone node on this host."),
+          place: list[str] = typer.Option([], "--place", help="NODE=HOST: pin one clone node; repeatable."),
           ) -> None:
     """Clone environment SOURCE as NAME."""
     api = client(ctx)
     body: dict[str, Any] = {"name": name, "dry_run": dry_run, "keep_on_failure": keep_on_failure,
                             "on_leak": on_leak}
+    if target_host:
+        body["target_host"] = target_host
+    if place:
+        if not all("=" in p for p in place):
+            raise CliError("--place takes NODE=HOST")
+        body["placement"] = dict(p.split("=", 1) for p in place)
     if mask:
         body["mask"] = [_mask_rule(m) for m in mask]
     if mask_seed:
@@ -109,11 +117,12 @@ def clone(ctx: typer.Context, source: str, name: str,
     result = api.post(f"/v1/environments/{source}/clones", body)
     if dry_run:
         table = Table(title=f"plan: {source} -> {name} ({'ok' if result['ok'] else 'CONFLICTS'})")
-        for col in ("node", "stack", "from", "to", "bytes", "est. downtime"):
+        for col in ("node", "stack", "from", "to", "host", "bytes", "across hosts", "est. downtime", "est. time"):
             table.add_column(col)
         for n in result["nodes"]:
-            table.add_row(n["name"], n["stack"], n["source_address"], n["address"] or "-", str(n["bytes"]),
-                          f"{n['estimated_downtime_ms']} ms")
+            table.add_row(n["name"], n["stack"], n["source_address"], n["address"] or "-",
+                          f"{n['source_host']} -> {n['host']}", str(n["bytes"]), str(n["bytes_across_hosts"]),
+                          f"{n['estimated_downtime_ms']} ms", f"{n['estimated_ms']} ms")
         console.print(table)
         console.print(f"snapshot method {result['snapshot_method']}, disk needed {result['disk_bytes_needed']} of "
                       f"{result['disk_bytes_free']} free, estimated {result['estimated_duration_ms']} ms")

@@ -62,7 +62,7 @@ def create_environment(body: EnvironmentIn) -> Response:
     """Create an environment; its nodes are provisioned and started by the workers."""
     if len(body.nodes) > get_settings().max_nodes:
         raise ApiError(422, "too_many_nodes", f"at most {get_settings().max_nodes} nodes", "nodes")
-    requests = [NodeRequest(n.name, n.stack.value, dict(n.config)) for n in body.nodes]
+    requests = [NodeRequest(n.name, n.stack.value, dict(n.config), n.host) for n in body.nodes]
     try:
         with session_scope() as session:
             env = plan_environment(session, tenant(), body.name, requests,
@@ -169,7 +169,8 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
         with session_scope() as session:
             _get_env(session, path.name)
             plan = dry_run_plan(session, tenant(), path.name, body.name, body.consistency,
-                                [a.stored() for a in body.on_clone], body.on_leak, [m.stored() for m in body.mask])
+                                [a.stored() for a in body.on_clone], body.on_leak, [m.stored() for m in body.mask],
+                                body.target_host, dict(body.placement))
             return jsonify(serialize.to_json(PlanOut.model_validate(plan)))
     key, digest = header.idempotency_key, _request_hash(path.name, body)
     if key:
@@ -181,7 +182,8 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
                                    "this Idempotency-Key was used with a different request", "Idempotency-Key")
                 return _job_response(session, existing, 202)
     options = body.model_dump(mode="json", include={"keep_on_failure", "retain_snapshots", "rename_db_users",
-                                                    "consistency", "on_leak"})
+                                                    "consistency", "on_leak", "target_host", "placement"},
+                              exclude_defaults=False)
     if body.on_clone:
         options["on_clone"] = [a.stored() for a in body.on_clone]
     if body.mask:

@@ -1,0 +1,231 @@
+"""A real multi-host envclone for tests: N hosts, each with its own agent, data root and address
+pool; general workers and beat beside them; one state database and one broker.
+
+As root the hosts are isolated as separate machines would be (api.cli.hostnet): each agent runs in
+its host's network namespace, in a PID namespace of its own, reaching the broker and the database
+over the bridge -- so code acting on another host's node fails instead of working by accident.
+Without root: agents on separate loopback subnets (the isolation tests then skip)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from tests.conftest import create_database, destroy_everything, drop_database, make_data_root
+from tests.helpers import wait_for
+from tests.stack import _current, claim_redis_db, release_redis_db, reset_caches
+
+# PID 1 of a host's PID namespace: reaps what it inherits (nodes whose agent died), lives until the
+# host is torn down. Agents are started beside it (nsenter), so killing an agent kills no node.
+_HOLDER = ("import os, signal\nsignal.signal(signal.SIGCHLD, lambda *a: None)\nwhile True:\n"
+           "    try:\n        os.wait()\n    except ChildProcessError:\n        signal.pause()\n")
+
+
+@dataclass
+class Host:
+    name: str
+    pool: str
+    data_dir: Path
+    transfer_bind: str
+    net: object | None = None  # api.cli.hostnet.HostNet when isolated
+    holder: subprocess.Popen[bytes] | None = None
+    agent: subprocess.Popen[bytes] | None = None
+    log: Path = field(default=Path("/dev/null"))
+
+    def ns_pid(self) -> int | None:
+        """The holder's pid as the root namespace sees it (unshare's child)."""
+        if self.holder is None:
+            return None
+        children = Path(f"/proc/{self.holder.pid}/task/{self.holder.pid}/children").read_text().split()
+        return int(children[0]) if children else None
+
+
+class Cluster:
+    def __init__(self, count: int = 3, general_workers: int = 2, prefix: str = "ecm", base: str = "10.234",
+                 loopback_base: str = "127.150", extra_env: dict[str, str] | None = None) -> None:
+        self.root = make_data_root("envclone-cluster-")
+        self.db_name, self.db_url = create_database()
+        self.redis_db = claim_redis_db()
+        self.secret = uuid.uuid4().hex
+        self.isolated = False
+        self.net = None
+        try:
+            from api.cli import hostnet
+
+            self.isolated = hostnet.available() is None
+        except ImportError:
+            hostnet = None  # type: ignore[assignment]
+        self.hosts: list[Host] = []
+        if self.isolated:
+            self.net = hostnet.Cluster(prefix=prefix, base=base)
+            self.bridge_ip = f"{base}.0.1"
+            for hn in self.net.create(count):
+                self.hosts.append(Host(hn.name, hn.pool, self.root / hn.name, f"{hn.ip}:7070", hn))
+        else:
+            for i in range(1, count + 1):
+                self.hosts.append(Host(f"host-{i}", f"{loopback_base}.{i}.0/24", self.root / f"host-{i}",
+                                       f"127.0.0.1:{_free_port()}"))
+        for host in self.hosts:
+            host.data_dir.mkdir()
+            host.data_dir.chmod(0o755)
+            host.log = self.root / f"{host.name}.log"
+        self.env = {
+            "ENVCLONE_DATABASE_URL": self.db_url,
+            "ENVCLONE_BROKER_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
+            "ENVCLONE_CLUSTER_SECRET": self.secret,
+            "ENVCLONE_RETRY_BASE_S": "0.1",
+            "ENVCLONE_RETRY_CAP_S": "1",
+            "ENVCLONE_HEALTH_TIMEOUT_S": "30",
+            "ENVCLONE_FAULT_INJECTION": "1",
+            "ENVCLONE_HOST_DOWN_S": "6",
+            "ENVCLONE_WATCHDOG_INTERVAL_S": "1",
+            "ENVCLONE_DATA_DIR": str(self.root / "general"),
+            "ENVCLONE_HOST_NAME": "none",
+            "ENVCLONE_AGENT": "false",
+            **(extra_env or {}),
+        }
+        self.general_count = general_workers
+        self.general: list[subprocess.Popen[bytes]] = []
+        self.beat: subprocess.Popen[bytes] | None = None
+        self.relay: subprocess.Popen[bytes] | None = None
+        self._saved: dict[str, str | None] = {}
+
+    # ---- life ------------------------------------------------------------------------------------
+    def __enter__(self) -> Cluster:
+        redis.Redis.from_url(self.env["ENVCLONE_BROKER_URL"]).flushdb()
+        for key, value in self.env.items():
+            self._saved[key] = os.environ.get(key)
+            os.environ[key] = value
+        reset_caches()
+        from shared.migrate import upgrade
+        from workers.celery_app import Role, make_celery
+
+        upgrade(self.db_url)
+        self.celery = make_celery(Role.PUBLISHER)
+        _current.append(self.celery)
+        if self.isolated:
+            self.relay = self.net.relay([6379, 5432])
+        for host in self.hosts:
+            self.start_agent(host)
+        for i in range(self.general_count):
+            self.general.append(self._spawn([sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-c",
+                                             "2", "-n", f"general-{i}-{uuid.uuid4().hex[:6]}@%h", "-l", "info"],
+                                            self.env, self.root / f"general-{i}.log"))
+        self.beat = self._spawn([sys.executable, "-m", "celery", "-A", "workers.worker", "beat", "-l", "info",
+                                 "-s", str(self.root / "beat-schedule")], self.env, self.root / "beat.log")
+        wait_for(lambda: len(self.celery.control.ping(timeout=0.5)) >= len(self.hosts) + self.general_count,
+                 timeout=90, what="every agent and general worker to answer ping")
+        wait_for(self.all_up, timeout=60, what="every host to report up")
+        return self
+
+    def all_up(self) -> bool:
+        from shared.db import session_scope
+        from shared.models import Host as HostRow
+
+        with session_scope() as session:
+            return all((row := session.get(HostRow, h.name)) is not None and row.state == "up" for h in self.hosts)
+
+    def agent_env(self, host: Host) -> dict[str, str]:
+        env = {**self.env, "ENVCLONE_HOST_NAME": host.name, "ENVCLONE_DATA_DIR": str(host.data_dir),
+               "ENVCLONE_ADDRESS_POOL": host.pool, "ENVCLONE_AGENT": "true", "ENVCLONE_ORCHESTRATE": "false",
+               "ENVCLONE_TRANSFER_BIND": host.transfer_bind}
+        if self.isolated:  # inside its namespace the root's 127.0.0.1 is the bridge, through the relay
+            env["ENVCLONE_DATABASE_URL"] = self.db_url.replace("127.0.0.1", self.bridge_ip)
+            env["ENVCLONE_BROKER_URL"] = env["ENVCLONE_BROKER_URL"].replace("127.0.0.1", self.bridge_ip)
+        return env
+
+    def start_agent(self, host: Host) -> None:
+        argv = [sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-c", "2", "-E", "-l", "info",
+                "-n", f"agent-{host.name}-{uuid.uuid4().hex[:6]}@%h"]
+        if self.isolated:
+            if host.holder is None:
+                host.holder = self._spawn(host.net.argv([sys.executable, "-c", _HOLDER]), {}, host.log)
+                wait_for(host.ns_pid, timeout=10, what=f"{host.name}'s PID namespace")
+            argv = ["nsenter", "--target", str(host.ns_pid()), "--pid", "--mount", "--net", "--", *argv]
+        host.agent = self._spawn(argv, self.agent_env(host), host.log)
+
+    def kill_agent(self, host: Host, sig: int = signal.SIGKILL) -> None:
+        """The agent and its pool processes die; the host's nodes keep running (a crashed agent)."""
+        if host.agent is None:
+            return
+        try:
+            os.killpg(host.agent.pid, sig)
+        except ProcessLookupError:
+            pass
+        host.agent.wait(timeout=60)
+        host.agent = None
+
+    def _spawn(self, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in [self.beat, *self.general]:
+            if proc is not None:
+                _stop(proc)
+        for host in self.hosts:
+            self.kill_agent(host, signal.SIGTERM)
+        leftovers = []
+        for host in self.hosts:
+            leftovers += destroy_everything(host.data_dir) if host.data_dir.exists() else []
+            if host.holder is not None:
+                _stop(host.holder)
+        if self.relay is not None:
+            _stop(self.relay)
+        if self.net is not None:
+            self.net.teardown()
+        _current.remove(self.celery)
+        self.celery.close()
+        reset_caches()
+        drop_database(self.db_name)
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_caches()
+        redis.Redis.from_url(f"redis://127.0.0.1:6379/{self.redis_db}").flushdb()
+        release_redis_db(self.redis_db)
+        destroy_everything(self.root)
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+    # ---- looking ---------------------------------------------------------------------------------
+    def host(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    def volumes(self, host: Host) -> set[str]:
+        nodes = host.data_dir / "nodes"
+        return {p.name for p in nodes.iterdir()} if nodes.exists() else set()
+
+    def snapshots(self, host: Host) -> set[str]:
+        snaps = host.data_dir / "snapshots"
+        return {p.name for p in snaps.iterdir() if not p.name.startswith(".reflink-probe")} if snaps.exists() else set()
+
+    def log(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(self.root.glob("*.log")))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _free_port() -> int:
+    from tests.integration.test_api_server import free_port
+
+    return free_port()
