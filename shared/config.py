@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     cluster_secret: str = ""
     transfer_bind: str = ""  # host:port where this agent serves its snapshots to other agents ("" = none)
     transfer_url: str = ""  # how other agents reach it (default: http://<transfer_bind>)
+    transfer_max_rate: int = Field(default=0, ge=0)  # bytes/s per stream it serves (0: no cap; a shared link)
     # Unprivileged account that runs node processes when envclone itself runs as root.
     node_user: str = "nobody"
     max_nodes: int = 64

@@ -66,7 +66,11 @@ def sweep_host() -> dict[str, int]:
     owners = Counter(driver.node_owner(n) for n in driver.node_ids())
     for node_id in sorted(nodes):
         owner = driver.node_owner(node_id)
-        driver.destroy_node(node_id)
+        try:
+            driver.destroy_node(node_id)
+        except (DriverError, OSError) as exc:  # the next sweep tries again; the others go on
+            log.error("host=%s sweep could not remove node %s: %s", host, node_id, exc)
+            continue
         owners[owner] -= 1
         if owner and owners[owner] <= 0 and not _account_in_use(owner):
             identity.remove_account_named(owner)
@@ -80,9 +84,9 @@ def sweep_host() -> dict[str, int]:
 
 
 def _account_in_use(name: str) -> bool:
-    """An environment still live on this host keeps its account (it may be making a node right now)."""
+    """An environment with a live node on any host keeps its account (it may be making a node right
+    now; and hosts that share one account database, as namespaces on one machine do, share it)."""
     with session_scope() as session:
         live = [s.value for s in NodeState if s != NodeState.DESTROYED]
-        ids = session.scalars(select(Node.environment_id).where(Node.host == get_settings().host_name,
-                                                                 Node.state.in_(live)))
+        ids = session.scalars(select(Node.environment_id).distinct().where(Node.state.in_(live)))
         return any(identity.account_name(env_id) == name for env_id in ids)

@@ -25,7 +25,8 @@ def serve_snapshots(settings: Settings | None = None) -> TransferServer:
 
     settings = settings or get_settings()
     host, _, port = settings.transfer_bind.rpartition(":")
-    server = TransferServer(LocalDriver(settings.data_dir).snaps_dir, _secret(settings), host, int(port))
+    server = TransferServer(LocalDriver(settings.data_dir).snaps_dir, _secret(settings), host, int(port),
+                            max_rate=settings.transfer_max_rate or None)
     server.start()
     return server
 
@@ -41,4 +42,5 @@ def fetch_snapshot(snapshot_id: str, source_url: str, progress: ProgressFn | Non
     except ChecksumMismatch as exc:
         raise TransientDriverError(f"snapshot {snapshot_id} arrived damaged: {exc}") from exc
     except TransferError as exc:
-        raise TransientDriverError(f"fetching snapshot {snapshot_id} from {source_url} failed: {exc}") from exc
+        error = TransientDriverError if exc.retryable else PermanentDriverError
+        raise error(f"fetching snapshot {snapshot_id} from {source_url} failed: {exc}") from exc

@@ -226,7 +226,8 @@ class LocalDriver(Driver):
     def stop(self, node_id: str) -> None:
         if not self.volume(node_id).exists():
             return
-        stack, _ = self._node(node_id)
+        # Only the stack is needed: a node whose account is already gone can still be stopped.
+        stack = get_stack(str(self._meta(node_id)["stack"]))
         process.terminate(self._pid_path(node_id), stack.stop_signal, timeout=60.0)
 
     def health(self, node_id: str) -> Health:

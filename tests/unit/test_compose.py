@@ -50,7 +50,7 @@ def test_redis_wants_a_password_and_every_envclone_service_has_it() -> None:
     assert "requirepass" in start and '"$$REDIS_PASSWORD"' in start and "redis-server /etc/redis-auth.conf" in start
     assert "REDISCLI_AUTH=" in " ".join(redis["healthcheck"]["test"])  # the health check authenticates
     envclone = [name for name, svc in services.items() if svc.get("build") == "."]
-    assert set(envclone) == {"migrate", "api", "worker", "beat", "flower"}
+    assert set(envclone) == {"migrate", "api", "worker", "agent", "beat", "flower"}
     for name in envclone:
         url = services[name]["environment"]["ENVCLONE_BROKER_URL"]
         assert url.startswith("redis://:${REDIS_PASSWORD:?") and url.endswith("}@redis:6379/0"), (name, url)
@@ -69,3 +69,15 @@ def test_no_secret_is_written_in_the_file() -> None:
         if not line.lstrip().startswith("#") and re.search(r"(PASSWORD|SECRET|TOKEN|AUTH)[^:]*:\s*\S", line) \
                 and "${" not in line:
             raise AssertionError(f"literal secret in compose.yaml: {line.strip()}")
+
+
+def test_agents_and_general_workers() -> None:
+    """A host machine runs an agent (its own name, volume, pool, the cluster secret); general workers
+    scale and never act as an agent."""
+    services = load()["services"]
+    agent, worker = services["agent"], services["worker"]
+    assert agent["command"][:3] == ["envclone", "agent", "--host"] and "--address-pool" in agent["command"]
+    assert "agent-data:/var/lib/envclone" in agent["volumes"]
+    assert agent["environment"]["ENVCLONE_CLUSTER_SECRET"].startswith("${CLUSTER_SECRET:?")
+    assert worker["environment"]["ENVCLONE_AGENT"] == "false" and "-Q" not in worker["command"]
+    assert "agent-data" in load()["volumes"]
