@@ -136,6 +136,11 @@ def test_default_placement_keeps_each_clone_on_its_sources_host(cluster: Cluster
     assert transfers == [None, None, None]  # copied locally: nothing crossed hosts
     for name, node in copy.items():
         assert node.id in cluster.volumes(cluster.host(node.host)), name
+    # The clone's web on host-3 talks to the clone's db on host-1 (its rewritten address), across hosts.
+    import httpx
+
+    status = httpx.get(f"http://{copy['web'].address}:{copy['web'].port}/", timeout=10).json()
+    assert status["database"] == f"{copy['db'].address}:{copy['db'].port}", status
     delete_environment("spread-local", timeout=120)
     wait_for(lambda: all(copy[n].id not in cluster.volumes(cluster.host(copy[n].host)) for n in copy),
              timeout=60, what="the clone's volumes removed on their hosts")
