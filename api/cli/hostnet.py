@@ -63,7 +63,11 @@ class HostNet:
         """``cmd`` to run inside this host. With ``pid_ns`` it is PID 1 of a PID namespace of its own
         (it sees and can signal only its descendants), and when the returned process (unshare)
         dies, its child is SIGKILLed and with it everything in that PID namespace. `ip netns exec`
-        execs (no fork), so the pid a caller gets from Popen is unshare's."""
+        execs (no fork), so the pid a caller gets from Popen is unshare's.
+
+        Stopping: unshare ignores SIGTERM/SIGINT, and PID 1 gets only the signals it handles. So
+        start it with ``start_new_session=True`` and stop it with ``os.killpg(pid, SIGTERM)`` (what
+        honcho does): the command gets the SIGTERM; then SIGKILL the wrapper if it lingers."""
         wrap = ["ip", "netns", "exec", self.netns]
         if pid_ns:
             wrap += ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
@@ -77,11 +81,20 @@ def available() -> str | None:
     for tool in ("ip", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    if not os.access("/proc/sys/net/ipv4/ip_forward", os.W_OK):
+        return "cannot set net.ipv4.ip_forward (/proc/sys is read-only here)"
     probe = f"ecprobe{os.getpid() % 100000}"
     made = _run("ip", "netns", "add", probe, check=False)
     if made.returncode != 0:
         return f"cannot create a network namespace: {made.stderr.strip()}"
-    _run("ip", "netns", "del", probe, check=False)
+    try:  # the link kinds we use, tried inside the throwaway namespace
+        for kind in (["type", "bridge"], ["type", "veth", "peer", "name", "ecprobep"]):
+            link = _run("ip", "-n", probe, "link", "add", "ecprobe", *kind, check=False)
+            if link.returncode != 0:
+                return f"cannot create a {kind[1]} link: {link.stderr.strip()}"
+            _run("ip", "-n", probe, "link", "del", "ecprobe", check=False)
+    finally:
+        _run("ip", "netns", "del", probe, check=False)
     return None
 
 
@@ -308,7 +321,8 @@ async def _serve(bind: str, ports: list[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hostnet", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m api.cli.hostnet",
+                                     description="Hosts on one machine: namespaces, a bridge, a relay.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("create", help="make (or complete) the bridge and COUNT hosts")
     c.add_argument("--prefix", required=True)

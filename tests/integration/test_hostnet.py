@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -115,6 +116,25 @@ def test_a_host_has_its_own_pid_namespace_which_dies_with_its_leader(hosts: list
         proc.kill()
         proc.wait()
         wait_for(lambda: not netns_pids(h1), timeout=10, what="host-1's processes to die with their leader")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_command_in_a_host_stops_gracefully_on_sigterm_to_its_process_group(hosts: list[HostNet]) -> None:
+    h1, _ = hosts
+    # unshare ignores SIGTERM itself; SIGTERM to the group reaches the command (PID 1 of its own
+    # namespace: delivered because it handles it) -- what honcho does on Ctrl-C.
+    code = ("import signal, sys\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+            "print('armed', flush=True)\n"
+            "signal.pause()")
+    proc = subprocess.Popen(h1.argv([PY, "-c", code]), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "armed"
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(10) == 7  # its own exit status, through unshare
+        wait_for(lambda: not netns_pids(h1), timeout=10, what="host-1 empty")
     finally:
         proc.kill()
         proc.wait()
