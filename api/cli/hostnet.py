@@ -9,8 +9,8 @@ Names and addresses, for a prefix P and a base B (two octets, e.g. ``10.231``):
 The broker and the state DB listen on 127.0.0.1 of the root namespace, which a host cannot reach
 (its 127.0.0.1 is its own): `Cluster.relay` forwards ``<bridge ip>:port`` to ``127.0.0.1:port``.
 
-Root only (``available()`` says why not). Sets ``net.ipv4.ip_forward=1`` in the root namespace and
-leaves it set (another cluster may be using it). Run as a script for manual use:
+Root only (``available()`` says why not). Changes no machine-wide setting: forwarding is enabled on
+our bridge alone (``net.ipv4.conf.<bridge>.forwarding``), which goes with it. Run as a script for manual use:
 ``python -m api.cli.hostnet create --prefix P --base 10.231 --count 3`` / ``teardown --prefix P`` /
 ``relay --prefix P --bind 10.231.0.1 --ports 6379,5432``."""
 
@@ -81,8 +81,8 @@ def available() -> str | None:
     for tool in ("ip", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
-    if not os.access("/proc/sys/net/ipv4/ip_forward", os.W_OK):
-        return "cannot set net.ipv4.ip_forward (/proc/sys is read-only here)"
+    if not os.access("/proc/sys/net/ipv4/conf/lo/forwarding", os.W_OK):
+        return "cannot enable forwarding (/proc/sys is read-only here)"
     probe = f"ecprobe{os.getpid() % 100000}"
     made = _run("ip", "netns", "add", probe, check=False)
     if made.returncode != 0:
@@ -131,7 +131,9 @@ class Cluster:
         _run("ip", "addr", "replace", f"{self.bridge_ip}/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
         # Routed, not bridged, between hosts: host-1 reaches host-2's pool through the root ns.
-        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        # Forwarding on our bridge only (IPv4 checks the inbound device), not the machine-wide
+        # ip_forward: nothing else starts being routed, and it goes with the bridge.
+        Path(f"/proc/sys/net/ipv4/conf/{self.bridge}/forwarding").write_text("1\n")
         for h in hosts:
             self._create_host(h)
         return hosts
