@@ -200,6 +200,10 @@ class Cluster:
         for etc in NETNS_ETC.glob(f"{self.prefix}-h*"):
             if own_ns.match(etc.name):
                 shutil.rmtree(etc, ignore_errors=True)
+        try:
+            NETNS_ETC.rmdir()  # only if no one else's is left in it
+        except OSError:
+            pass
         # Root ends of veths (their peers went with the namespaces; this catches half-made pairs)
         # and the bridge; their routes go with them.
         own_link = re.compile(rf"^{re.escape(self.prefix)}(br|[vp]\d+)$")
