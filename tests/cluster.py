@@ -27,6 +27,9 @@ from tests.stack import _current, claim_redis_db, release_redis_db, reset_caches
 _HOLDER = ("import os, signal\nsignal.signal(signal.SIGCHLD, lambda *a: None)\nwhile True:\n"
            "    try:\n        os.wait()\n    except ChildProcessError:\n        signal.pause()\n")
 
+_DESTROY_ALL = ("import sys\nfrom shared.drivers.local import LocalDriver\nd = LocalDriver(sys.argv[1])\n"
+                "for n in d.node_ids():\n    d.destroy_node(n)\n")
+
 
 @dataclass
 class Host:
@@ -48,7 +51,7 @@ class Host:
 
 
 class Cluster:
-    def __init__(self, count: int = 3, general_workers: int = 2, prefix: str = "ecm", base: str = "10.234",
+    def __init__(self, count: int = 3, general_workers: int = 2, prefix: str = "ecm", base: str = "10.236",
                  loopback_base: str = "127.150", extra_env: dict[str, str] | None = None) -> None:
         self.root = make_data_root("envclone-cluster-")
         self.db_name, self.db_url = create_database()
@@ -65,7 +68,8 @@ class Cluster:
         self.hosts: list[Host] = []
         if self.isolated:
             self.net = hostnet.Cluster(prefix=prefix, base=base)
-            self.bridge_ip = f"{base}.0.1"
+            self.net.teardown()  # what a crashed run of this module left
+            self.bridge_ip = self.net.bridge_ip
             for hn in self.net.create(count):
                 self.hosts.append(Host(hn.name, hn.pool, self.root / hn.name, f"{hn.ip}:7070", hn))
         else:
@@ -148,8 +152,12 @@ class Cluster:
             if host.holder is None:
                 host.holder = self._spawn(host.net.argv([sys.executable, "-c", _HOLDER]), {}, host.log)
                 wait_for(host.ns_pid, timeout=10, what=f"{host.name}'s PID namespace")
-            argv = ["nsenter", "--target", str(host.ns_pid()), "--pid", "--mount", "--net", "--", *argv]
+            argv = [*self._inside(host), *argv]
         host.agent = self._spawn(argv, self.agent_env(host), host.log)
+
+    def _inside(self, host: Host) -> list[str]:
+        """A command prefix that runs in the host's network and PID namespaces."""
+        return ["nsenter", "--target", str(host.ns_pid()), "--pid", "--mount", "--net", "--"]
 
     def kill_agent(self, host: Host, sig: int = signal.SIGKILL) -> None:
         """The agent and its pool processes die; the host's nodes keep running (a crashed agent)."""
@@ -174,9 +182,14 @@ class Cluster:
             self.kill_agent(host, signal.SIGTERM)
         leftovers = []
         for host in self.hosts:
-            leftovers += destroy_everything(host.data_dir) if host.data_dir.exists() else []
             if host.holder is not None:
-                _stop(host.holder)
+                # Node pid files hold the host's own pids: its nodes are stopped from inside it, then
+                # its PID namespace ends with its init (whatever still ran there ends with it).
+                subprocess.run([*self._inside(host), sys.executable, "-c", _DESTROY_ALL, str(host.data_dir)],
+                               env={**os.environ, **self.agent_env(host)}, check=False, timeout=300)
+                os.killpg(host.holder.pid, signal.SIGKILL)
+                host.holder.wait(timeout=60)
+            leftovers += destroy_everything(host.data_dir) if host.data_dir.exists() else []
         if self.relay is not None:
             _stop(self.relay)
         if self.net is not None:
