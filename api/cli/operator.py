@@ -120,11 +120,14 @@ def up(data_dir: Path = DataDir,
        flower_auth: str = typer.Option(None, "--flower-auth", envvar="ENVCLONE_FLOWER_AUTH", callback=_login,
                                        help="Flower login as user:password (default: generated once, kept "
                                             "0600 in <data-dir>/flower-auth). The variable keeps it out of ps."),
+       hosts: int = typer.Option(0, "--hosts", min=0, max=32, help=(
+           "Run N hosts host-1..host-N, each with its own agent, data root and address pool; as root each "
+           "in its own network and PID namespace (their nodes stop with the stack). 0: one host, as before.")),
        ) -> None:
     """Run the whole embedded stack in the foreground; Ctrl-C stops it (nodes keep running)."""
     from api.cli.up import up as run_up
 
-    raise typer.Exit(run_up(data_dir, api_port, flower_port, broker_port, demo, flower_auth))
+    raise typer.Exit(run_up(data_dir, api_port, flower_port, broker_port, demo, flower_auth, hosts))
 
 
 def down(data_dir: Path = DataDir) -> None:

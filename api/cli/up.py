@@ -21,7 +21,7 @@ import httpx
 from rich.console import Console
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from api.cli import private
+from api.cli import private, up_hosts
 from api.cli.client import Client, CliError
 from shared.identity import can_switch_users
 
@@ -79,6 +79,17 @@ def restart_stopped_nodes() -> int:
     return n
 
 
+def mark_stopped_nodes_running() -> int:
+    """Nodes `envclone down` stopped are to run again: their hosts' agents start them."""
+    from sqlalchemy import update
+
+    from shared.db import session_scope
+    from shared.models import Node
+
+    with session_scope() as session:
+        return session.execute(update(Node).where(Node.state == "stopped").values(state="running")).rowcount
+
+
 def first_token(data_dir: Path) -> Path:
     """<data-dir>/token (0600) holds a token of tenant ``default``: the one kept there while it is
     still good, else a new one. Its path is what gets printed, never the token."""
@@ -92,7 +103,7 @@ def first_token(data_dir: Path) -> Path:
 
 
 def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: bool,
-       flower_auth: str | None = None) -> int:
+       flower_auth: str | None = None, hosts: int = 0) -> int:
     from honcho.manager import Manager
 
     from shared.migrate import upgrade
@@ -117,7 +128,9 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
         flower_login, flower_new = flower_auth, False
     else:
         flower_login, flower_new = private.flower_credentials(data_dir)
-    restarted = restart_stopped_nodes()
+    plans, not_isolated, gateway = up_hosts.plan_hosts(data_dir, hosts) if hosts else ([], None, "127.0.0.1")
+    # With hosts, each agent brings back its own nodes (its round restarts what should run).
+    restarted = restart_stopped_nodes() if not hosts else mark_stopped_nodes_running()
 
     py = shlex.quote(sys.executable)
     q = shlex.quote
@@ -125,15 +138,21 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
     # Secrets travel in the environment (/proc/<pid>/environ is its owner's alone), not in argv.
     child_env = {k: v for k, v in {**os.environ, **env}.items()
                  if k not in ("FLOWER_UNAUTHENTICATED_API", "FLOWER_BASIC_AUTH")}
+    if hosts:
+        child_env["ENVCLONE_CLUSTER_SECRET"] = up_hosts.cluster_secret(data_dir)
     if embedded_broker:
         broker_dir = data_dir / "broker"
+        bind = "127.0.0.1" if gateway == "127.0.0.1" else f"127.0.0.1 {gateway}"  # hosts reach it over the bridge
         manager.add_process("broker", f"{q(valkey_binary())} {q(str(data_dir / private.BROKER_CONF))} "
-                            f"--bind 127.0.0.1 --port {broker_port} --dir {q(str(broker_dir))} "
+                            f"--bind {bind} --port {broker_port} --dir {q(str(broker_dir))} "
                             "--appendonly yes --save '' --protected-mode no", env=child_env)
     api_argv = " ".join(q(a) for a in gunicorn_args(f"127.0.0.1:{api_port}"))
     manager.add_process("api", f"{py} -m gunicorn --graceful-timeout 5 --access-logfile - {api_argv}", env=child_env)
-    manager.add_process("worker", f"{py} -m celery -A workers.worker worker -c 2 -E -l info "
-                        "-n envclone@%h", env=child_env)
+    if hosts:
+        up_hosts.add_processes(manager, plans, child_env, gateway, embedded_broker)
+    else:
+        manager.add_process("worker", f"{py} -m celery -A workers.worker worker -c 2 -E -l info "
+                            "-n envclone@%h", env=child_env)
     manager.add_process("beat", f"{py} -m celery -A workers.worker beat -l info "
                         f"-s {q(str(data_dir / 'celerybeat-schedule'))}", env=child_env)
     manager.add_process("flower", f"{py} -m celery -A workers.worker flower --address=127.0.0.1 "
@@ -160,6 +179,10 @@ def up(data_dir: Path, api_port: int, flower_port: int, broker_port: int, demo: 
         console.print(f"API      {api_url}   (docs {api_url}/docs/)")
         console.print(f"Flower   {flower_url}   (user {user}, password {where})")
         console.print(f"data     {data_dir}")
+        if hosts:
+            where = ("each in its own network and PID namespace, on a bridge" if not_isolated is None
+                     else f"on loopback subnets of this machine, NOT isolated ({not_isolated})")
+            console.print(f"hosts    {', '.join(f'{p.name} ({p.pool})' for p in plans)}: {where}")
         if not can_switch_users():
             console.print("[yellow]not root: nodes run as this user, not an account per environment, and "
                           "without the kernel fence (environments report fence: unavailable)")
@@ -203,10 +226,17 @@ def down(data_dir: Path) -> int:
     running = driver.running_node_ids()
     for node_id in sorted(running):
         driver.stop(node_id)
+    on_hosts, had_hosts = up_hosts.take_down(data_dir)
+    if had_hosts:
+        console.print(f"removed the hosts `envclone up --hosts` made (namespaces, bridge, relay); "
+                      f"{on_hosts} node(s) on them stopped")
     db = data_dir / "envclone.sqlite3"
     if os.environ.get("ENVCLONE_DATABASE_URL") or db.exists():
         with session_scope() as session:
-            for node in session.query(Node).filter(Node.id.in_(running)):
+            query = session.query(Node).filter(Node.state == "running")
+            if not had_hosts:
+                query = query.filter(Node.id.in_(running))
+            for node in query:
                 node.state = "stopped"
     console.print(f"stopped {len(running)} node(s) under {data_dir}")
     return 0
