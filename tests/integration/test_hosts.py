@@ -61,6 +61,22 @@ def _steps_on_their_hosts(job_id: str) -> list[str]:
     return wrong
 
 
+def _connects(host: object, env_id: str, address: str, port: int) -> bool:
+    """Whether a process of the environment's account, on ``host``'s network, can open a TCP
+    connection to address:port (the kernel fence decides)."""
+    import pwd
+
+    from shared.identity import account_name
+
+    account = pwd.getpwnam(account_name(env_id))
+    probe = (f"import socket\ntry:\n    socket.create_connection(({address!r}, {port}), 3).close()\n"
+             "    print('open')\nexcept OSError as e:\n    print('refused', e)")
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{host.net.netns}", "setpriv",  # type: ignore[attr-defined]
+                           f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups",
+                           "/usr/bin/python3", "-c", probe], capture_output=True, text=True, timeout=30)
+    return done.stdout.startswith("open")
+
+
 def _in_pool(address: str, pool: str) -> bool:
     import ipaddress
 
@@ -117,6 +133,14 @@ def test_clone_onto_one_host_moves_data_agent_to_agent(cluster: Cluster) -> None
     status = httpx.get(f"http://{copy_web.address}:{copy_web.port}/", timeout=10).json()
     assert status["database"] == f"{copy_db.address}:{copy_db.port}" and status["items"] == 5000, status
     assert status["cache"]["address"].startswith(copy_cache.address), status
+    if cluster.isolated:  # the fence holds on every host: its kernel, its rules
+        clone_env = environment("spread-h3")
+        assert clone_env.fence == "enforced"
+        host3 = cluster.host("host-3")
+        assert _connects(host3, clone_env.id, copy_db.address, copy_db.port)  # its own db, same host
+        assert not _connects(host3, clone_env.id, db.address, db.port)  # the source's db, on host-1
+        src_env = environment("spread")
+        assert _connects(host3, src_env.id, db.address, db.port)  # the source's web does reach it
     # Snapshots are gone everywhere once the job succeeded (the source hosts' by their sweep).
     wait_for(lambda: all(not cluster.snapshots(h) for h in cluster.hosts), timeout=30, what="snapshots removed")
     delete_environment("spread-h3", timeout=120)
