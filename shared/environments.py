@@ -204,7 +204,7 @@ def delete_environment(env_id: str) -> set[str]:
         # Snapshots kept for a clone (retain_snapshots, keep_on_failure) go with it.
         for job in session.scalars(select(CloneJob).where(CloneJob.target_environment_id == env_id)):
             delete_snapshots(session, job)
-            elsewhere |= {h for h in job_hosts(job.id) if not hosts.is_local(h)}
+            elsewhere |= {h for h in job_hosts(job.id, session) if not hosts.is_local(h)}
         if not elsewhere:
             identity.remove_account(env_id)  # before the row goes: a deleted environment has no account left
         session.delete(env)

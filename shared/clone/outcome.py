@@ -75,12 +75,15 @@ def tear_down_clone(session: Session, job: CloneJob) -> None:
     log.info("job=%s torn down the partial clone %s", job.id, job.target_name)
 
 
-def job_hosts(job_id: str) -> set[str]:
-    """Every host holding a source or a clone node of the job."""
-    with session_scope() as session:
-        return set(session.scalars(select(Node.host).join(JobNode, (JobNode.source_node_id == Node.id)
-                                                          | (JobNode.clone_node_id == Node.id))
-                                   .where(JobNode.job_id == job_id)))
+def job_hosts(job_id: str, session: Session | None = None) -> set[str]:
+    """Every host holding a source or a clone node of the job (in the caller's session if given: on
+    SQLite a second connection would wait for the caller's own write lock)."""
+    query = select(Node.host).join(JobNode, (JobNode.source_node_id == Node.id) | (JobNode.clone_node_id == Node.id)
+                                   ).where(JobNode.job_id == job_id)
+    if session is not None:
+        return set(session.scalars(query))
+    with session_scope() as own:
+        return set(own.scalars(query))
 
 
 def finish_job(job_id: str, run: int | None = None) -> JobState:
