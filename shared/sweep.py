@@ -42,9 +42,13 @@ def _restore_sources(host: str) -> int:
 def _unwanted_nodes(host: str, on_disk: set[str]) -> set[str]:
     with session_scope() as session:
         rows = {n.id: n for n in session.scalars(select(Node).where(Node.id.in_(on_disk)))}
+    for node_id in sorted(n for n in on_disk if n in rows and rows[n].host != host):
+        # Data is never removed on a disagreement: a misnamed host (ENVCLONE_HOST_NAME) would lose it all.
+        log.error("host=%s holds node %s that the database places on %s: left alone", host, node_id,
+                  rows[node_id].host)
     # No row: its environment was deleted (node rows go with it); a row made before its volume is
     # never missing, so a node being created is never taken for a leftover.
-    return {n for n in on_disk if n not in rows or rows[n].state == NodeState.DESTROYED or rows[n].host != host}
+    return {n for n in on_disk if n not in rows or (rows[n].state == NodeState.DESTROYED and rows[n].host == host)}
 
 
 def _unwanted_snapshots(host: str, on_disk: set[str]) -> set[str]:

@@ -17,6 +17,8 @@ def upgrade() -> None:
     with op.batch_alter_table('nodes') as batch_op:
         batch_op.add_column(sa.Column('host', sa.String(63), nullable=False, server_default='local'))
         batch_op.create_index('ix_nodes_host', ['host'])
+    # ...unless that one host had another name (ENVCLONE_HOST_NAME): then its nodes are its.
+    op.execute("UPDATE nodes SET host = (SELECT name FROM hosts) WHERE (SELECT count(*) FROM hosts) = 1")
     with op.batch_alter_table('step_runs') as batch_op:
         batch_op.add_column(sa.Column('host', sa.String(63), nullable=True))
     with op.batch_alter_table('snapshots') as batch_op:
