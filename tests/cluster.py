@@ -16,11 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
-
-from tests.conftest import create_database, destroy_everything, drop_database, make_data_root
+from tests.conftest import create_database, destroy_everything, make_data_root
 from tests.helpers import wait_for
-from tests.stack import _current, claim_redis_db, release_redis_db, reset_caches
+from tests.stack import claim_redis_db, leave_backend, stop_group, use_backend
 
 # PID 1 of a host's PID namespace: reaps what it inherits (nodes whose agent died), lives until the
 # host is torn down. Agents are started beside it (nsenter), so killing an agent kills no node.
@@ -103,17 +101,7 @@ class Cluster:
 
     # ---- life ------------------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
-        redis.Redis.from_url(self.env["ENVCLONE_BROKER_URL"]).flushdb()
-        for key, value in self.env.items():
-            self._saved[key] = os.environ.get(key)
-            os.environ[key] = value
-        reset_caches()
-        from shared.migrate import upgrade
-        from workers.celery_app import Role, make_celery
-
-        upgrade(self.db_url)
-        self.celery = make_celery(Role.PUBLISHER)
-        _current.append(self.celery)
+        self.celery, self._saved = use_backend(self.env, self.env["ENVCLONE_BROKER_URL"], self.db_url)
         if self.isolated:
             self.relay = self.net.relay([6379, 5432])
         for host in self.hosts:
@@ -163,11 +151,7 @@ class Cluster:
         """The agent and its pool processes die; the host's nodes keep running (a crashed agent)."""
         if host.agent is None:
             return
-        try:
-            os.killpg(host.agent.pid, sig)
-        except ProcessLookupError:
-            pass
-        host.agent.wait(timeout=60)
+        stop_group(host.agent, sig)
         host.agent = None
 
     def _spawn(self, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -177,7 +161,7 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         for proc in [self.beat, *self.general]:
             if proc is not None:
-                _stop(proc)
+                stop_group(proc)
         for host in self.hosts:
             self.kill_agent(host, signal.SIGTERM)
         leftovers = []
@@ -191,21 +175,10 @@ class Cluster:
                 host.holder.wait(timeout=60)
             leftovers += destroy_everything(host.data_dir) if host.data_dir.exists() else []
         if self.relay is not None:
-            _stop(self.relay)
+            stop_group(self.relay)
         if self.net is not None:
             self.net.teardown()
-        _current.remove(self.celery)
-        self.celery.close()
-        reset_caches()
-        drop_database(self.db_name)
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        reset_caches()
-        redis.Redis.from_url(f"redis://127.0.0.1:6379/{self.redis_db}").flushdb()
-        release_redis_db(self.redis_db)
+        leave_backend(self.celery, self._saved, self.db_name, self.env["ENVCLONE_BROKER_URL"], self.redis_db)
         destroy_everything(self.root)
         assert not leftovers, f"processes left behind: {leftovers}"
 
@@ -224,18 +197,6 @@ class Cluster:
     def log(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
                          for p in sorted(self.root.glob("*.log")))
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _free_port() -> int:

@@ -76,6 +76,55 @@ def reset_caches() -> None:
     get_sessionmaker.cache_clear()
 
 
+def use_backend(env: dict[str, str], broker_url: str, db_url: str) -> tuple[Celery, dict[str, str | None]]:
+    """Point this test process at a back end: its broker database emptied, its settings applied, its
+    state database migrated. Returns its publisher and what ``leave_backend`` restores."""
+    redis.Redis.from_url(broker_url).flushdb()
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    reset_caches()
+    from shared.migrate import upgrade
+    from workers.celery_app import Role, make_celery
+
+    upgrade(db_url)
+    celery = make_celery(Role.PUBLISHER)
+    _current.append(celery)
+    return celery, saved
+
+
+def leave_backend(celery: Celery, saved: dict[str, str | None], db_name: str | None, broker_url: str,
+                  redis_db: int | None) -> None:
+    """Undo ``use_backend``: the publisher closed, the database dropped, the settings restored, the
+    broker database emptied and given back."""
+    _current.remove(celery)
+    celery.close()
+    reset_caches()
+    if db_name:
+        drop_database(db_name)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    reset_caches()
+    if redis_db is not None:
+        redis.Redis.from_url(broker_url).flushdb()
+        release_redis_db(redis_db)
+
+
+def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    """Stop a process started in a session of its own, with everything in its group."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Backend:
     def __init__(self, database: str = "postgres", pool: str = "127.93.0.0/16", concurrency: int = 2,
                  extra_env: dict[str, str] | None = None, broker_url: str | None = None,
@@ -112,18 +161,7 @@ class Backend:
         self._saved_env: dict[str, str | None] = {}
 
     def __enter__(self) -> Backend:
-        redis.Redis.from_url(self.broker_url).flushdb()
-        for key, value in self.env.items():
-            self._saved_env[key] = os.environ.get(key)
-            os.environ[key] = value
-        reset_caches()
-        from shared.migrate import upgrade
-
-        upgrade(self.db_url)
-        from workers.celery_app import Role, make_celery
-
-        self.celery = make_celery(Role.PUBLISHER)
-        _current.append(self.celery)
+        self.celery, self._saved_env = use_backend(self.env, self.broker_url, self.db_url)
         self.start_worker()
         return self
 
@@ -149,15 +187,7 @@ class Backend:
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
         if self.worker is None:
             return
-        try:
-            os.killpg(self.worker.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.wait()
+        stop_group(self.worker, sig)
         self.worker = None
 
     def idle(self) -> bool:
@@ -172,27 +202,14 @@ class Backend:
 
     def __exit__(self, *exc: object) -> None:
         if self.beat is not None:
-            os.killpg(self.beat.pid, signal.SIGTERM)
-            self.beat.wait(timeout=30)
+            stop_group(self.beat, timeout=30)
         self.stop_worker()
-        _current.remove(self.celery)
-        self.celery.close()
         if self.log_path.exists():  # kept for a post-mortem after the data root is gone
             shutil.copy(self.log_path, Path(tempfile.gettempdir()) / "envclone-last-worker.log")
         leftovers = destroy_everything(self.data_dir) if self.data_dir != self.root else []
         leftovers += destroy_everything(self.root)
         reset_caches()
-        if self.db_name:
-            drop_database(self.db_name)
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        reset_caches()
-        if self.redis_db is not None:
-            redis.Redis.from_url(self.broker_url).flushdb()
-            release_redis_db(self.redis_db)
+        leave_backend(self.celery, self._saved_env, self.db_name, self.broker_url, self.redis_db)
         assert not leftovers, f"processes left behind: {leftovers}"
 
     def processes(self) -> list[tuple[int, str]]:

@@ -142,9 +142,9 @@ def provision(ticket: Ticket, notify: Notify) -> dict[str, Any]:
         got = fetch_snapshot(jn.snapshot_id, source_url, progress)
         detail["transfer"] = {"from": kept_on, "bytes_received": got.bytes_received, "bytes_total": got.bytes_total,
                               "files_skipped": got.files_skipped}
-    copied = driver.provision(jn.snapshot_id, jn.clone_node_id, progress, owner=identity.ensure_account(target))
-    if source_url is not None:
-        driver.delete_snapshot(jn.snapshot_id)  # this host's copy; the source host's goes when the job ends
+    # A received copy is this host's alone: it becomes the volume (the source host's goes when the job ends).
+    copied = driver.provision(jn.snapshot_id, jn.clone_node_id, progress, owner=identity.ensure_account(target),
+                              consume=source_url is not None)
     with session_scope() as session:
         # Not over a teardown: a job ended meanwhile (a host went down) has destroyed this node.
         session.execute(update(Node).where(Node.id == jn.clone_node_id, Node.state != NodeState.DESTROYED)

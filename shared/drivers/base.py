@@ -125,8 +125,10 @@ class Driver(ABC):
 
     @abstractmethod
     def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None,
-                  owner: str | None = None) -> int:
-        """Make a new node's volume from a snapshot, owned by ``owner``. Returns bytes copied."""
+                  owner: str | None = None, consume: bool = False) -> int:
+        """Make a new node's volume from a snapshot, owned by ``owner``. Returns bytes copied.
+        ``consume``: the snapshot exists for this node alone (received from another host): its
+        files become the volume, and it is gone afterwards."""
 
     @abstractmethod
     def set_credentials(self, node_id: str, credentials: dict[str, str]) -> None:

@@ -388,7 +388,7 @@ class LocalDriver(Driver):
         return SnapshotInfo(**json.loads(meta.read_text())) if meta.exists() else None
 
     def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None,
-                  owner: str | None = None) -> int:
+                  owner: str | None = None, consume: bool = False) -> int:
         info = self.snapshot_info(snapshot_id)
         if info is None:
             raise PermanentDriverError(f"snapshot {snapshot_id} does not exist")
@@ -399,7 +399,6 @@ class LocalDriver(Driver):
             return info.size_bytes
         self._ensure_root()
         staging = self.nodes_dir / f".{node_id}.provisioning"
-        shutil.rmtree(staging, ignore_errors=True)
         done = 0
 
         def step(n: int) -> None:
@@ -408,18 +407,29 @@ class LocalDriver(Driver):
             if progress:
                 progress(done, info.size_bytes)
 
-        try:
-            copied = snapshots.copy_tree(self._snapshot_dir(snapshot_id) / "volume", staging,
-                                         reflink=self.reflink, progress=step)
-        except OSError as exc:
+        source = self._snapshot_dir(snapshot_id) / "volume"
+        if consume and (source.exists() or staging.exists()):
+            # This host's own copy of a snapshot, received for this node alone: moved, not copied.
+            if source.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+                source.rename(staging)
+            copied = info.size_bytes
+            step(copied)
+        else:
             shutil.rmtree(staging, ignore_errors=True)
-            raise PermanentDriverError(f"provisioning from snapshot failed: {exc}") from exc
+            try:
+                copied = snapshots.copy_tree(source, staging, reflink=self.reflink, progress=step)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise PermanentDriverError(f"provisioning from snapshot failed: {exc}") from exc
         (staging / "run").mkdir(exist_ok=True)
         meta = json.loads((staging / "node.json").read_text())
         meta["owner"] = owner
         (staging / "node.json").write_text(json.dumps(meta))
         self._own(staging, self._run_as(owner))  # the clone's account, not its source's
         staging.rename(final)
+        if consume:
+            self.delete_snapshot(snapshot_id)
         return copied
 
     def assign_address(self, node_id: str, address: str, port: int) -> None:

@@ -140,7 +140,7 @@ def test_transient_failure_in_each_step_is_retried(clean: Backend, step: str) ->
     assert job.state == "succeeded", job.error
     attempts = {s.step: s.attempts for s in job.steps}
     assert attempts[step] == 3
-    assert all(n == 1 for s, n in attempts.items() if s != step)
+    assert all(n == 1 for s, n in attempts.items() if s != step), attempts
     assert get_driver().health(environment("src").nodes[0].id).healthy
 
 
