@@ -4,6 +4,7 @@ their baselines, ratios, targets met or missed) and downtime.png.
     python -m bench.run                 # everything: downtime at 100 MiB, 1 GiB, 4 GiB
     python -m bench.run --sizes 100,1024 --only downtime,copy
     python -m bench.run --only realclient --realclient-sizes 1024 --realclient-roots default,xfs
+    python -m bench.run --only crosshost --crosshost-mib 1024   # root: hosts as namespaces
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from bench import common
 
-ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "masking", "realclient", "enqueue")
+ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "masking", "realclient", "enqueue", "crosshost")
 
 
 def plot(downtime: list[dict[str, Any]], path: Path) -> None:
@@ -173,6 +174,8 @@ def markdown(results: dict[str, Any]) -> str:
                 common.row("closed-loop p99", f"{e['closed_enqueue_p99_ms']:.0f} ms", "2200 ms", ""), ""]
     if "realclient" in results:
         out += realclient_markdown(results["realclient"])
+    if results.get("crosshost"):
+        out += crosshost_markdown(results["crosshost"])
     return "\n".join(out) + "\n"
 
 
@@ -210,6 +213,34 @@ def realclient_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
+def crosshost_markdown(x: dict[str, Any]) -> list[str]:
+    out = ["## Clone onto another host: envclone vs stop + tar | socat + start", "",
+           f"A PostgreSQL node on host-1 filled by pgbench -i -s {max(1, round(x['size_mib'] / 15))} (about "
+           f"{x['size_mib']} MiB of tables; the volume with its WAL: {x['volume_bytes'] / 2**20:.0f} MiB; an online "
+           "snapshot leaves pg_wal out), cloned onto host-2 of a two-host envclone (hosts are network + PID "
+           "namespaces; host-1's agent is stopped for the naive run, else it restarts the stopped server). "
+           "Total: envclone = the job's created -> "
+           "finished (includes starting the copy on host-2); naive = stop -> copied -> source started (the copy "
+           "is only unpacked on host-2, not started). Client-seen downtime: the longest gap between two "
+           "successful new connections + SELECT 1 of a probe every 10 ms from outside both hosts. One run.", "",
+           common.row("method", "total", "total vs naive", "client-seen downtime", "vs naive", "refused conns",
+                      "job's own downtime", "bytes moved", "move rate"),
+           common.row(*["---"] * 9)]
+    for r in x["rows"]:
+        job = "" if r["job_downtime_ms"] is None else f"{r['job_downtime_ms']} ms"
+        vs = f"{r['downtime_vs_naive']:.3f}x" if r["downtime_vs_naive"] is not None else ""
+        if r.get("transfer"):  # envclone: the provision step pulls the snapshot agent to agent
+            moved, rate = r["transfer"]["bytes_received"], r["transfer"]["bytes_received"] / r["steps_s"]["provision"]
+            how = "provision step"
+        else:
+            moved, rate, how = r["copied_bytes"], r["copied_bytes"] / r["copy_s"], "tar \\| socat"
+        out.append(common.row(r["method"].replace("|", "\\|"), f"{r['total_s']:.1f} s", f"{r['total_vs_naive']:.2f}x",
+                              f"{r['probe_gap_ms']:.0f} ms", vs,
+                              f"{r['refused_connections']} / {r['connect_attempts']}", job,
+                              f"{moved / 2**20:.0f} MiB", f"{rate / 2**20:.0f} MiB/s ({how})"))
+    return out + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1024,4096", help="downtime data sizes in MiB")
@@ -223,6 +254,7 @@ def main() -> None:
     parser.add_argument("--realclient-stacks", default="postgres,valkey,mariadb")
     parser.add_argument("--realclient-valkey-mib", type=int, default=1024)
     parser.add_argument("--realclient-mariadb-mib", type=int, default=256)
+    parser.add_argument("--crosshost-mib", type=int, default=1024, help="crosshost PostgreSQL size in MiB")
     parser.add_argument("--data-root", type=Path, default=None, help="default data root (a fresh temp dir)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -274,6 +306,10 @@ def main() -> None:
         key = lambda r: (r["root"], r["stack"], r["size_mib"], r["mode"])  # noqa: E731
         kept = [r for r in results.get("realclient", []) if key(r) not in {key(f) for f in fresh}]
         results["realclient"] = sorted(kept + fresh, key=key)
+    if "crosshost" in only:
+        from bench import crosshost
+
+        results["crosshost"] = crosshost.run(args.crosshost_mib)
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))
