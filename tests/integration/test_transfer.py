@@ -232,3 +232,14 @@ def test_connection_refused_is_a_retryable_transfer_error(tmp_path: Path) -> Non
     with pytest.raises(TransferError) as err:
         pull(url, SECRET, "snap1", tmp_path / "dst")
     assert err.value.retryable and url in str(err.value)
+
+
+def test_source_file_changed_in_size_is_refused_by_the_server(snaps: Path, server: TransferServer,
+                                                              tmp_path: Path) -> None:
+    snap = make_snapshot(snaps, "snap1", {"a": b"0123456789"})
+    load_or_build(snap)
+    (snap / "volume" / "a").write_bytes(b"01234")
+    with pytest.raises(TransferError) as err:
+        pull(server.url, SECRET, "snap1", tmp_path / "dst")
+    assert err.value.status == 409 and not err.value.retryable and "snapshot_changed" in str(err.value)
+    assert not (tmp_path / "dst" / "snap1").exists()
