@@ -80,9 +80,17 @@ class Manifest:
             manifest = cls(data["snapshot_id"], str(data["meta_json"]), entries)
         except (ValueError, KeyError, TypeError) as exc:
             raise TransferError(f"invalid manifest: {exc}") from None
+        # Every entry sits in a directory listed before it: a path through a symlink (link -> /etc,
+        # then link/passwd) would have the receiver write outside its volume.
+        dirs: set[str] = set()
         for e in entries:
-            if e.kind not in ("file", "dir", "symlink") or (e.path != "." and not safe_relpath(e.path)):
+            parent = e.path.rpartition("/")[0] or "."
+            if e.kind not in ("file", "dir", "symlink") or (e.path != "." and not safe_relpath(e.path)) or (
+                    (e.path == ".") != (not dirs) or (dirs and parent not in dirs) or e.path in dirs
+                    or (e.path == "." and e.kind != "dir")):
                 raise TransferError(f"invalid manifest entry {e.path!r} ({e.kind})")
+            if e.kind == "dir":
+                dirs.add(e.path)
             if e.kind == "file" and (e.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", e.sha256 or "")):
                 raise TransferError(f"invalid manifest entry {e.path!r}: size or sha256")
         return manifest

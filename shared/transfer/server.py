@@ -48,6 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # the caller logs transfers; no per-request stderr noise
 
     def do_GET(self) -> None:  # noqa: N802
+        self._body_started = False
         try:
             path = urlsplit(self.path).path
             why = auth.verify(self.server.owner.secret, "GET", path, self.headers.get("Authorization"))
@@ -66,8 +67,15 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise _HTTPError(404, "not_found", "no such endpoint")
         except _HTTPError as exc:
-            body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
-            self._send_json(exc.status, body)
+            self._send_error(exc.status, exc.code, exc.message)
+        except Exception as exc:  # one JSON shape for every error, never a traceback page
+            if self._body_started:
+                self.close_connection = True  # the client sees a short body and fails that file
+            else:
+                self._send_error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _send_error(self, status: int, code: str, message: str) -> None:
+        self._send_json(status, json.dumps({"error": {"code": code, "message": message}}).encode())
 
     def _manifest(self, snap_id: str) -> tuple[Manifest, dict[str, Entry]]:
         snap_dir = self.server.owner.snaps_dir / snap_id
@@ -92,11 +100,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(code, "file_unreadable", f"{rel!r}: {exc.strerror}") from None
         with os.fdopen(fd, "rb", buffering=0) as f:
             if os.fstat(fd).st_size != entry.size:
-                raise _HTTPError(500, "snapshot_changed", f"{rel!r} no longer has its manifest size")
+                raise _HTTPError(409, "snapshot_changed", f"{rel!r} no longer has its manifest size")
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(entry.size))
             self.end_headers()
+            self._body_started = True
             self._sendfile(f, entry.size)
 
     def _sendfile(self, f: object, size: int) -> None:
@@ -149,6 +158,8 @@ class TransferServer:
         # another snapshot); a pull asks for it once per file.
         key = (snap_dir.name, os.lstat(snap_dir).st_ino)
         if key not in self._manifests:
+            if len(self._manifests) >= 64:
+                self._manifests.clear()  # a bound, not an LRU: an agent serves a handful at a time
             manifest = load_or_build(snap_dir)
             self._manifests[key] = (manifest, {e.path: e for e in manifest.files})
         return self._manifests[key]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from shared.transfer import ChecksumMismatch, TransferError, TransferServer, auth, pull
+from shared.transfer import ChecksumMismatch, Manifest, TransferError, TransferServer, auth, pull
 from shared.transfer.client import incoming_dir, read_journal
 from shared.transfer.manifest import load_or_build
 from tests.helpers import wait_for
@@ -176,7 +176,8 @@ def test_corrupt_source_file_fails_checksum_and_lands_nothing(snaps: Path, serve
 
 
 def test_resumes_after_receiver_killed(snaps: Path, server: TransferServer, tmp_path: Path) -> None:
-    snap = make_snapshot(snaps, "big", {f"d{i % 2}/f{i}": os.urandom(16 * MIB) for i in range(8)})
+    block = os.urandom(16 * MIB)  # one random block, made distinct per file: cheaper than 8
+    snap = make_snapshot(snaps, "big", {f"d{i % 2}/f{i}": bytes([i]) + block[1:] for i in range(8)})
     before = tree(snap / "volume")
     sizes = {f"d{i % 2}/f{i}": 16 * MIB for i in range(8)}
     total, largest = sum(sizes.values()), max(sizes.values())
@@ -202,10 +203,10 @@ def test_resumes_after_receiver_killed(snaps: Path, server: TransferServer, tmp_
     assert result.files_skipped >= len(verified) >= 2
     assert result.bytes_received <= total - sum(sizes[p] for p in verified) + largest
     assert result.bytes_received + result.files_skipped * 16 * MIB == total
-    manifest = load_or_build(dest / "big")
-    for e in manifest.files:
-        assert hashlib.sha256((dest / "big" / "volume" / e.path).read_bytes()).hexdigest() == e.sha256
-    assert tree(dest / "big" / "volume") == before
+    after = tree(dest / "big" / "volume")
+    assert after == before
+    # tree() hashed every landed file: each matches the manifest's checksum.
+    assert all(after[e.path][2] == e.sha256 for e in load_or_build(dest / "big").files)
     assert not staging.exists()
 
 
@@ -232,3 +233,28 @@ def test_connection_refused_is_a_retryable_transfer_error(tmp_path: Path) -> Non
     with pytest.raises(TransferError) as err:
         pull(url, SECRET, "snap1", tmp_path / "dst")
     assert err.value.retryable and url in str(err.value)
+
+
+def test_source_file_changed_in_size_is_refused_by_the_server(snaps: Path, server: TransferServer,
+                                                              tmp_path: Path) -> None:
+    snap = make_snapshot(snaps, "snap1", {"a": b"0123456789"})
+    load_or_build(snap)
+    (snap / "volume" / "a").write_bytes(b"01234")
+    with pytest.raises(TransferError) as err:
+        pull(server.url, SECRET, "snap1", tmp_path / "dst")
+    assert err.value.status == 409 and not err.value.retryable and "snapshot_changed" in str(err.value)
+    assert not (tmp_path / "dst" / "snap1").exists()
+
+
+def test_a_manifest_writing_through_a_symlink_or_outside_is_refused(snaps: Path) -> None:
+    snap = make_snapshot(snaps, "snap1", {"d/f": b"x"})
+    good = json.loads(load_or_build(snap).to_json())
+    link = {"path": "link", "kind": "symlink", "mode": 0o777, "uid": 0, "gid": 0, "mtime_ns": 0, "target": "/etc"}
+    through = {"path": "link/passwd", "kind": "file", "mode": 0o644, "uid": 0, "gid": 0, "mtime_ns": 0,
+               "size": 1, "sha256": "0" * 64}
+    for entries in ([*good["entries"], link, through], [*good["entries"], {**through, "path": "../escape"}],
+                    [*good["entries"], {**through, "path": "nodir/f"}], good["entries"][1:],
+                    [*good["entries"], good["entries"][1]]):
+        with pytest.raises(TransferError, match="invalid manifest"):
+            Manifest.from_json(json.dumps({**good, "entries": entries}))
+    assert Manifest.from_json(json.dumps(good)) == load_or_build(snap)
