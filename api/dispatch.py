@@ -24,7 +24,8 @@ def publisher() -> Celery:
 
 
 def broker_reachable() -> None:
-    with publisher().connection_for_write() as conn:
+    # A pooled connection: one made per request would cost a new Redis client (and its CPU) each time.
+    with publisher().pool.acquire(block=True, timeout=2) as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 

@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.models import AddressLease
+from shared.models import AddressLease, utcnow
 
 
 class PoolExhausted(Exception):
@@ -65,11 +67,16 @@ def _scan_listening() -> set[str]:
     return found
 
 
+def leased(session: Session) -> set[str]:
+    return set(session.scalars(select(AddressLease.address)))
+
+
 def _candidates(session: Session, cidr: str, busy: set[str] | None = None) -> Iterator[str]:
-    taken = set(session.scalars(select(AddressLease.address)))
-    busy = listening_addresses() if busy is None else busy
+    """Free addresses of ``cidr``, lowest first. ``busy``: when given, the caller's one reading of
+    the leases and listening addresses (a lease taken since is caught by the insert)."""
+    busy = (listening_addresses() | leased(session)) if busy is None else busy
     for host in _hosts(cidr):
-        if host not in taken and host not in busy:
+        if host not in busy:
             yield host
 
 
@@ -107,12 +114,20 @@ def try_lease(session: Session, address: str, *, job_id: str | None = None, node
     """Lease one given address in the caller's transaction; False if it is taken or being taken."""
     if not _claim(session, address):
         return False
-    try:
-        with session.begin_nested():
-            session.add(AddressLease(address=address, job_id=job_id, node_id=node_id))
-    except IntegrityError:
-        return False  # leased by a transaction that committed after we read the pool
-    return True
+    # A lease committed since the pool was read makes the insert do nothing (no savepoint needed).
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": pg_insert, "sqlite": sqlite_insert}.get(dialect)
+    if insert is None:
+        try:
+            with session.begin_nested():
+                session.add(AddressLease(address=address, job_id=job_id, node_id=node_id))
+        except IntegrityError:
+            return False
+        return True
+    row = session.connection().execute(
+        insert(AddressLease).values(address=address, job_id=job_id, node_id=node_id, leased_at=utcnow())
+        .on_conflict_do_nothing().returning(AddressLease.address)).first()
+    return row is not None
 
 
 def lease(session: Session, cidr: str, count: int, *, job_id: str | None = None,

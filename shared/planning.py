@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import ipam, placement, templates
 from shared.clone import masking, neutralize
@@ -128,13 +129,15 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
     """Everything a clone needs, checked without writing anything. A request that names a host
     that does not exist is refused (PlanError); what the current state does not allow is listed."""
     conflicts: list[Conflict] = []
-    source = find_environment(session, tenant, source_name)
+    named = {e.name: e for e in session.scalars(select(Environment).where(
+        Environment.tenant == tenant, Environment.name.in_({source_name, target_name})))}
+    source = named.get(source_name)
     if source is None:
         raise PlanError(Conflict("not_found", f"environment {source_name!r} does not exist", "source"),
                         Problem.NOT_FOUND)
     if source.state != EnvState.RUNNING:
         conflicts.append(Conflict("source_not_running", f"environment {source_name!r} is {source.state}", "source"))
-    if find_environment(session, tenant, target_name) is not None:
+    if target_name in named:
         conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
     try:
         where, hosts = placement.place_clone(session, source.nodes, target_host, pins or {})
@@ -144,7 +147,8 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
         conflicts.append(exc.conflict)
         return ClonePlan(source, target_name, {}, conflicts)
     addresses: dict[str, str] = {}
-    busy = ipam.listening_addresses(max_age_s=LISTENER_SCAN_MAX_AGE_S)
+    # Read once: the leases and the listening addresses; plan_clone leases from the same reading.
+    busy = ipam.listening_addresses(max_age_s=LISTENER_SCAN_MAX_AGE_S) | ipam.leased(session)
     try:
         planned = _lease_by_host(session, hosts, [where[n.name] for n in source.nodes], busy=busy, dry=True)
         addresses = {n.name: a for n, a in zip(source.nodes, planned, strict=True)}
@@ -162,7 +166,7 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
 
 
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,
-               options: dict[str, Any]) -> CloneJob:
+               options: dict[str, Any], idempotency: tuple[str | None, str | None] = (None, None)) -> CloneJob:
     """Write the job, its target environment, clone nodes, leases and steps (caller commits).
     ``options["on_clone"]``: the request's actions, run after the source environment's own;
     ``options["mask"]``: masking rules (``shared.clone.masking``), with ``mask_seed``."""
@@ -183,7 +187,8 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
     target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id,
                          egress=list(source.egress), on_clone=list(source.on_clone))
     job = CloneJob(id=new_id(), tenant=tenant, source_environment_id=source.id, source_name=source.name,
-                   target_name=target_name, target_environment_id=target.id, options=dict(options))
+                   target_name=target_name, target_environment_id=target.id, options=dict(options),
+                   idempotency_key=idempotency[0], request_hash=idempotency[1])
     sources = list(source.nodes)
     clone_ids = [new_id() for _ in sources]
     where = [plan.hosts[s.name] for s in sources]
@@ -207,4 +212,9 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
                  for seq, step in enumerate(CLONE_STEPS)]
     session.add_all(rows)
     session.flush()
+    # The job's node and step lists are what was just written: set as loaded, so a response built
+    # from the job does not read them back.
+    set_committed_value(job, "nodes", sorted((r for r in rows if isinstance(r, JobNode)), key=lambda n: n.name))
+    set_committed_value(job, "steps", sorted((r for r in rows if isinstance(r, StepRun)),
+                                             key=lambda s: (s.node_name, s.seq)))
     return job

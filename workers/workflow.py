@@ -53,7 +53,8 @@ def dispatch_clone(app: Celery, job_id: str) -> None:
     """One publish and nothing else: the worker that takes the start task marks the outbox row, so a
     clone request costs one transaction (what was not taken within the grace period is sent again
     by the watchdog; a duplicate start finds its run's canvas published and stands down)."""
-    _sig(app, "start_clone", job_id, argsrepr=f"job={job_id[:8]} step=start").apply_async()
+    # ignore_result: no one waits on it, and a result would have the publisher subscribe to its channel.
+    _sig(app, "start_clone", job_id, argsrepr=f"job={job_id[:8]} step=start").apply_async(ignore_result=True)
 
 
 def dispatch_create_environment(app: Celery, env_id: str) -> None:

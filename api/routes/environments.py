@@ -167,7 +167,6 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
         raise ApiError(422, "fault_injection_disabled", "fault injection is not enabled on this server", "faults")
     if body.dry_run:
         with session_scope() as session:
-            _get_env(session, path.name)
             plan = dry_run_plan(session, tenant(), path.name, body.name, body.consistency,
                                 [a.stored() for a in body.on_clone], body.on_leak, [m.stored() for m in body.mask],
                                 body.target_host, dict(body.placement))
@@ -194,10 +193,7 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
         options["faults"] = [f.model_dump() for f in body.faults]
     try:
         with session_scope() as session:
-            _get_env(session, path.name)
-            job = plan_clone(session, tenant(), path.name, body.name, options)
-            job.idempotency_key, job.request_hash = key, digest
-            session.flush()
+            job = plan_clone(session, tenant(), path.name, body.name, options, idempotency=(key, digest))
             job_id = job.id
             response = _job_response(session, job, 202)  # what it is once sent: queued
     except IntegrityError:
