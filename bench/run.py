@@ -242,6 +242,9 @@ def crosshost_markdown(x: dict[str, Any]) -> list[str]:
                               f"{r['probe_gap_ms']:.0f} ms", vs,
                               f"{r['refused_connections']} / {r['connect_attempts']}", job,
                               f"{moved / 2**20:.0f} MiB", f"{rate / 2**20:.0f} MiB/s ({how})"))
+    return out + [""]
+
+
 def transfer_markdown(t: dict[str, Any]) -> list[str]:
     out = ["## Snapshot transfer between hosts (pull over HTTP vs tar | socat)", "",
            f"{t['size_mib']} MiB snapshot in {t['files']} files of mixed sizes, random data, {t['link']}, "
