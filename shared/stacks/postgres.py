@@ -218,8 +218,10 @@ class PostgresStack(DatabaseStack):
         dev = where.stat().st_dev
         if dev not in _REFLINK_BY_DEV:
             _REFLINK_BY_DEV[dev] = snapshots.supports_reflink(where)
-        # Measured (bench/README.md, "PostgreSQL online copy"): with reflink the data directory is
-        # cloned in O(metadata); without it, a plain copy is still the lighter on the source.
+        # Measured (bench/README.md, "PostgreSQL online copy"): with reflink the backup API clones
+        # the data directory in O(metadata) and wins clearly. Without it pg_basebackup held clients
+        # up somewhat less, but a workflow-level clone with it timed out once, undiagnosed: the
+        # backup API stays the default there until that is understood.
         return "backup_api" if _REFLINK_BY_DEV[dev] else "backup_api"
 
     def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str:

@@ -109,8 +109,8 @@ def test_worker_killed_mid_backup_leaves_no_backup_on_the_source(backend: Backen
 
     def backing_up() -> int | None:
         with psycopg.connect(url, autocommit=True) as conn:
-            slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'envclone_%'"
-                                 ).fetchone()[0]
+            # Either method's temporary slot: envclone_* (backup API), pg_basebackup_* (pg_basebackup).
+            slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE temporary").fetchone()[0]
         return step_worker_pid(job_id, "snapshot") if slots else None
 
     pid = wait_for(backing_up, timeout=60, interval=0.01, what="the online backup to be under way")
