@@ -376,9 +376,9 @@ class LocalDriver(Driver):
         except Exception as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise TransientDriverError(f"online copy of {stack.name} failed: {exc}") from exc
-        # A stack that streams its own copy names it (PostgreSQL's "basebackup").
-        method = f"online-{how}" if how and how != "backup_api" else \
-            "online-reflink" if self.reflink else "online-copy"
+        # A stack that makes its own copy names it (PostgreSQL's pg_basebackup: "stream"); at
+        # most 16 characters, as the snapshot's method column.
+        method = f"online-{how}" if how else "online-reflink" if self.reflink else "online-copy"
         info = SnapshotInfo(snapshot_id, method, snapshots.tree_size(staging / "volume"), 0)
         (staging / "meta.json").write_text(json.dumps(info.__dict__))
         staging.rename(final)

@@ -219,22 +219,22 @@ class PostgresStack(DatabaseStack):
         if dev not in _REFLINK_BY_DEV:
             _REFLINK_BY_DEV[dev] = snapshots.supports_reflink(where)
         # Measured (bench/README.md, "PostgreSQL online copy"): with reflink the backup API clones
-        # the data directory in O(metadata) and wins clearly. Without it pg_basebackup held clients
-        # up somewhat less, but a workflow-level clone with it timed out once, undiagnosed: the
-        # backup API stays the default there until that is understood.
-        return "backup_api" if _REFLINK_BY_DEV[dev] else "backup_api"
+        # the data directory in O(metadata) and wins clearly; without it, pg_basebackup (the server
+        # reading its own files) held clients up less than our file copy, at about the same time.
+        return "backup_api" if _REFLINK_BY_DEV[dev] else "basebackup"
 
-    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str:
-        """A base backup of the serving node, refusing nothing, by the configured method; returns
-        the method. Either way ``dest`` holds the node's volume with a data directory that recovers
-        to one consistent moment on its first start (backup_label and the WAL up to the backup's
-        end), then serves as its own primary."""
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str | None:
+        """A base backup of the serving node, refusing nothing, by the configured method; "stream"
+        when pg_basebackup took it (the snapshot's method: online-stream). Either way ``dest``
+        holds the node's volume with a data directory that recovers to one consistent moment on
+        its first start (backup_label and the WAL up to the backup's end), then serves as its own
+        primary."""
         method = self.online_method(dest.parent)
         if method == "basebackup":
             self._basebackup(ctx, dest, copy)
-        else:
-            self._backup_api(ctx, dest, copy)
-        return method
+            return "stream"
+        self._backup_api(ctx, dest, copy)
+        return None
 
     def _backup_api(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
         """A temporary replication slot holds the WAL from here on, pg_backup_start (fast

@@ -212,7 +212,7 @@ def test_basebackup_clone_under_pgbench_recovers_serves_and_has_the_data(basebac
     finally:
         bench.terminate()
         output = bench.communicate(timeout=60)[0]
-    assert info.method == "online-basebackup" and info.window_ms == 0
+    assert info.method == "online-stream" and info.window_ms == 0
     assert "aborted" not in output, output
     driver.provision("snap", "copy")
     driver.assign_address("copy", "127.113.254.2", 5432)
@@ -308,7 +308,7 @@ def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path
         mp.setenv("ENVCLONE_PG_ONLINE_METHOD", "basebackup")
         get_settings.cache_clear()
         try:
-            assert driver.snapshot_online("src", "snap").method == "online-basebackup"
+            assert driver.snapshot_online("src", "snap").method == "online-stream"
         finally:
             mp.delenv("ENVCLONE_PG_ONLINE_METHOD")
             get_settings.cache_clear()
