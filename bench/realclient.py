@@ -20,7 +20,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -31,6 +32,7 @@ import redis
 
 from bench.common import filesystem, fill_valkey, pct
 from bench.downtime import xfs_root
+from shared.config import get_settings
 from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
 from shared.snapshots import tree_size
@@ -358,7 +360,8 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             driver.restart(source, 600)
         t["source_back"] = time.time()
     else:
-        info = driver.snapshot_online(source, snap)
+        with pg_online_method(mode.partition(":")[2]):  # "online:<method>" (bench.pg_online)
+            info = driver.snapshot_online(source, snap)
         t["source_back"] = time.time()
     driver.provision(snap, copy_id)
     driver.assign_address(copy_id, CLONE_ADDRESSES[stack], ADDRESSES[stack][1])
@@ -371,6 +374,25 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             "source_held_ms": (t["source_back"] - t["quiesce"]) * 1000
             if "quiesce" in t else 0.0, "t0": t["start"], "t1": t["end"], "copy_id": copy_id, "snap": snap,
             "credentials": credentials}
+
+
+@contextmanager
+def pg_online_method(method: str) -> Iterator[None]:
+    """ENVCLONE_PG_ONLINE_METHOD for the calls inside (unchanged when ``method`` is empty)."""
+    if not method:
+        yield
+        return
+    before = os.environ.get("ENVCLONE_PG_ONLINE_METHOD")
+    os.environ["ENVCLONE_PG_ONLINE_METHOD"] = method
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ENVCLONE_PG_ONLINE_METHOD", None)
+        else:
+            os.environ["ENVCLONE_PG_ONLINE_METHOD"] = before
+        get_settings.cache_clear()
 
 
 def pg_invariant(address: str, port: int, password: str) -> dict[str, Any]:

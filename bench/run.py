@@ -18,8 +18,8 @@ from typing import Any
 
 from bench import common
 
-ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "masking", "realclient", "enqueue", "crosshost",
-       "transfer")
+ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "masking", "realclient", "pgonline", "enqueue",
+       "crosshost", "transfer")
 
 
 def plot(downtime: list[dict[str, Any]], path: Path) -> None:
@@ -180,7 +180,28 @@ def markdown(results: dict[str, Any]) -> str:
         out += crosshost_markdown(results["crosshost"])
     if "transfer" in results:
         out += transfer_markdown(results["transfer"])
+    if "pgonline" in results:
+        out += pg_online_markdown(results["pgonline"])
     return "\n".join(out) + "\n"
+
+
+def pg_online_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["## PostgreSQL online copy: pg_backup_start + copy/reflink vs pg_basebackup", "",
+           "Same source, same pgbench TPC-B load (-c 4 -j 2), one run per row, methods in this order on each "
+           "root (a second round in reverse order). Copy = snapshot_online; gap, failed, refused and p99 over "
+           "the whole clone (copy, provision, new credentials, the copy's first start).", "",
+           common.row("root", "size", "round", "method", "longest client gap", "failed tx", "refused conns",
+                      "p99 before -> during", "copy", "clone", "invariant on copy"),
+           common.row(*["---"] * 11)]
+    for r in rows:
+        ratio_ = r["p99_during_ms"] / r["p99_before_ms"] if r["p99_before_ms"] else float("inf")
+        out.append(common.row(r["root"], f"{r['size_mib']} MiB", r.get("round", 1), r["pg_online_method"],
+                              f"{r['longest_client_gap_ms']:.0f} ms", r["failed_transactions"],
+                              f"{r['refused_connections']} / {r['connect_attempts']}",
+                              f"{r['p99_before_ms']:.1f} -> {r['p99_during_ms']:.1f} ms ({ratio_:.1f}x)",
+                              f"{r['copy_s']:.2f} s", f"{r['clone_s']:.1f} s",
+                              "holds" if r["invariant_holds"] else "BROKEN"))
+    return out + [""]
 
 
 def realclient_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -280,6 +301,9 @@ def main() -> None:
     parser.add_argument("--realclient-mariadb-mib", type=int, default=256)
     parser.add_argument("--crosshost-mib", type=int, default=1024, help="crosshost PostgreSQL size in MiB")
     parser.add_argument("--transfer-repeats", type=int, default=3, help="runs per side and page-cache state")
+    parser.add_argument("--pgonline-mib", type=int, default=1024, help="pgonline PostgreSQL size in MiB")
+    parser.add_argument("--pgonline-roots", default="default,xfs", help="pgonline data roots: default,xfs")
+    parser.add_argument("--pgonline-rounds", type=int, default=1, help="pgonline: both methods this many times")
     parser.add_argument("--data-root", type=Path, default=None, help="default data root (a fresh temp dir)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -339,6 +363,13 @@ def main() -> None:
         from bench import transfer
 
         results["transfer"] = transfer.run(root / "transfer", args.transfer_repeats)
+    if "pgonline" in only:
+        from bench import pg_online
+
+        fresh = pg_online.run(args.pgonline_mib, args.pgonline_roots.split(","), root / "pgo", args.pgonline_rounds)
+        key = lambda r: (r["root"], r["size_mib"], r["pg_online_method"], r.get("round", 1))  # noqa: E731
+        kept = [r for r in results.get("pgonline", []) if key(r) not in {key(f) for f in fresh}]
+        results["pgonline"] = sorted(kept + fresh, key=key)
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))

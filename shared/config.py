@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +50,10 @@ class Settings(BaseSettings):
     max_nodes: int = 64
     # Refuse to run an environment whose kernel fence cannot be set up (no nftables, not root).
     require_fence: bool = False
+    # PostgreSQL online copies: backup_api (pg_backup_start + copy/reflink), basebackup
+    # (pg_basebackup -X stream), auto (the one measured better on the data root's filesystem).
+    pg_online_method: Literal["backup_api", "basebackup", "auto"] = "auto"
+    pg_basebackup_max_rate: str = ""  # pg_basebackup --max-rate (e.g. "100M"); empty: unthrottled
 
     # Workflow timing.
     task_time_limit_s: int = 900

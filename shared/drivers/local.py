@@ -373,11 +373,13 @@ class LocalDriver(Driver):
             return snapshots.copy_tree(src, dst, reflink=self.reflink, ignore=ignore, live=True)
 
         try:
-            stack.online_copy(ctx, staging / "volume", copy)
+            how = stack.online_copy(ctx, staging / "volume", copy)
         except Exception as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise TransientDriverError(f"online copy of {stack.name} failed: {exc}") from exc
-        method = "online-reflink" if self.reflink else "online-copy"
+        # A stack that makes its own copy names it (PostgreSQL's pg_basebackup: "stream"); at
+        # most 16 characters, as the snapshot's method column.
+        method = f"online-{how}" if how else "online-reflink" if self.reflink else "online-copy"
         info = SnapshotInfo(snapshot_id, method, snapshots.tree_size(staging / "volume"), 0)
         (staging / "meta.json").write_text(json.dumps(info.__dict__))
         staging.rename(final)

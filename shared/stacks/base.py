@@ -140,9 +140,11 @@ class Stack(ABC):
         """(online_quiesce) Whether writes are held right now."""
         return False
 
-    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str | None:
         """(online_copy_supported) Copy the serving node's volume into ``dest`` so that the copy
-        starts as one consistent moment. ``copy(src, dst, ignore)`` copies a tree (reflink when it can)."""
+        starts as one consistent moment. ``copy(src, dst, ignore)`` copies a tree (reflink when it
+        can). Returns the name of a method of the stack's own that did not use ``copy`` for the
+        data (it names the snapshot's method), else None."""
         copy(ctx.volume, dest, lambda rel: rel == "run" or rel.startswith("run/"))
 
     def resume_writes(self, ctx: NodeContext) -> None:

@@ -4,21 +4,42 @@ that could outgrow the 107-byte limit). Quiesce = online CHECKPOINT, then fast s
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from shared import snapshots
+from shared.config import get_settings
 from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, write_private
+from shared.stacks.relay import SourceBoundRelay
 
 SUPERUSER = "envclone"
 APP_USER = APP_DB = "app"
+# How an online copy is taken (ENVCLONE_PG_ONLINE_METHOD): ``backup_api`` -- pg_backup_start, a copy
+# or reflink of the data directory, pg_backup_stop, label and WAL written into the copy;
+# ``basebackup`` -- pg_basebackup -X stream over a replication connection; ``auto`` -- per data
+# root, the one bench/pg_online.py measured better there (bench/README.md).
+ONLINE_METHODS = ("backup_api", "basebackup", "auto")
+BASEBACKUP_APP = "envclone_basebackup"  # application_name of pg_basebackup's walsenders
+_REFLINK_BY_DEV: dict[int, bool] = {}
+
+
+def hba(address: str) -> str:
+    """Clients over TCP with a password; replication only by the superuser and only from the node's
+    own address (an online copy by pg_basebackup, relayed from that address)."""
+    own = ipaddress.ip_network(address)
+    return (f"host all all 0.0.0.0/0 scram-sha-256\n"
+            f"host replication {SUPERUSER} {own} scram-sha-256\n")
 
 
 def postgres_bindir() -> Path:
@@ -112,7 +133,7 @@ class PostgresStack(DatabaseStack):
                                     "-E", "UTF8", "--locale=C", "--no-instructions"])
         finally:
             pwfile.unlink(missing_ok=True)
-        write_private(ctx.data_dir / "pg_hba.conf", "host all all 0.0.0.0/0 scram-sha-256\n")
+        write_private(ctx.data_dir / "pg_hba.conf", hba(ctx.address))
 
     @staticmethod
     def _run_as_node(ctx: NodeContext, argv: list[str], stdin: str | None = None) -> str:
@@ -146,7 +167,9 @@ class PostgresStack(DatabaseStack):
 
     def apply_credentials(self, ctx: NodeContext, credentials: Credentials) -> None:
         """In single-user mode, which opens no socket: every login role gets its new password (and
-        the application role its new name) before the server first listens. Safe to repeat."""
+        the application role its new name) before the server first listens. Safe to repeat.
+        A clone's replication rule names its own address, not its source's."""
+        self._write_hba(ctx)
         before = ctx.secrets()
         if before == dict(credentials):
             return
@@ -175,12 +198,49 @@ class PostgresStack(DatabaseStack):
             raise RuntimeError(f"setting new credentials failed: {out.strip()[-500:]}")
         super().apply_credentials(ctx, credentials)
 
-    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
-        """Base-backup semantics, refusing nothing: a temporary replication slot holds the WAL from
-        here on, pg_backup_start (fast checkpoint) in a session that stays open, a copy of the data
-        directory while the server serves, pg_backup_stop; then its backup label and the WAL from
-        start to stop go into the copy, which recovers to that consistent point on its first start.
-        The backup and the slot belong to this session: a worker that dies here leaves neither."""
+    @staticmethod
+    def _write_hba(ctx: NodeContext) -> bool:
+        """The node's pg_hba.conf for its current address; whether it changed."""
+        path, text = ctx.data_dir / "pg_hba.conf", hba(ctx.address)
+        if path.exists() and path.read_text() == text:
+            return False
+        write_private(path, text)
+        if ctx.run_as and os.geteuid() == 0:
+            os.chown(path, ctx.run_as.uid, ctx.run_as.gid)
+        return True
+
+    @staticmethod
+    def online_method(where: Path) -> str:
+        """The online copy method for a snapshot made under ``where`` (ENVCLONE_PG_ONLINE_METHOD)."""
+        method = get_settings().pg_online_method
+        if method != "auto":
+            return method
+        dev = where.stat().st_dev
+        if dev not in _REFLINK_BY_DEV:
+            _REFLINK_BY_DEV[dev] = snapshots.supports_reflink(where)
+        # Measured (bench/README.md, "PostgreSQL online copy"): with reflink the backup API clones
+        # the data directory in O(metadata) and wins clearly; without it, pg_basebackup (the server
+        # reading its own files) held clients up less than our file copy, at about the same time.
+        return "backup_api" if _REFLINK_BY_DEV[dev] else "basebackup"
+
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str | None:
+        """A base backup of the serving node, refusing nothing, by the configured method; "stream"
+        when pg_basebackup took it (the snapshot's method: online-stream). Either way ``dest``
+        holds the node's volume with a data directory that recovers to one consistent moment on
+        its first start (backup_label and the WAL up to the backup's end), then serves as its own
+        primary."""
+        method = self.online_method(dest.parent)
+        if method == "basebackup":
+            self._basebackup(ctx, dest, copy)
+            return "stream"
+        self._backup_api(ctx, dest, copy)
+        return None
+
+    def _backup_api(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+        """A temporary replication slot holds the WAL from here on, pg_backup_start (fast
+        checkpoint) in a session that stays open, a copy of the data directory while the server
+        serves, pg_backup_stop; then its backup label and the WAL from start to stop go into the
+        copy. The backup and the slot belong to this session: a worker that dies here leaves neither."""
         label = f"envclone {dest.parent.name}"
         with self._connect(ctx, timeout=10) as conn:
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)",
@@ -210,6 +270,65 @@ class PostgresStack(DatabaseStack):
             for path in (wal_dst, *wal_dst.iterdir(), data / "backup_label", data / "tablespace_map"):
                 if path.exists() and os.geteuid() == 0:
                     os.chown(path, st.st_uid, st.st_gid)
+
+    def _allow_replication(self, ctx: NodeContext) -> None:
+        """A node made before its pg_hba.conf admitted replication (or whose address changed) gets
+        the rule now; the copy waits until the postmaster has loaded it."""
+        if not self._write_hba(ctx):
+            return
+        with self._connect(ctx, timeout=10) as conn:
+            before = conn.execute("SELECT pg_conf_load_time()").fetchone()[0]
+            conn.execute("SELECT pg_reload_conf()")
+        def reloaded() -> bool:  # a new session inherits the postmaster's load time
+            with self._connect(ctx, timeout=10) as conn:
+                return conn.execute("SELECT pg_conf_load_time()").fetchone()[0] > before
+
+        try:  # polled: the postmaster reports the reload to no one
+            Retrying(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(10), wait=wait_fixed(0.02))(
+                reloaded)
+        except RetryError:
+            raise RuntimeError("the server did not reload pg_hba.conf within 10s") from None
+
+    def _basebackup(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+        """pg_basebackup -X stream -c fast into ``dest``/data, the rest of the volume (node.json,
+        config/) copied beside it. pg_basebackup connects as the superuser through a relay that
+        reaches the node from the node's own address (the only one its replication rule admits).
+        Its backup and its temporary slot are its connections': if this process dies, the relay
+        dies with it (and pg_basebackup too, by its parent-death signal), and so do both."""
+        copy(ctx.volume, dest, lambda rel: _backup_ignore(rel) or rel == "data" or rel.startswith("data/"))
+        self._allow_replication(ctx)
+        creds = ctx.secrets()
+        user = creds.get("superuser", SUPERUSER)
+        escaped = creds["superuser_password"].replace("\\", "\\\\").replace(":", "\\:")
+        with tempfile.TemporaryDirectory(prefix="envclone-pgbb-", dir="/tmp") as tmp:
+            passfile = Path(tmp, "pgpass")
+            write_private(passfile, f"*:*:*:{user}:{escaped}\n")
+            argv = [str(postgres_bindir() / "pg_basebackup"), "-D", str(dest / "data"), "-h", tmp,
+                    "-p", str(ctx.port), "-U", user, "-w", "-X", "stream", "-c", "fast", "--no-manifest",
+                    "--no-sync", "-l", f"envclone {dest.parent.name}"]
+            rate = get_settings().pg_basebackup_max_rate
+            if rate:
+                argv += ["-r", rate]
+            setpriv = shutil.which("setpriv")
+            if setpriv:  # dies with this process rather than write on into a staging dir
+                argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+            env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "PGPASSFILE": str(passfile),
+                   "PGAPPNAME": BASEBACKUP_APP}
+            with SourceBoundRelay(Path(tmp, f".s.PGSQL.{ctx.port}"), ctx.address, ctx.port):
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, env=env)
+                try:
+                    err = proc.communicate()[1]
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            if proc.returncode != 0:
+                raise RuntimeError(f"pg_basebackup failed: {err.strip()[-500:]}")
+        if os.geteuid() == 0:  # owned as the rest of the copy, by the node's account
+            st = ctx.data_dir.stat()
+            for path in (dest / "data", *(dest / "data").rglob("*")):
+                os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
 
     def command(self, ctx: NodeContext) -> tuple[list[str], dict[str, str]]:
         return self._argv(ctx, ["-c", f"listen_addresses={ctx.address}", "-c", "unix_socket_directories="]), \

@@ -3,8 +3,10 @@ the copy recovers to one consistent moment, and what can go wrong in between fai
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from shared.drivers import NodeSpec, PermanentDriverError, get_driver
 from shared.drivers.local import LocalDriver
-from shared.stacks.postgres import PostgresStack
+from shared.stacks.postgres import BASEBACKUP_APP, SUPERUSER, PostgresStack
 from tests.conftest import destroy_everything, make_data_root
 from tests.fault_helpers import counts, kill9, step_worker_pid
 from tests.helpers import wait_for
@@ -107,8 +109,8 @@ def test_worker_killed_mid_backup_leaves_no_backup_on_the_source(backend: Backen
 
     def backing_up() -> int | None:
         with psycopg.connect(url, autocommit=True) as conn:
-            slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'envclone_%'"
-                                 ).fetchone()[0]
+            # Either method's temporary slot: envclone_* (backup API), pg_basebackup_* (pg_basebackup).
+            slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE temporary").fetchone()[0]
         return step_worker_pid(job_id, "snapshot") if slots else None
 
     pid = wait_for(backing_up, timeout=60, interval=0.01, what="the online backup to be under way")
@@ -181,3 +183,132 @@ def test_online_valkey_copy_is_one_moment_under_multi_load(backend: Backend) -> 
     assert int(client.get("a")) >= int(copy.get("a"))
     delete_environment("kv-copy")
     delete_environment("kv")
+
+
+# ---- the pg_basebackup method (ENVCLONE_PG_ONLINE_METHOD=basebackup), at driver level -------------
+@pytest.fixture
+def basebackup(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    from shared.config import get_settings
+
+    monkeypatch.setenv("ENVCLONE_PG_ONLINE_METHOD", "basebackup")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.delenv("ENVCLONE_PG_ONLINE_METHOD")
+    get_settings.cache_clear()
+
+
+@pytest.mark.skipif(PGBENCH is None, reason="pgbench is not installed")
+def test_basebackup_clone_under_pgbench_recovers_serves_and_has_the_data(basebackup: None,
+                                                                        data_root: Path) -> None:
+    driver = LocalDriver(data_root)
+    driver.create_node(NodeSpec("src", "postgres", "127.113.254.1", 5432))
+    url = driver.url("src")
+    subprocess.run([PGBENCH, "-i", "-s", "1", "-q", url], check=True, capture_output=True, timeout=120)
+    bench = subprocess.Popen([PGBENCH, "-c", "2", "-T", "600", url], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: invariant(url)[3] != 0, timeout=30, what="pgbench to commit transactions")
+        info = driver.snapshot_online("src", "snap")
+    finally:
+        bench.terminate()
+        output = bench.communicate(timeout=60)[0]
+    assert info.method == "online-stream" and info.window_ms == 0
+    assert "aborted" not in output, output
+    driver.provision("snap", "copy")
+    driver.assign_address("copy", "127.113.254.2", 5432)
+    driver.set_credentials("copy", PostgresStack().new_credentials(driver._node("src")[1].secrets()))
+    # The copy's replication rule names its own address, not its source's.
+    assert "127.113.254.2/32" in (data_root / "nodes/copy/data/pg_hba.conf").read_text()
+    driver.restart("copy", 60)
+    copy = driver.url("copy")
+    sums = invariant(copy)
+    assert sums[0] == sums[1] == sums[2] == sums[3] and sums[3] != 0  # consistent, and mid-load
+    with psycopg.connect(copy, autocommit=True) as conn:  # its own primary: it takes writes
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
+        assert conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0] == 100000
+        conn.execute("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 0, now())")
+    with psycopg.connect(_admin(driver, "src"), autocommit=True) as conn:  # no slot, no walsender left
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"
+                            ).fetchone()[0] == 0
+
+
+def _admin(driver: LocalDriver, node: str) -> str:
+    """The node's superuser URL (server-wide views show other sessions' details only to it)."""
+    _, ctx = driver._node(node)
+    return f"postgresql://{SUPERUSER}:{ctx.secrets()['superuser_password']}@{ctx.address}:{ctx.port}/postgres"
+
+
+_SNAPSHOT_IN_A_CHILD = """
+import sys
+from shared.drivers.local import LocalDriver
+LocalDriver(sys.argv[1]).snapshot_online("src", "snap")
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path) -> None:
+    """kill -9 of the process taking the copy, mid-stream: its relay dies with it, and so do the
+    backup's sessions on the source (with their temporary slot); pg_basebackup dies too."""
+    driver = LocalDriver(data_root)
+    driver.create_node(NodeSpec("src", "postgres", "127.113.254.3", 5432))
+    url = _admin(driver, "src")
+    # A node made before its pg_hba.conf admitted replication: the copy adds the rule and reloads.
+    (data_root / "nodes/src/data/pg_hba.conf").write_text("host all all 0.0.0.0/0 scram-sha-256\n")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 100000) g")
+    env = {**os.environ, "ENVCLONE_PG_ONLINE_METHOD": "basebackup",
+           "ENVCLONE_PG_BASEBACKUP_MAX_RATE": "1M",  # slow enough to be caught mid-stream
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen([sys.executable, "-c", _SNAPSHOT_IN_A_CHILD, str(data_root)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ours = ("SELECT client_addr::text FROM pg_stat_activity WHERE backend_type = 'walsender' "
+            f"AND application_name = '{BASEBACKUP_APP}'")
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            def streaming() -> bool:
+                assert child.poll() is None, child.stderr.read() if child.stderr else ""
+                slots = conn.execute("SELECT count(*) FROM pg_replication_slots WHERE temporary").fetchone()[0]
+                senders = conn.execute(ours).fetchall()
+                progress = conn.execute("SELECT count(*) FROM pg_stat_progress_basebackup").fetchone()[0]
+                return slots == 1 and len(senders) == 2 and progress == 1
+
+            wait_for(streaming, timeout=60, interval=0.01, what="pg_basebackup to be streaming")
+            # Replication reaches the node only from its own address (the relay's source).
+            assert {row[0] for row in conn.execute(ours).fetchall()} == {"127.113.254.3/32"}
+            tools = _children(child.pid)
+            assert tools, "pg_basebackup runs as the copying process's child"
+            child.kill()
+            child.wait(timeout=10)
+
+            def clean() -> bool:
+                return (conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+                        and not conn.execute(ours).fetchall()
+                        and conn.execute("SELECT count(*) FROM pg_stat_progress_basebackup").fetchone()[0] == 0)
+
+            wait_for(clean, timeout=30, what="the backup's sessions and slot to go with the killed process")
+            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in tools), timeout=10,
+                     what="pg_basebackup to die with its parent")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert "replication envclone 127.113.254.3/32" in (data_root / "nodes/src/data/pg_hba.conf").read_text()
+    # A re-run (a redelivered step) takes the copy from scratch and succeeds.
+    with pytest.MonkeyPatch.context() as mp:
+        from shared.config import get_settings
+
+        mp.setenv("ENVCLONE_PG_ONLINE_METHOD", "basebackup")
+        get_settings.cache_clear()
+        try:
+            assert driver.snapshot_online("src", "snap").method == "online-stream"
+        finally:
+            mp.delenv("ENVCLONE_PG_ONLINE_METHOD")
+            get_settings.cache_clear()
