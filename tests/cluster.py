@@ -9,9 +9,11 @@ Without root: agents on separate loopback subnets (the isolation tests then skip
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,18 +41,33 @@ class Host:
     holder: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
     log: Path = field(default=Path("/dev/null"))
+    _ns_pid: int | None = None
 
     def ns_pid(self) -> int | None:
-        """The holder's pid as the root namespace sees it (unshare's child)."""
+        """The holder's pid as the root namespace sees it: unshare's child, found by its parent pid
+        (/proc/<pid>/task/<pid>/children may miss a child while the machine is busy)."""
         if self.holder is None:
             return None
-        children = Path(f"/proc/{self.holder.pid}/task/{self.holder.pid}/children").read_text().split()
-        return int(children[0]) if children else None
+        if self._ns_pid is None:
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        status = Path(f"/proc/{entry}/status").read_text()
+                    except OSError:
+                        continue
+                    if f"\nPPid:\t{self.holder.pid}\n" in status:
+                        self._ns_pid = int(entry)
+                        break
+        return self._ns_pid
 
 
 class Cluster:
-    def __init__(self, count: int = 3, general_workers: int = 2, prefix: str = "ecm", base: str = "10.236",
+    def __init__(self, count: int = 3, general_workers: int = 2, prefix: str | None = None, base: str | None = None,
                  loopback_base: str = "127.150", extra_env: dict[str, str] | None = None) -> None:
+        # Per xdist worker: two clusters at once (tests spread test by test) never share a bridge.
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 2
+        prefix, base = prefix or f"ecm{worker}", base or f"10.{236 + worker}"
+        loopback_base = f"127.{150 + worker}" if loopback_base == "127.150" else loopback_base
         self.root = make_data_root("envclone-cluster-")
         self.db_name, self.db_url = create_database()
         self.redis_db = claim_redis_db()
@@ -102,6 +119,14 @@ class Cluster:
     # ---- life ------------------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
         self.celery, self._saved = use_backend(self.env, self.env["ENVCLONE_BROKER_URL"], self.db_url)
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()  # nothing of a start that failed half-way is left for the next attempt
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.isolated:
             self.relay = self.net.relay([6379, 5432])
         for host in self.hosts:
@@ -115,7 +140,6 @@ class Cluster:
         wait_for(lambda: len(self.celery.control.ping(timeout=0.5)) >= len(self.hosts) + self.general_count,
                  timeout=90, what="every agent and general worker to answer ping")
         wait_for(self.all_up, timeout=60, what="every host to report up")
-        return self
 
     def all_up(self) -> bool:
         from shared.db import session_scope
@@ -139,7 +163,13 @@ class Cluster:
         if self.isolated:
             if host.holder is None:
                 host.holder = self._spawn(host.net.argv([sys.executable, "-c", _HOLDER]), {}, host.log)
-                wait_for(host.ns_pid, timeout=10, what=f"{host.name}'s PID namespace")
+
+                def started() -> int | None:
+                    if host.holder is not None and host.holder.poll() is not None:
+                        raise AssertionError(f"{host.name}'s namespace holder exited: {host.log.read_text()[-2000:]}")
+                    return host.ns_pid()
+
+                wait_for(started, timeout=30, what=f"{host.name}'s PID namespace")
             argv = [*self._inside(host), *argv]
         host.agent = self._spawn(argv, self.agent_env(host), host.log)
 
@@ -179,6 +209,10 @@ class Cluster:
         if self.net is not None:
             self.net.teardown()
         leave_backend(self.celery, self._saved, self.db_name, self.env["ENVCLONE_BROKER_URL"], self.redis_db)
+        kept = Path(tempfile.gettempdir()) / "envclone-last-cluster" / self.root.name  # for a post-mortem
+        kept.mkdir(parents=True, exist_ok=True)
+        for log in self.root.glob("*.log"):
+            shutil.copy(log, kept / log.name)
         destroy_everything(self.root)
         assert not leftovers, f"processes left behind: {leftovers}"
 
