@@ -52,12 +52,16 @@ def _unwanted_nodes(host: str, on_disk: set[str]) -> set[str]:
 
 
 def _unwanted_snapshots(host: str, on_disk: set[str]) -> set[str]:
+    """Snapshots no running job uses and no finished job keeps (retain_snapshots, keep_on_failure).
+    A step that ended after its job did may have written its snapshot afterwards: it goes too."""
     with session_scope() as session:
         rows = {s.id: s for s in session.scalars(select(Snapshot).where(Snapshot.id.in_(on_disk)))}
-        live = set(session.scalars(select(JobNode.snapshot_id).join(CloneJob, CloneJob.id == JobNode.job_id)
-                                   .where(JobNode.snapshot_id.in_(on_disk),
-                                          CloneJob.state.not_in([s.value for s in JOB_DONE]))))
-    kept = {s for s, row in rows.items() if row.state == SnapshotState.READY and (row.host or host) == host}
+        jobs = dict(session.execute(select(JobNode.snapshot_id, CloneJob).join(CloneJob, CloneJob.id == JobNode.job_id)
+                                    .where(JobNode.snapshot_id.in_(on_disk))).all())
+        live = {s for s, job in jobs.items() if not job.state.done}
+        kept = {s for s, row in rows.items()
+                if row.state == SnapshotState.READY and (row.host or host) == host and s in jobs
+                and (jobs[s].options.get("retain_snapshots") or jobs[s].options.get("keep_on_failure"))}
     return on_disk - live - kept
 
 

@@ -81,6 +81,11 @@ def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
         get_driver().delete_snapshot(jn.snapshot_id)
         raise PermanentDriverError("the source was restarted during the snapshot (downtime limit)")
     with session_scope() as session:
+        if session.get(CloneJob, ticket.job_id).state.done:
+            # The job ended while we copied (a host went down): nothing will use this snapshot.
+            get_driver().delete_snapshot(jn.snapshot_id)
+            raise PermanentDriverError("the job ended during the snapshot")
+    with session_scope() as session:
         row = session.get(Snapshot, jn.snapshot_id) or Snapshot(id=jn.snapshot_id, job_id=ticket.job_id,
                                                                 source_node_id=ticket.source_node_id)
         row.state, row.method = SnapshotState.READY, info.method

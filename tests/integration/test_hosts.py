@@ -240,9 +240,14 @@ def test_a_host_gone_for_good_fails_the_job_cleanly(cluster: Cluster) -> None:
     job = wait_job(job_id, timeout=6 + 30)  # ENVCLONE_HOST_DOWN_S + a margin
     assert job.state == JobState.FAILED and "host-2 is down" in (job.error or ""), job.error
     # Nothing of the clone is left on the hosts that are up.
-    wait_for(lambda: cluster.volumes(host1) == before["host-1"] and cluster.volumes(host3) == before["host-3"]
-             and not cluster.snapshots(host1) and not cluster.snapshots(host3),
-             timeout=30, what="the partial clone removed from host-1 and host-3")
+    def left() -> dict[str, object]:
+        return {h.name: (cluster.volumes(h) - before[h.name], cluster.snapshots(h)) for h in (host1, host3)}
+
+    try:
+        wait_for(lambda: not any(v or sn for v, sn in left().values()), timeout=30,
+                 what="the partial clone removed from host-1 and host-3")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; left: {left()}") from None
     assert cluster.volumes(host2) != before["host-2"]  # host-2's leftovers wait for its agent
     cluster.start_agent(host2)
     wait_for(lambda: cluster.volumes(host2) == before["host-2"] and not cluster.snapshots(host2),
