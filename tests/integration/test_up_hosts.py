@@ -47,6 +47,21 @@ def test_up_with_two_hosts_clones_across_them_and_down_removes_them() -> None:
                              what="the announcement")
         assert ("own network and PID namespace" in announced) == isolated
 
+        # An operator drains host-1: placement skips it, its nodes stay; the CLI lists it so.
+        drained = envclone("hosts", "drain", "host-1", env=env)
+        assert drained.returncode == 0 and "host host-1 is draining" in drained.stdout, drained.stderr
+        cli_env = {**env, "ENVCLONE_URL": api, "ENVCLONE_TOKEN": token, "COLUMNS": "160"}
+        listed = envclone("hosts", "list", env=cli_env)
+        assert listed.returncode == 0 and "draining" in listed.stdout and "host-2" in listed.stdout, listed.stderr
+        assert client.post("/v1/environments", json={"name": "spread", "nodes": [
+            {"name": f"kv{i}", "stack": "valkey"} for i in range(2)]}).status_code == 202
+        assert {n["host"] for n in client.get("/v1/environments/spread").json()["nodes"]} == {"host-2"}
+        pinned = client.post("/v1/environments", json={"name": "pinned", "nodes": [
+            {"name": "kv", "stack": "valkey", "host": "host-1"}]})
+        assert pinned.status_code == 409 and pinned.json()["error"]["field"] == "nodes[0].host", pinned.text
+        missing = envclone("hosts", "drain", "host-9", env=env)
+        assert missing.returncode == 1 and "no host named 'host-9'" in missing.stderr
+        assert envclone("hosts", "undrain", "host-1", env=env).returncode == 0
         assert client.post("/v1/environments", json={"name": "src", "nodes": [
             {"name": "cache", "stack": "valkey", "host": "host-1"}]}).status_code == 202
         src = wait_for(lambda: (e := client.get("/v1/environments/src").json())["state"] in ("running", "failed")
