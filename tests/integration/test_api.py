@@ -256,6 +256,24 @@ def test_dry_run_lists_conflicts(clean: Api) -> None:
     assert clean.post("/v1/environments/nope/clones", {"name": "x", "dry_run": True}).status_code == 404
 
 
+def test_hosts_in_the_api(clean: Api) -> None:
+    """One host here (the worker's); every node, plan node and step names it, and a request that
+    names a host or node that does not exist is a 422 naming its field, with nothing written."""
+    hosts = clean.get("/v1/hosts").json["items"]
+    assert [(h["name"], h["state"]) for h in hosts] == [("local", "up")] and hosts[0]["free_bytes"] > 0
+    make_env(clean, SOLO)
+    assert {n["host"] for n in clean.get("/v1/environments/solo").json["nodes"]} == {"local"}
+    plan = clean.post("/v1/environments/solo/clones", {"name": "solo-plan", "dry_run": True}).json
+    assert [(n["source_host"], n["host"], n["bytes_across_hosts"]) for n in plan["nodes"]] == [("local", "local", 0)]
+    for body, field in (({"target_host": "host-9"}, "target_host"), ({"placement": {"zz": "local"}}, "placement"),
+                        ({"target_host": "Not A Host"}, "target_host")):
+        bad = clean.post("/v1/environments/solo/clones", {"name": "solo-bad", **body})
+        assert bad.status_code == 422 and bad.json["error"]["field"] == field, bad.json
+    assert clean.get("/v1/environments/solo-bad").status_code == 404
+    assert clean.post("/v1/environments", {"name": "pinned", "nodes": [
+        {"name": "kv", "stack": "valkey", "host": "host-9"}]}).status_code == 422
+
+
 def test_tenant_isolation(clean: Api, other: Api) -> None:
     make_env(clean, SOLO)
     job_id = clean.post("/v1/environments/solo/clones", {"name": "solo-copy"}).json["id"]
