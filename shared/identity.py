@@ -4,11 +4,14 @@ node is made and removed with the environment. Without root, nodes run as envclo
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pwd
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_random
 
@@ -16,6 +19,7 @@ from shared import fence
 
 log = logging.getLogger("envclone.identity")
 USERADD_EXISTS, USERDEL_MISSING, PASSWD_BUSY = 9, 6, 10  # shadow-utils exit codes
+ACCOUNTS_LOCK = "/run/lock/envclone-accounts.lock" if os.path.isdir("/run/lock") else "/tmp/envclone-accounts.lock"
 
 
 def can_switch_users() -> bool:
@@ -46,13 +50,29 @@ def ensure_account(environment_id: str) -> str | None:
     argv = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
             "--shell", "/usr/sbin/nologin", name]
     try:  # the account files are locked while another environment's account is made or removed
-        done = Retrying(retry=retry_if_result(lambda d: d.returncode == PASSWD_BUSY), stop=stop_after_delay(120),
-                        wait=wait_random(0.05, 0.5))(subprocess.run, argv, capture_output=True, text=True, check=False)
+        with _accounts_locked():
+            done = Retrying(retry=retry_if_result(lambda d: d.returncode == PASSWD_BUSY), stop=stop_after_delay(120),
+                            wait=wait_random(0.05, 0.5))(subprocess.run, argv, capture_output=True, text=True,
+                                                          check=False)
     except RetryError as exc:
         done = exc.last_attempt.result()
     if done.returncode not in (0, USERADD_EXISTS):  # another worker may have made it a moment ago
         raise RuntimeError(f"useradd {name} failed: {done.stderr.strip()}")
     return name
+
+
+@contextmanager
+def _accounts_locked() -> Iterator[None]:
+    """One envclone process at a time changes the account files. shadow-utils' own lock names its
+    holder by pid, and a useradd in another PID namespace (hosts on one machine) sees that pid as
+    dead, takes the lock as stale and writes /etc/passwd over the other's change. flock is the
+    kernel's, whatever the namespace."""
+    with open(ACCOUNTS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _kill_processes_of(uid: int) -> None:
@@ -85,8 +105,9 @@ def remove_account(environment_id: str) -> None:
         return subprocess.run(["userdel", name], capture_output=True, text=True, check=False)
 
     try:  # a killed process may take a moment to be gone from the process table
-        Retrying(retry=retry_if_result(lambda done: done.returncode not in (0, USERDEL_MISSING)),
-                 stop=stop_after_delay(120), wait=wait_random(0.05, 0.5))(attempt)
+        with _accounts_locked():
+            Retrying(retry=retry_if_result(lambda done: done.returncode not in (0, USERDEL_MISSING)),
+                     stop=stop_after_delay(120), wait=wait_random(0.05, 0.5))(attempt)
     except RetryError as exc:
         log.warning("userdel %s failed: %s", name, exc.last_attempt.result().stderr.strip())
 
