@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import realclient
-from bench.downtime import xfs_root
 
 METHODS = ("backup_api", "basebackup")
 
@@ -26,20 +25,7 @@ def run(mib: int, roots: list[str], default_root: Path, rounds: int = 1) -> list
     order = [METHODS if n % 2 == 0 else METHODS[::-1] for n in range(rounds)]
     modes = [f"online:{m}" for methods in order for m in methods]
     with ExitStack() as stack:
-        places = []
-        if "default" in roots:
-            default_root.mkdir(parents=True, exist_ok=True)
-            default_root.chmod(0o755)
-            places.append(("default", default_root))
-        if "xfs" in roots:
-            xfs = stack.enter_context(xfs_root(max(8, mib * 4 // 1024 + 4)))
-            if xfs is not None:
-                places.append(("xfs-reflink", xfs / "var"))
-            else:
-                print("pg_online: no XFS loop image (needs root and mkfs.xfs): skipped", flush=True)
-        for label, root in places:
-            root.mkdir(parents=True, exist_ok=True)
-            root.chmod(0o755)
+        for label, root in realclient.data_roots(stack, roots, default_root, mib, "pg_online"):
             for n, r in enumerate(realclient.measure(root, "postgres", mib, modes, label)):
                 r["pg_online_method"] = r["mode"].partition(":")[2]
                 r["round"] = n // len(METHODS) + 1

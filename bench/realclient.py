@@ -502,25 +502,31 @@ def measure(root: Path, stack: str, mib: int, modes: list[str], label: str) -> l
     return out
 
 
+def data_roots(stack: ExitStack, roots: list[str], default_root: Path, largest_mib: int,
+               who: str) -> list[tuple[str, Path]]:
+    """(label, data root) to measure on: ``default`` (the given directory) and ``xfs`` (a reflink
+    loop image sized for ``largest_mib``, kept until ``stack`` closes; skipped, said, without root)."""
+    places = []
+    if "default" in roots:
+        places.append(("default", default_root))
+    if "xfs" in roots:
+        xfs = stack.enter_context(xfs_root(max(8, largest_mib * 4 // 1024 + 4)))
+        if xfs is not None:
+            places.append(("xfs-reflink", xfs / "var"))
+        else:
+            print(f"{who}: no XFS loop image (needs root and mkfs.xfs): skipped", flush=True)
+    for _, root in places:
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+    return places
+
+
 def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: int,
         stacks: list[str], mariadb_mib: int = 256) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     modes = ["online", "stop"]
-    default_root.mkdir(parents=True, exist_ok=True)
-    default_root.chmod(0o755)
     with ExitStack() as stack:
-        places = []
-        if "default" in roots:
-            places.append(("default", default_root))
-        if "xfs" in roots:
-            xfs = stack.enter_context(xfs_root(max(8, max(sizes_mib + [valkey_mib]) * 4 // 1024 + 4)))
-            if xfs is not None:
-                places.append(("xfs-reflink", xfs / "var"))
-            else:
-                print("realclient: no XFS loop image (needs root and mkfs.xfs): skipped", flush=True)
-        for label, root in places:
-            root.mkdir(parents=True, exist_ok=True)
-            root.chmod(0o755)
+        for label, root in data_roots(stack, roots, default_root, max(sizes_mib + [valkey_mib]), "realclient"):
             if "postgres" in stacks:
                 for mib in sizes_mib:
                     results += measure(root, "postgres", mib, modes, label)
