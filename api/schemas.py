@@ -7,6 +7,7 @@ import re
 import unicodedata
 from datetime import datetime
 from enum import Enum
+from functools import cache
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints, model_validator
@@ -205,6 +206,12 @@ class IdempotencyHeader(BaseModel):
     idempotency_key: Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,128}$")] | None = Field(
         default=None, alias="Idempotency-Key")
     model_config = ConfigDict(populate_by_name=True)
+
+    @classmethod
+    @cache
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # flask-openapi3 asks for it on every request (to read each field's type); it never changes.
+        return super().model_json_schema(*args, **kwargs)
 
 
 class ErrorBody(BaseModel):

@@ -26,9 +26,11 @@ def environment(env: Environment, source_name: str | None = None) -> dict[str, A
     }
 
 
-def job(row: CloneJob) -> dict[str, Any]:
+def job(row: CloneJob, target: Environment | None = None) -> dict[str, Any]:
+    """``target``: the job's target environment when the caller holds it (else it is looked up)."""
     session = object_session(row)
-    target = session.get(Environment, row.target_environment_id) if session and row.target_environment_id else None
+    if target is None and session is not None and row.target_environment_id:
+        target = session.get(Environment, row.target_environment_id)
     order = {s: i for i, s in enumerate(CLONE_STEPS)}
     nodes = []
     for jn in row.nodes:

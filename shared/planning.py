@@ -5,7 +5,6 @@ so a dry run can list them all."""
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from shared import ipam, placement, templates
-from shared.clone import masking, neutralize
+from shared import admission, ipam, placement, templates
+from shared.clone import neutralize
 from shared.errors import Conflict, PlanError, Problem
 from shared.models import CloneJob, Environment, JobNode, Node, StepRun, new_id
 from shared.stacks import CATALOG
@@ -125,9 +124,11 @@ class ClonePlan:
 
 
 def check_clone(session: Session, tenant: str, source_name: str, target_name: str,
-                target_host: str | None = None, pins: dict[str, str] | None = None) -> ClonePlan:
+                target_host: str | None = None, pins: dict[str, str] | None = None,
+                own_target: str | None = None) -> ClonePlan:
     """Everything a clone needs, checked without writing anything. A request that names a host
-    that does not exist is refused (PlanError); what the current state does not allow is listed."""
+    that does not exist is refused (PlanError); what the current state does not allow is listed.
+    ``own_target``: the id of the target environment the job being planned already holds."""
     conflicts: list[Conflict] = []
     named = {e.name: e for e in session.scalars(select(Environment).where(
         Environment.tenant == tenant, Environment.name.in_({source_name, target_name})))}
@@ -137,7 +138,7 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
                         Problem.NOT_FOUND)
     if source.state != EnvState.RUNNING:
         conflicts.append(Conflict("source_not_running", f"environment {source_name!r} is {source.state}", "source"))
-    if target_name in named:
+    if target_name in named and named[target_name].id != own_target:
         conflicts.append(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
     try:
         where, hosts = placement.place_clone(session, source.nodes, target_host, pins or {})
@@ -167,45 +168,38 @@ def check_clone(session: Session, tenant: str, source_name: str, target_name: st
 
 def plan_clone(session: Session, tenant: str, source_name: str, target_name: str,
                options: dict[str, Any], idempotency: tuple[str | None, str | None] = (None, None)) -> CloneJob:
-    """Write the job, its target environment, clone nodes, leases and steps (caller commits).
-    ``options["on_clone"]``: the request's actions, run after the source environment's own;
-    ``options["mask"]``: masking rules (``shared.clone.masking``), with ``mask_seed``."""
-    plan = check_clone(session, tenant, source_name, target_name, options.get("target_host"),
-                       options.get("placement"))
-    source = plan.source
-    assert source is not None
-    neutralize.check(options.get("on_clone", []), {n.name: n.stack for n in source.nodes}, "on_clone")
-    masking.check(options.get("mask", []), {n.name: n.stack for n in source.nodes}, "mask")
+    """A job as a request admits it and its start task completes it, in the caller's transaction
+    (for callers that want the whole plan at once; the API admits only)."""
+    job, _ = admission.admit_clone(session, tenant, source_name, target_name, options, idempotency)
+    materialize_clone(session, job)
+    return job
+
+
+def materialize_clone(session: Session, job: CloneJob) -> None:
+    """Write an admitted job's clone nodes, their leases, job nodes and steps (caller commits). The
+    state may have moved since the request was admitted: a PlanError names what no longer fits."""
+    options = job.options
+    plan = check_clone(session, job.tenant, job.source_name, job.target_name, options.get("target_host"),
+                       options.get("placement"), own_target=job.target_environment_id)
     if plan.conflicts:
         raise PlanError(plan.conflicts[0])
-    options = {**options, "on_clone": [*source.on_clone, *options.get("on_clone", [])]}
-    if options.get("mask") and not options.get("mask_seed"):
-        # Random per job: another clone gets other fakes. Kept here, never shown in a response.
-        options["mask_seed"] = secrets.token_hex(16)
-    # The clone reaches what its source may reach (the same configuration), never the source itself:
-    # its fence admits its own nodes' addresses, not the source's. A clone of it is neutralized alike.
-    target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id,
-                         egress=list(source.egress), on_clone=list(source.on_clone))
-    job = CloneJob(id=new_id(), tenant=tenant, source_environment_id=source.id, source_name=source.name,
-                   target_name=target_name, target_environment_id=target.id, options=dict(options),
-                   idempotency_key=idempotency[0], request_hash=idempotency[1])
+    source = plan.source
+    assert source is not None and plan.host_rows is not None
     sources = list(source.nodes)
     clone_ids = [new_id() for _ in sources]
     where = [plan.hosts[s.name] for s in sources]
-    assert plan.host_rows is not None
     addresses = _lease_by_host(session, plan.host_rows, where, job_id=job.id, busy=plan.busy, node_ids=clone_ids,
                                field="name")
     # Rows are added by foreign key rather than through relationship lists: appending to a list
-    # of a persistent object would load it first, a query per list per request.
-    rows: list[object] = [job, target]
+    # of a persistent object would load it first, a query per list.
+    rows: list[object] = []
     for src, address, clone_id, host in zip(sources, addresses, clone_ids, where, strict=True):
         # A clone never shares a secret with its source: new credentials, set before it first listens.
         stack = CATALOG[src.stack]
         credentials = stack.new_credentials(src.credentials, rename_users=bool(options.get("rename_db_users")))
-        rows.append(Node(id=clone_id, environment_id=target.id, name=src.name, stack=src.stack, address=address,
-                         port=src.port, host=host, config=dict(src.config), source_node_id=src.id,
-                         credentials=credentials,
-                         url=stack.url(address, src.port, credentials, secret=False)))
+        rows.append(Node(id=clone_id, environment_id=job.target_environment_id, name=src.name, stack=src.stack,
+                         address=address, port=src.port, host=host, config=dict(src.config), source_node_id=src.id,
+                         credentials=credentials, url=stack.url(address, src.port, credentials, secret=False)))
         rows.append(JobNode(job_id=job.id, source_node_id=src.id, name=src.name, clone_node_id=clone_id,
                             snapshot_id=new_id()))
         rows += [StepRun(job_id=job.id, source_node_id=src.id, node_name=src.name, step=step, seq=seq)
@@ -217,4 +211,3 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
     set_committed_value(job, "nodes", sorted((r for r in rows if isinstance(r, JobNode)), key=lambda n: n.name))
     set_committed_value(job, "steps", sorted((r for r in rows if isinstance(r, StepRun)),
                                              key=lambda s: (s.node_name, s.seq)))
-    return job

@@ -63,7 +63,7 @@ def start_clone(self: Task, job_id: str) -> None:
     with session_scope() as session:
         job = session.get(CloneJob, job_id)
         run = job.run if job is not None else 0
-    if run and control.begin_run(job_id, run):
+    if run and control.materialize(job_id) and control.begin_run(job_id, run):
         clone_canvas(self.app, job_id, run).apply_async()
 
 

@@ -31,10 +31,11 @@ from api.schemas import (
     PlanOut,
 )
 from shared import ipam
+from shared.admission import admit_clone
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.models import CloneJob, Environment, EnvironmentEvent
-from shared.planning import NodeRequest, active_job, find_environment, plan_clone, plan_environment
+from shared.planning import NodeRequest, active_job, find_environment, plan_environment
 from shared.stacks import CATALOG
 from shared.states import EnvState
 from workers.workflow import dispatch_clone, dispatch_create_environment, dispatch_delete_environment
@@ -150,8 +151,8 @@ def _job_by_key(session: Session, key: str) -> CloneJob | None:
     return session.scalar(select(CloneJob).where(CloneJob.tenant == tenant(), CloneJob.idempotency_key == key))
 
 
-def _job_response(session: Session, job: CloneJob, status: int) -> Response:
-    response = jsonify(serialize.to_json(JobOut.model_validate(serialize.job(job))))
+def _job_response(job: CloneJob, status: int, target: Environment | None = None) -> Response:
+    response = jsonify(serialize.to_json(JobOut.model_validate(serialize.job(job, target))))
     response.status_code = status
     response.headers["Location"] = url_for("jobs.get_job", job_id=job.id)
     return response
@@ -179,7 +180,7 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
                 if existing.request_hash != digest:
                     raise ApiError(409, "idempotency_key_reused",
                                    "this Idempotency-Key was used with a different request", "Idempotency-Key")
-                return _job_response(session, existing, 202)
+                return _job_response(existing, 202)
     options = body.model_dump(mode="json", include={"keep_on_failure", "retain_snapshots", "rename_db_users",
                                                     "consistency", "on_leak", "target_host", "placement"},
                               exclude_defaults=False)
@@ -188,29 +189,26 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
     if body.mask:
         options["mask"] = [m.stored() for m in body.mask]
         if body.mask_seed:
-            options["mask_seed"] = body.mask_seed  # else plan_clone draws one per job
+            options["mask_seed"] = body.mask_seed  # else admit_clone draws one per job
     if body.faults:
         options["faults"] = [f.model_dump() for f in body.faults]
     try:
         with session_scope() as session:
-            job = plan_clone(session, tenant(), path.name, body.name, options, idempotency=(key, digest))
+            job, target = admit_clone(session, tenant(), path.name, body.name, options, idempotency=(key, digest))
             job_id = job.id
-            response = _job_response(session, job, 202)  # what it is once sent: queued
+            response = _job_response(job, 202, target)  # what it is once sent: queued
     except IntegrityError:
         # A concurrent request with the same key (or target name) won the race.
         with session_scope() as session:
             existing = _job_by_key(session, key) if key else None
             if existing is not None and existing.request_hash == digest:
-                return _job_response(session, existing, 202)
+                return _job_response(existing, 202)
         raise ApiError(409, "conflict", "a concurrent request conflicts with this one", "name") from None
 
-    def undo() -> None:
+    def undo() -> None:  # an admitted job has no nodes or leases yet: its two rows are all there is
         with session_scope() as session:
             job = session.get(CloneJob, job_id)
-            target = session.get(Environment, job.target_environment_id)
-            for node in target.nodes:
-                ipam.release_node(session, node.id)
-            session.execute(delete(Environment).where(Environment.id == target.id))
+            session.execute(delete(Environment).where(Environment.id == job.target_environment_id))
             session.delete(job)
 
     send(lambda celery: dispatch_clone(celery, job_id), undo)

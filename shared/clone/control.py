@@ -10,12 +10,12 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from shared import hosts, ipam, placement
+from shared import hosts, ipam, placement, planning
 from shared.clone.events import record_event
 from shared.db import retry_db, session_scope
 from shared.drivers import get_driver
 from shared.errors import Conflict, PlanError
-from shared.models import AddressLease, CloneJob, Environment, JobNode, Node, Snapshot, StepRun, new_id
+from shared.models import AddressLease, CloneJob, Environment, JobNode, Node, Snapshot, StepRun, new_id, utcnow
 from shared.stacks import CATALOG
 from shared.states import CLONE_STEPS, EnvState, JobState, NodeState, SnapshotState, Step, StepState
 
@@ -106,6 +106,36 @@ def _resume(session: Session, job: CloneJob) -> None:
         _relet_address(session, clone)
         stack = CATALOG[clone.stack]
         clone.url = stack.url(clone.address, clone.port, clone.credentials, secret=False)
+
+
+def _fail_unplanned(job_id: str, conflict: Conflict) -> None:
+    with session_scope() as session:
+        job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
+        if job.state.done:
+            return
+        job.state, job.error, job.finished_at = JobState.FAILED, f"{conflict.code}: {conflict.message}", utcnow()
+        target = session.get(Environment, job.target_environment_id)
+        if target is not None:
+            target.state, target.error = EnvState.FAILED, job.error
+        record_event(session, job, "job", state=JobState.FAILED, error=job.error)
+
+
+@retry_db
+def materialize(job_id: str) -> bool:
+    """Complete a job the API only admitted (``planning.materialize_clone``), once: a duplicate
+    start finds its rows. False if the job is gone or over, or no longer fits (it is then failed
+    with the conflict's code, nothing of it made)."""
+    try:
+        with session_scope() as session:
+            job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one_or_none()
+            if job is None or job.state.done:
+                return False
+            if session.scalar(select(JobNode.job_id).where(JobNode.job_id == job_id).limit(1)) is None:
+                planning.materialize_clone(session, job)
+            return True
+    except PlanError as exc:
+        _fail_unplanned(job_id, exc.conflict)
+        return False
 
 
 @retry_db

@@ -1,0 +1,70 @@
+"""Admitting a clone request: what the API does between authentication and the publish, in one
+transaction and a handful of statements. It answers what the request can be told at once -- a
+source that does not exist or is not running, a name taken, a host or node it names that does not
+exist, options that do not fit the source's nodes, disk that no host has -- and writes two rows:
+the job and its target environment (whose unique name reserves it).
+
+The rest (addresses, clone nodes, steps) is the start task's: ``planning.materialize_clone`` on a
+worker. A request used to do it all, and it cost most of the request's CPU; what only exact
+allocation can find (an address pool run dry since) now fails the job with the conflict's code."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from shared import placement
+from shared.clone import masking, neutralize
+from shared.errors import Conflict, PlanError, Problem
+from shared.models import CloneJob, Environment, Node, new_id
+from shared.states import EnvState
+
+
+def admit_clone(session: Session, tenant: str, source_name: str, target_name: str, options: dict[str, Any],
+                idempotency: tuple[str | None, str | None] = (None, None)) -> tuple[CloneJob, Environment]:
+    """Check the request against the rows and write its job and target environment (caller commits);
+    both are returned, the target too: a session keeps only weak references to what it holds.
+    ``options["on_clone"]``: the request's actions, run after the source environment's own;
+    ``options["mask"]``: masking rules (``shared.clone.masking``), with ``mask_seed``."""
+    named = {e.name: e for e in session.execute(
+        select(Environment.id, Environment.name, Environment.state, Environment.egress, Environment.on_clone)
+        .where(Environment.tenant == tenant, Environment.name.in_({source_name, target_name})))}
+    source = named.get(source_name)
+    if source is None:
+        raise PlanError(Conflict("not_found", f"environment {source_name!r} does not exist", "source"),
+                        Problem.NOT_FOUND)
+    if source.state != EnvState.RUNNING:
+        raise PlanError(Conflict("source_not_running", f"environment {source_name!r} is {source.state}", "source"))
+    if target_name in named:
+        raise PlanError(Conflict("name_taken", f"environment {target_name!r} already exists", "name"))
+    nodes = session.execute(select(Node.name, Node.stack, Node.host, Node.size_bytes)
+                            .where(Node.environment_id == source.id).order_by(Node.name)).all()
+    stacks = {n.name: n.stack for n in nodes}
+    neutralize.check(options.get("on_clone", []), stacks, "on_clone")
+    masking.check(options.get("mask", []), stacks, "mask")
+    where, hosts = placement.place_clone(session, nodes, options.get("target_host"), options.get("placement") or {})
+    for host in sorted(set(where.values())):
+        if hosts.known and hosts.free(host) < 0:
+            raise PlanError(Conflict("disk_full", f"host {host}: needs {hosts.promised[host]} bytes of disk, "
+                                     f"{hosts.free(host) + hosts.promised[host]} free", "name"))
+    options = {**options, "on_clone": [*source.on_clone, *options.get("on_clone", [])]}
+    if options.get("mask") and not options.get("mask_seed"):
+        # Random per job: another clone gets other fakes. Kept here, never shown in a response.
+        options["mask_seed"] = secrets.token_hex(16)
+    # The clone reaches what its source may reach (the same configuration), never the source itself:
+    # its fence admits its own nodes' addresses, not the source's. A clone of it is neutralized alike.
+    target = Environment(id=new_id(), tenant=tenant, name=target_name, source_environment_id=source.id,
+                         egress=list(source.egress), on_clone=list(source.on_clone))
+    job = CloneJob(id=new_id(), tenant=tenant, source_environment_id=source.id, source_name=source_name,
+                   target_name=target_name, target_environment_id=target.id, options=options,
+                   idempotency_key=idempotency[0], request_hash=idempotency[1])
+    session.add_all([job, target])
+    session.flush()
+    # Nothing below the job exists yet: said so, so a response built from it reads nothing back.
+    set_committed_value(job, "nodes", [])
+    set_committed_value(job, "steps", [])
+    return job, target
