@@ -36,8 +36,16 @@ def watch(client: Client, job_id: str, console: Console | None = None) -> dict[s
     columns = (TextColumn("{task.fields[node]:<12}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        bars = {n["name"]: progress.add_task("", total=100, node=n["name"], status="queued",
-                                             completed=_node_completed(n)) for n in job["nodes"]}
+        bars: dict[str, Any] = {}
+
+        def bar(name: str, completed: float = 0) -> Any:
+            # A job the start task has not planned yet has no nodes: a bar appears with its first event.
+            if name not in bars:
+                bars[name] = progress.add_task("", total=100, node=name, status="queued", completed=completed)
+            return bars[name]
+
+        for n in job["nodes"]:
+            bar(n["name"], _node_completed(n))
         overall = progress.add_task("", total=100, node="[bold]overall", status=job["state"],
                                     completed=job["percent"])
         downtime: dict[str, str] = {}
@@ -48,13 +56,13 @@ def watch(client: Client, job_id: str, console: Console | None = None) -> dict[s
                 status = f"{step} {state}" + (f" (attempt {data['attempt']})" if data.get("attempt", 1) > 1 else "")
                 if step == Step.RESTART and state == StepState.SUCCEEDED:
                     downtime[node] = "source back"
-                progress.update(bars[node], completed=done * SHARE, status=status + (
+                progress.update(bar(node), completed=done * SHARE, status=status + (
                     f" · {downtime[node]}" if node in downtime else ""))
             elif event == "progress":
                 node = data["node"]
                 frac = data["bytes_copied"] / data["bytes_total"] if data["bytes_total"] else 1.0
                 copied = f"{_fmt_bytes(data['bytes_copied'])}/{_fmt_bytes(data['bytes_total'])}"
-                progress.update(bars[node], completed=(Step.PROVISION.seq + frac) * SHARE,
+                progress.update(bar(node), completed=(Step.PROVISION.seq + frac) * SHARE,
                                 status=f"provision {copied}")
             if "percent" in data:
                 progress.update(overall, completed=data["percent"], status=data.get("job_state", ""))
@@ -65,7 +73,7 @@ def watch(client: Client, job_id: str, console: Console | None = None) -> dict[s
         for node in job["nodes"]:
             last = next((s for s in reversed(node["steps"]) if s["state"] != "pending"), node["steps"][-1])
             extra = f" · downtime {node['downtime_ms']} ms" if node["downtime_ms"] is not None else ""
-            progress.update(bars[node["name"]], completed=_node_completed(node),
+            progress.update(bar(node["name"]), completed=_node_completed(node),
                             status=f"{last['step']} {last['state']}{extra}")
     style = "green" if job["state"] == JobState.SUCCEEDED else "red"
     console.print(f"[{style}]job {job['state']}[/]" + (f": {job['error']}" if job.get("error") else ""))
