@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -314,11 +315,16 @@ class PostgresStack(DatabaseStack):
                 argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
             env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "PGPASSFILE": str(passfile),
                    "PGAPPNAME": BASEBACKUP_APP}
+            window = snapshots.write_behind_bytes()
+            # pg_basebackup --no-sync leaves all it wrote dirty: written back while it writes, a window
+            # at a time, so the served node's commits never wait behind a gigabyte of it.
+            flushing = snapshots.TreeFlusher(dest / "data", window).running() if window else nullcontext()
             with SourceBoundRelay(Path(tmp, f".s.PGSQL.{ctx.port}"), ctx.address, ctx.port):
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env=env)
                 try:
-                    err = proc.communicate()[1]
+                    with flushing:
+                        err = proc.communicate()[1]
                 finally:
                     if proc.poll() is None:
                         proc.kill()
