@@ -1,6 +1,7 @@
 """Provision by move: a snapshot on the clone's host that the job keeps for nothing becomes the
 clone's volume by a rename (its bytes are not written twice on the source's disk); a retained one
-is copied and stays. Idempotent: a provision killed after the move, re-run, takes up what it moved."""
+is copied and stays. Idempotent: a provision killed after the move (before or after its record),
+re-run, takes up what it moved."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from shared.drivers import NodeSpec, get_driver
 from shared.drivers.local import LocalDriver
 from shared.snapshots import tree_size
 from shared.stacks.postgres import PostgresStack
+from shared.states import NodeState
 from tests.fault_helpers import counts, kill9, step_worker_pid
 from tests.helpers import wait_for
 from tests.stack import Backend
@@ -58,7 +60,10 @@ def test_killed_after_the_move_the_rerun_takes_up_the_moved_volume(backend: Back
         done = clone_id in get_driver().node_ids() and not _snapshot_volume(snapshot_id).exists()
         return step_worker_pid(job_id, "provision") if done else None
 
-    kill9(wait_for(moved, timeout=120, what="provision to have moved the snapshot"))
+    pid = wait_for(moved, timeout=120, what="provision to have moved the snapshot")
+    # As if killed between the move and its record: the clone's row still says pending.
+    _set_clone_state(job_id, NodeState.PENDING)
+    kill9(pid)
     job = wait_job(job_id, timeout=180)
     assert job.state == "succeeded", job.error
     step = _provision_step(job)
@@ -70,6 +75,15 @@ def test_killed_after_the_move_the_rerun_takes_up_the_moved_volume(backend: Back
     assert after.volumes == before.volumes | {copy.id}
     delete_environment("mv-copy")
     delete_environment("mv")
+
+
+def _set_clone_state(job_id: str, state: NodeState) -> None:
+    from shared.db import session_scope
+    from shared.models import JobNode, Node
+
+    with session_scope() as session:
+        jn = session.query(JobNode).filter_by(job_id=job_id).one()
+        session.get(Node, jn.clone_node_id).state = state
 
 
 def wait_job_nodes(job_id: str) -> tuple[str, str] | None:
