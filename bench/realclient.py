@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -32,6 +33,7 @@ import redis
 
 from bench.common import filesystem, fill_valkey, pct
 from bench.downtime import xfs_root
+from shared import snapshots
 from shared.config import get_settings
 from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
@@ -158,9 +160,22 @@ class ConnectProbe(Probe):
 
 
 # ---- loads -------------------------------------------------------------------------------------
-def _gap_figures(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> dict[str, float]:
+def _gap_figures(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> dict[str, Any]:
     gap, at = _client_gaps(per_client, t0, t1, end)
-    return {"longest_client_gap_ms": gap, "longest_gap_began_s": at}
+    return {"longest_client_gap_ms": gap, "longest_gap_began_s": at,
+            "client_gaps_over_50ms": long_gaps(per_client, t0, t1, 0.050)}
+
+
+def long_gaps(per_client: dict[Any, list[float]], t0: float, t1: float, over_s: float) -> list[tuple[float, float]]:
+    """(began, s after t0; length, ms) of every wait longer than ``over_s`` that one client had
+    between two acknowledged transactions overlapping [t0, t1], in time order (overlapping waits
+    of several clients listed once each)."""
+    out = []
+    for times in per_client.values():
+        times = sorted(times)
+        out += [(round(a - t0, 3), round((b - a) * 1000, 1)) for a, b in zip(times, times[1:], strict=False)
+                if b >= t0 and a <= t1 and b - a > over_s]
+    return sorted(out)
 
 
 def _client_gaps(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> tuple[float, float]:
@@ -350,7 +365,7 @@ def mariadb_invariant(url: str) -> dict[str, Any]:
 def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> dict[str, Any]:
     snap, copy_id = f"rc{tag}snap", f"rc{tag}copy"
     t: dict[str, float] = {"start": time.time()}
-    if mode == "stop":
+    if mode.partition("/")[0] == "stop":
         driver.prepare_snapshot(source, snap)
         t["quiesce"] = time.time()
         driver.quiesce(source)
@@ -360,16 +375,21 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             driver.restart(source, 600)
         t["source_back"] = time.time()
     else:
-        with pg_online_method(mode.partition(":")[2]):  # "online:<method>" (bench.pg_online)
+        with pg_online_method(mode.partition("/")[0].partition(":")[2]), copy_phases(t):  # "online:<method>"
             info = driver.snapshot_online(source, snap)
         t["source_back"] = time.time()
-    driver.provision(snap, copy_id)
+    # As the workflow does for a snapshot the job does not retain: moved into place, unless off.
+    driver.provision(snap, copy_id, consume=get_settings().provision_move)
+    t["provisioned"] = time.time()
     driver.assign_address(copy_id, CLONE_ADDRESSES[stack], ADDRESSES[stack][1])
     credentials = get_stack(stack).new_credentials()
     driver.set_credentials(copy_id, credentials)
+    t["credentials_set"] = time.time()
     driver.restart(copy_id, 600)
     t["end"] = time.time()
+    phases = {k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}
     return {"method": info.method, "snapshot_bytes": info.size_bytes, "window_ms": info.window_ms,
+            "phases_s": phases,
             "clone_s": t["end"] - t["start"], "snapshot_done_s": t["source_back"] - t["start"],
             "source_held_ms": (t["source_back"] - t["quiesce"]) * 1000
             if "quiesce" in t else 0.0, "t0": t["start"], "t1": t["end"], "copy_id": copy_id, "snap": snap,
@@ -377,21 +397,73 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
 
 
 @contextmanager
+def copy_phases(t: dict[str, float]) -> Iterator[None]:
+    """Records in ``t`` when each copy_tree of the online copy began and ended (``copy<n>_start``,
+    ``copy<n>_end``): the backup API's data-directory copy runs between pg_backup_start and
+    pg_backup_stop."""
+    real = snapshots.copy_tree
+
+    def timed_copy(*args: Any, **kwargs: Any) -> int:
+        n = sum(1 for k in t if k.endswith("_start"))
+        t[f"copy{n}_start"] = time.time()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            t[f"copy{n}_end"] = time.time()
+
+    snapshots.copy_tree = timed_copy  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        snapshots.copy_tree = real  # type: ignore[assignment]
+
+
+_PG_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) (\S+) \[\d+\] (?:\S+ )?LOG:  (.*)$")
+
+
+def pg_log_events(log: Path, t0: float, t1: float) -> list[tuple[float, str]]:
+    """(s after t0, message) of the server log's checkpoint and recovery lines within [t0, t1]."""
+    out = []
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        m = _PG_LOG_TIME.match(line)
+        if not m or not re.search(r"checkpoint|redo|recovery|backup|ready to accept", m.group(3)):
+            continue
+        stamp = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f")
+        at = stamp.replace(tzinfo=UTC).timestamp() if m.group(2) in ("UTC", "GMT") else stamp.timestamp()
+        if t0 - 1 <= at <= t1 + 1:
+            out.append((round(at - t0, 3), m.group(3)[:160]))
+    return out
+
+
+@contextmanager
 def pg_online_method(method: str) -> Iterator[None]:
     """ENVCLONE_PG_ONLINE_METHOD for the calls inside (unchanged when ``method`` is empty)."""
-    if not method:
+    with settings_env({"ENVCLONE_PG_ONLINE_METHOD": method} if method else {}):
         yield
-        return
-    before = os.environ.get("ENVCLONE_PG_ONLINE_METHOD")
-    os.environ["ENVCLONE_PG_ONLINE_METHOD"] = method
+
+
+# A mode ending in "/baseline" clones as before the paced copy: no write-behind, provision copies.
+BASELINE_ENV = {"ENVCLONE_COPY_WRITE_BEHIND_MIB": "0", "ENVCLONE_PROVISION_MOVE": "false"}
+
+
+@contextmanager
+def settings_env(values: dict[str, str]) -> Iterator[None]:
+    """These ENVCLONE_* settings for the calls inside; the environment as it was afterwards."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     get_settings.cache_clear()
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("ENVCLONE_PG_ONLINE_METHOD", None)
-        else:
-            os.environ["ENVCLONE_PG_ONLINE_METHOD"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         get_settings.cache_clear()
 
 
@@ -428,7 +500,8 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
             p.start()
         load.start()
         time.sleep(BEFORE_S)
-        c = clone(driver, source, stack, mode, tag)
+        with settings_env(BASELINE_ENV if mode.endswith("/baseline") else {}):
+            c = clone(driver, source, stack, mode, tag)
         if stack != "postgres":
             time.sleep(AFTER_S)
         load.finish()
@@ -444,6 +517,8 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
         if stack == "postgres":
             result.update(pg_invariant(CLONE_ADDRESSES[stack], ADDRESSES[stack][1],
                                        c["credentials"]["superuser_password"]))
+            result["source_log"] = pg_log_events(driver.volume(source) / "run" / "node.log", t0, t1)
+            result["copy_log"] = pg_log_events(driver.volume(c["copy_id"]) / "run" / "node.log", t0, t1)
         elif stack == "mariadb":
             result.update(mariadb_invariant(driver.url(c["copy_id"])))
         else:
@@ -496,6 +571,12 @@ def measure(root: Path, stack: str, mib: int, modes: list[str], label: str) -> l
                   f"{r['aborted_clients']}, refused {r['refused_connections']}/{r['connect_attempts']}, p99 "
                   f"{r['p99_before_ms']:.1f} -> {r['p99_during_ms']:.1f} ms, invariant "
                   f"{'holds' if r['invariant_holds'] else 'BROKEN'}", flush=True)
+            if os.environ.get("BENCH_REALCLIENT_DETAIL"):
+                print(f"  phases (s after clone start): {r['phases_s']}", flush=True)
+                print(f"  client gaps > 50 ms (began s, ms): {r['client_gaps_over_50ms']}", flush=True)
+                for key in ("source_log", "copy_log"):
+                    for at, msg in r.get(key, []):
+                        print(f"  {key} {at:8.3f} {msg}", flush=True)
     finally:
         driver.destroy_node(source)
         shutil.rmtree(work, ignore_errors=True)
@@ -522,9 +603,9 @@ def data_roots(stack: ExitStack, roots: list[str], default_root: Path, largest_m
 
 
 def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: int,
-        stacks: list[str], mariadb_mib: int = 256) -> list[dict[str, Any]]:
+        stacks: list[str], mariadb_mib: int = 256, modes: list[str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    modes = ["online", "stop"]
+    modes = modes or ["online", "online/baseline", "stop"]
     with ExitStack() as stack:
         for label, root in data_roots(stack, roots, default_root, max(sizes_mib + [valkey_mib]), "realclient"):
             if "postgres" in stacks:

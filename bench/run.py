@@ -299,6 +299,10 @@ def main() -> None:
     parser.add_argument("--realclient-stacks", default="postgres,valkey,mariadb")
     parser.add_argument("--realclient-valkey-mib", type=int, default=1024)
     parser.add_argument("--realclient-mariadb-mib", type=int, default=256)
+    parser.add_argument("--realclient-modes", default="online,online/baseline,stop",
+                        help="realclient clone modes: online, stop, online:<pg method>; a /baseline suffix: "
+                             "without write-behind and provision by move (ENVCLONE_COPY_WRITE_BEHIND_MIB=0, "
+                             "ENVCLONE_PROVISION_MOVE=false)")
     parser.add_argument("--crosshost-mib", type=int, default=1024, help="crosshost PostgreSQL size in MiB")
     parser.add_argument("--transfer-repeats", type=int, default=3, help="runs per side and page-cache state")
     parser.add_argument("--pgonline-mib", type=int, default=1024, help="pgonline PostgreSQL size in MiB")
@@ -351,7 +355,7 @@ def main() -> None:
 
         fresh = realclient.run([int(s) for s in args.realclient_sizes.split(",")], args.realclient_roots.split(","),
                                root / "rc", args.realclient_valkey_mib, args.realclient_stacks.split(","),
-                               args.realclient_mariadb_mib)
+                               args.realclient_mariadb_mib, args.realclient_modes.split(","))
         key = lambda r: (r["root"], r["stack"], r["size_mib"], r["mode"])  # noqa: E731
         kept = [r for r in results.get("realclient", []) if key(r) not in {key(f) for f in fresh}]
         results["realclient"] = sorted(kept + fresh, key=key)

@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     # (pg_basebackup -X stream), auto (the one measured better on the data root's filesystem).
     pg_online_method: Literal["backup_api", "basebackup", "auto"] = "auto"
     pg_basebackup_max_rate: str = ""  # pg_basebackup --max-rate (e.g. "100M"); empty: unthrottled
+    # Byte copies (snapshots, provisioning) write back every this many MiB and wait for the window
+    # before, so a served database's commit fsyncs never queue behind gigabytes of a copy's dirty
+    # pages (bench/realclient.py). 0: off, the kernel writes the copy back when it likes.
+    copy_write_behind_mib: int = Field(default=8, ge=0)
+    # A clone's volume is the job's own snapshot moved into place (a rename) when the snapshot is on
+    # the clone's host and the job keeps no snapshot (retain_snapshots, keep_on_failure); false:
+    # always a copy.
+    provision_move: bool = True
 
     # Workflow timing.
     task_time_limit_s: int = 900

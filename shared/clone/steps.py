@@ -127,7 +127,9 @@ def provision(ticket: Ticket, notify: Notify) -> dict[str, Any]:
         notify(current=done, total=total, node=ticket.node_name)
 
     with session_scope() as session:
-        target = session.get(CloneJob, ticket.job_id).target_environment_id
+        job = session.get(CloneJob, ticket.job_id)
+        target = job.target_environment_id
+        retained = bool(job.options.get("retain_snapshots") or job.options.get("keep_on_failure"))
         snap = session.get(Snapshot, jn.snapshot_id)
         kept_on = (snap.host if snap is not None else None) or session.get(Node, ticket.source_node_id).host
         stale = session.get(Node, jn.clone_node_id).state == NodeState.PENDING
@@ -139,8 +141,13 @@ def provision(ticket: Ticket, notify: Notify) -> dict[str, Any]:
                 raise PermanentDriverError(f"host {kept_on} serves no snapshots (its agent has no "
                                            "ENVCLONE_TRANSFER_BIND)")
     driver = get_driver()
-    if stale:
+    # A snapshot of this host that the job does not keep becomes the volume by a rename: its bytes
+    # are not written a second time on the disk the source serves from (ENVCLONE_PROVISION_MOVE).
+    move = source_url is None and not retained and get_settings().provision_move
+    if stale and not move:
         driver.destroy_node(jn.clone_node_id)  # what an older run left: made again from this snapshot
+    # (Moved: what an older run left is the snapshot itself, half or wholly moved; the driver takes
+    # it up where it is.)
     detail: dict[str, Any] = {"host": get_settings().host_name}
     if source_url is not None:
         # Straight from the source host's agent; resumable, verified file by file on arrival.
@@ -149,12 +156,12 @@ def provision(ticket: Ticket, notify: Notify) -> dict[str, Any]:
                               "files_skipped": got.files_skipped}
     # A received copy is this host's alone: it becomes the volume (the source host's goes when the job ends).
     copied = driver.provision(jn.snapshot_id, jn.clone_node_id, progress, owner=identity.ensure_account(target),
-                              consume=source_url is not None)
+                              consume=source_url is not None or move)
     with session_scope() as session:
         # Not over a teardown: a job ended meanwhile (a host went down) has destroyed this node.
         session.execute(update(Node).where(Node.id == jn.clone_node_id, Node.state != NodeState.DESTROYED)
                         .values(state=NodeState.PROVISIONED, size_bytes=copied))
-    return {"bytes": copied, **detail}
+    return {"bytes": copied, "moved": source_url is None and move, **detail}
 
 
 def _maps(session: Session, job_id: str) -> tuple[dict[str, str], dict[str, str]]:

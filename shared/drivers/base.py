@@ -127,8 +127,9 @@ class Driver(ABC):
     def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None,
                   owner: str | None = None, consume: bool = False) -> int:
         """Make a new node's volume from a snapshot, owned by ``owner``. Returns bytes copied.
-        ``consume``: the snapshot exists for this node alone (received from another host): its
-        files become the volume, and it is gone afterwards."""
+        ``consume``: the snapshot exists for this node alone (received from another host, or kept
+        on this one by nothing): its files become the volume, and it is gone afterwards. Safe to
+        repeat: a re-run after a crash finds the files where the last one moved them."""
 
     @abstractmethod
     def set_credentials(self, node_id: str, credentials: dict[str, str]) -> None:

@@ -374,6 +374,10 @@ class LocalDriver(Driver):
 
         try:
             how = stack.online_copy(ctx, staging / "volume", copy)
+            if not self.reflink:
+                # What the copy left dirty (a stack's own tool writes unsynced) goes to disk a window at
+                # a time now, not in one burst when the clone's first start syncs its data directory.
+                snapshots.flush_tree(staging / "volume")
         except Exception as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise TransientDriverError(f"online copy of {stack.name} failed: {exc}") from exc
@@ -392,13 +396,15 @@ class LocalDriver(Driver):
     def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None,
                   owner: str | None = None, consume: bool = False) -> int:
         info = self.snapshot_info(snapshot_id)
-        if info is None:
-            raise PermanentDriverError(f"snapshot {snapshot_id} does not exist")
         final = self.volume(node_id)
         if (final / "node.json").exists():
+            # Made by an earlier run; a consumed snapshot is gone with it (it became this volume).
+            size = info.size_bytes if info is not None else snapshots.tree_size(final, _ignore_run)
             if progress:
-                progress(info.size_bytes, info.size_bytes)
-            return info.size_bytes
+                progress(size, size)
+            return size
+        if info is None:
+            raise PermanentDriverError(f"snapshot {snapshot_id} does not exist")
         self._ensure_root()
         staging = self.nodes_dir / f".{node_id}.provisioning"
         done = 0
@@ -411,7 +417,8 @@ class LocalDriver(Driver):
 
         source = self._snapshot_dir(snapshot_id) / "volume"
         if consume and (source.exists() or staging.exists()):
-            # This host's own copy of a snapshot, received for this node alone: moved, not copied.
+            # A snapshot that exists for this node alone (received from another host, or one of this
+            # host's that nothing retains): moved, not copied. A re-run finds it in staging.
             if source.exists():
                 shutil.rmtree(staging, ignore_errors=True)
                 source.rename(staging)

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -219,9 +220,13 @@ class PostgresStack(DatabaseStack):
         if dev not in _REFLINK_BY_DEV:
             _REFLINK_BY_DEV[dev] = snapshots.supports_reflink(where)
         # Measured (bench/README.md, "PostgreSQL online copy"): with reflink the backup API clones
-        # the data directory in O(metadata) and wins clearly; without it, pg_basebackup (the server
-        # reading its own files) held clients up less than our file copy, at about the same time.
-        return "backup_api" if _REFLINK_BY_DEV[dev] else "basebackup"
+        # the data directory in O(metadata) and wins clearly. Without it, our file copy once held
+        # clients up more than pg_basebackup; paced (ENVCLONE_COPY_WRITE_BEHIND_MIB), it waits for
+        # its own writes and holds them up less (bench/realclient.py, online:<method> modes), while
+        # pg_basebackup writes unthrottled and only a flusher beside it can chase its dirty pages.
+        if _REFLINK_BY_DEV[dev] or get_settings().copy_write_behind_mib:
+            return "backup_api"
+        return "basebackup"
 
     def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str | None:
         """A base backup of the serving node, refusing nothing, by the configured method; "stream"
@@ -314,11 +319,16 @@ class PostgresStack(DatabaseStack):
                 argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
             env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "PGPASSFILE": str(passfile),
                    "PGAPPNAME": BASEBACKUP_APP}
+            window = snapshots.write_behind_bytes()
+            # pg_basebackup --no-sync leaves all it wrote dirty: written back while it writes, a window
+            # at a time, so the served node's commits never wait behind a gigabyte of it.
+            flushing = snapshots.TreeFlusher(dest / "data", window).running() if window else nullcontext()
             with SourceBoundRelay(Path(tmp, f".s.PGSQL.{ctx.port}"), ctx.address, ctx.port):
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env=env)
                 try:
-                    err = proc.communicate()[1]
+                    with flushing:
+                        err = proc.communicate()[1]
                 finally:
                     if proc.poll() is None:
                         proc.kill()
