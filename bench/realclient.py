@@ -360,7 +360,9 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             driver.restart(source, 600)
         t["source_back"] = time.time()
     else:
-        with pg_online_method(mode.partition(":")[2]):  # "online:<method>" (bench.pg_online)
+        # "online:<method>": ENVCLONE_PG_ONLINE_METHOD (bench.pg_online) or ENVCLONE_MARIADB_ONLINE_METHOD
+        variable = "ENVCLONE_MARIADB_ONLINE_METHOD" if stack == "mariadb" else "ENVCLONE_PG_ONLINE_METHOD"
+        with pg_online_method(mode.partition(":")[2], variable):
             info = driver.snapshot_online(source, snap)
         t["source_back"] = time.time()
     driver.provision(snap, copy_id)
@@ -377,21 +379,22 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
 
 
 @contextmanager
-def pg_online_method(method: str) -> Iterator[None]:
-    """ENVCLONE_PG_ONLINE_METHOD for the calls inside (unchanged when ``method`` is empty)."""
+def pg_online_method(method: str, variable: str = "ENVCLONE_PG_ONLINE_METHOD") -> Iterator[None]:
+    """``variable`` (ENVCLONE_PG_ONLINE_METHOD unless told) set to ``method`` for the calls inside
+    (unchanged when ``method`` is empty)."""
     if not method:
         yield
         return
-    before = os.environ.get("ENVCLONE_PG_ONLINE_METHOD")
-    os.environ["ENVCLONE_PG_ONLINE_METHOD"] = method
+    before = os.environ.get(variable)
+    os.environ[variable] = method
     get_settings.cache_clear()
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("ENVCLONE_PG_ONLINE_METHOD", None)
+            os.environ.pop(variable, None)
         else:
-            os.environ["ENVCLONE_PG_ONLINE_METHOD"] = before
+            os.environ[variable] = before
         get_settings.cache_clear()
 
 
@@ -535,6 +538,6 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
             if "mariadb" in stacks:
                 if mariadb_backup() is None:
                     print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)
-                else:
-                    results += measure(root, "mariadb", mariadb_mib, modes, label)
+                else:  # paced (the default) and plain, the method before, side by side
+                    results += measure(root, "mariadb", mariadb_mib, ["online", "online:plain", "stop"], label)
     return results

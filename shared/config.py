@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     # (pg_basebackup -X stream), auto (the one measured better on the data root's filesystem).
     pg_online_method: Literal["backup_api", "basebackup", "auto"] = "auto"
     pg_basebackup_max_rate: str = ""  # pg_basebackup --max-rate (e.g. "100M"); empty: unthrottled
+    # MariaDB online copies (mariadb-backup): paced -- the bulk copy of the InnoDB files runs in the
+    # idle I/O class (the source's redo-log writes and fsyncs go first), raised back to best-effort
+    # before mariadb-backup takes any BACKUP STAGE lock; plain: the copy at full priority (the
+    # behaviour before, kept to measure against).
+    mariadb_online_method: Literal["paced", "plain"] = "paced"
+    mariadb_backup_throttle: int = Field(default=0, ge=0)  # paced: at most this many MiB/s read (0: no cap)
+    # source's commits (a redo-log write + fsync each) keep the disk and the CPU; plain: as fast as
+    # it goes (the behaviour before, kept to measure against).
+    mariadb_online_method: Literal["paced", "plain"] = "paced"
+    mariadb_backup_throttle: int = Field(default=0, ge=0)  # MiB/s read by the copy (--throttle); 0: no cap
 
     # Workflow timing.
     task_time_limit_s: int = 900
