@@ -132,6 +132,34 @@ def raise_io_class(pid: int) -> set[str]:
     return io_classes(pid)
 
 
+def _settle(tree: Path) -> int:
+    """fdatasync every file under ``tree`` with this thread in the idle I/O class (restored after):
+    what the backup left dirty or queued is written while the source goes first, not by whatever
+    reads or reflinks the copy next (XFS flushes a file's dirty pages before reflinking it, at the
+    source's expense: the 1.7 s gap right after the online copy of 4 GiB). Returns bytes synced."""
+    tid = str(threading.get_native_id())
+    ionice = shutil.which("ionice")
+    before = subprocess.run([ionice, "-p", tid], capture_output=True, text=True, check=False).stdout if ionice else ""
+    if ionice:
+        subprocess.run([ionice, "-c", "3", "-p", tid], capture_output=True, check=False)
+    synced = 0
+    try:
+        for path in sorted(tree.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fdatasync(fd)
+                    synced += os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+    finally:
+        if ionice:  # back to what it was ("none: prio 4" is class 0, "best-effort: prio 4" class 2)
+            cls, _, prio = before.strip().partition(": prio ")
+            argv = {"none": ["-c", "0"], "idle": ["-c", "3"]}.get(cls, ["-c", "2", "-n", prio or "4"])
+            subprocess.run([ionice, *argv, "-p", tid], capture_output=True, check=False)
+    return synced
+
+
 def _run_backup(ctx: NodeContext, argv: list[str], paced: bool, timeout: float) -> str:
     """mariadb-backup ``--backup``; when ``paced``, started in the idle I/O class and raised to
     best-effort as soon as it says it is done with the InnoDB files (:data:`LOCKS_AHEAD`), before
@@ -380,6 +408,8 @@ class MariaDBStack(DatabaseStack):
             ionice = shutil.which("ionice") if paced else None
             _run_as_node(ctx, [*([ionice, "-c", "3"] if ionice else []), tool, f"--defaults-file={cnf}", "--prepare",
                                f"--target-dir={work}", f"--tmpdir={run}"], timeout=3600)
+            if paced:
+                _settle(work)
             copy(ctx.volume, dest, lambda rel: rel.split(os.sep)[0] in ("run", "data"))
             os.rename(work, dest / "data")  # one filesystem: the data root
         except BaseException:

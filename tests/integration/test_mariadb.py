@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import subprocess
 import threading
 import time
 from itertools import pairwise
@@ -281,6 +282,16 @@ def test_paced_online_copy_reads_in_the_idle_class_and_locks_at_best_effort(
         argvs.append(argv)
         return real_run(ctx, argv, *a, **kw)
 
+    synced: list[tuple[str, str]] = []
+    real_fdatasync = os.fdatasync
+
+    def spy_fdatasync(fd: int) -> None:
+        tid = str(threading.get_native_id())  # this thread's own class, not its process's other threads'
+        classes = subprocess.run(["ionice", "-p", tid], capture_output=True, text=True, check=True).stdout.strip()
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), classes))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(mariadb.os, "fdatasync", spy_fdatasync)
     monkeypatch.setattr(mariadb, "raise_io_class", spy_raise)
     monkeypatch.setattr(mariadb, "_run_as_node", spy_run)
     try:
@@ -290,12 +301,17 @@ def test_paced_online_copy_reads_in_the_idle_class_and_locks_at_best_effort(
     prepare = next(argv for argv in argvs if "--prepare" in argv)
     if method == "plain":
         assert raised == [] and Path(prepare[0]).name == "mariadb-backup"
+        assert not [path for path, _ in synced if "/run/backup/" in path]
     else:
         assert len(raised) == 1, raised
         before, after = raised[0]
         assert before == {"idle"}, before  # the copy of the InnoDB files
         assert after and all(c.startswith("best-effort") for c in after), after  # what holds the locks
         assert prepare[:3] == [shutil.which("ionice"), "-c", "3"], prepare
+        # What the backup wrote is on disk before the copy is handed on, written in the idle class.
+        names = {Path(path).name for path, _ in synced if "/run/backup/" in path}
+        assert {"ibdata1", "t.ibd"} <= names, names
+        assert all(classes == "idle" for path, classes in synced if "/run/backup/" in path), synced
     driver.provision("snap", "copy")
     driver.assign_address("copy", COPY, 3306)
     driver.set_credentials("copy", get_stack("mariadb").new_credentials(driver._node("src")[1].secrets()))
