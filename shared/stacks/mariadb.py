@@ -132,6 +132,21 @@ def raise_io_class(pid: int) -> set[str]:
     return io_classes(pid)
 
 
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (``stat -f``: "xfs", "ext2/ext3", "tmpfs"...)."""
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+def online_method(where: Path) -> str:
+    """paced or plain for an online copy under ``where`` (ENVCLONE_MARIADB_ONLINE_METHOD; auto:
+    plain on XFS, paced elsewhere -- bench.realclient measures both side by side)."""
+    method = get_settings().mariadb_online_method
+    if method != "auto":
+        return method
+    return "plain" if filesystem_type(where) == "xfs" else "paced"
+
+
 def _settle(tree: Path) -> int:
     """fdatasync every file under ``tree`` with this thread in the idle I/O class (restored after):
     what the backup left dirty or queued is written while the source goes first, not by whatever
@@ -379,7 +394,7 @@ class MariaDBStack(DatabaseStack):
         redo, so the copy opens as that one moment without crash recovery. What clients wait on the
         rest of the time is the disk: the copy reads the files (O_DIRECT) and writes them back
         (mariadb-backup fadvises DONTNEED after every 1 MiB write, which starts their writeback at
-        once) while each commit waits for its redo-log write + fsync; ``paced`` (the default) runs
+        once) while each commit waits for its redo-log write + fsync; ``paced`` (the default but on XFS) runs
         that copy and ``--prepare`` in the idle I/O class (see :func:`_run_backup`). It runs as the node's account, into
         the volume's run/ (never copied), with root's password in a 0600 file there, not in argv."""
         tool = mariadb_backup()
@@ -397,7 +412,7 @@ class MariaDBStack(DatabaseStack):
         if ctx.run_as:
             os.chown(cnf, ctx.run_as.uid, ctx.run_as.gid)
         settings = get_settings()
-        paced = settings.mariadb_online_method == "paced"
+        paced = online_method(ctx.volume) == "paced"
         cap = settings.mariadb_backup_throttle if paced else 0
         throttle = [f"--throttle={cap}"] if cap else []  # --throttle counts 1 MiB reads per second
         try:
