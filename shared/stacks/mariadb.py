@@ -394,7 +394,7 @@ class MariaDBStack(DatabaseStack):
         redo, so the copy opens as that one moment without crash recovery. What clients wait on the
         rest of the time is the disk: the copy reads the files (O_DIRECT) and writes them back
         (mariadb-backup fadvises DONTNEED after every 1 MiB write, which starts their writeback at
-        once) while each commit waits for its redo-log write + fsync; ``paced`` (the default but on XFS) runs
+        once) while each commit waits for its redo-log write + fsync; ``paced`` (opt-in, see settings) runs
         that copy and ``--prepare`` in the idle I/O class (see :func:`_run_backup`). It runs as the node's account, into
         the volume's run/ (never copied), with root's password in a 0600 file there, not in argv."""
         tool = mariadb_backup()

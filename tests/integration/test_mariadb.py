@@ -259,7 +259,7 @@ def test_mariadb_online_copy_under_transfers_is_one_consistent_moment(driver: Lo
 @pytest.mark.parametrize("method", ["paced", "plain"])
 def test_paced_online_copy_reads_in_the_idle_class_and_locks_at_best_effort(
         driver: LocalDriver, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
-    """paced (the default): mariadb-backup copies the InnoDB files in the idle I/O class, and every
+    """paced (opt-in): mariadb-backup copies the InnoDB files in the idle I/O class, and every
     one of its threads is raised to best-effort when it says the files are done, before it takes
     the BACKUP STAGE locks that hold the source's commits; ``--prepare`` runs idle too. plain: no
     ionice anywhere (the method before). Either way the copy is whole."""
