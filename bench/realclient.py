@@ -375,7 +375,9 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             driver.restart(source, 600)
         t["source_back"] = time.time()
     else:
-        with pg_online_method(mode.partition("/")[0].partition(":")[2]), copy_phases(t):  # "online:<method>"
+        # "online:<method>[/baseline]": ENVCLONE_PG_ONLINE_METHOD, or ENVCLONE_MARIADB_ONLINE_METHOD
+        variable = "ENVCLONE_MARIADB_ONLINE_METHOD" if stack == "mariadb" else "ENVCLONE_PG_ONLINE_METHOD"
+        with pg_online_method(mode.partition("/")[0].partition(":")[2], variable), copy_phases(t):
             info = driver.snapshot_online(source, snap)
         t["source_back"] = time.time()
     # As the workflow does for a snapshot the job does not retain: moved into place, unless off.
@@ -440,9 +442,10 @@ def pg_log_events(log: Path, t0: float, t1: float) -> list[tuple[float, str]]:
 
 
 @contextmanager
-def pg_online_method(method: str) -> Iterator[None]:
-    """ENVCLONE_PG_ONLINE_METHOD for the calls inside (unchanged when ``method`` is empty)."""
-    with settings_env({"ENVCLONE_PG_ONLINE_METHOD": method} if method else {}):
+def pg_online_method(method: str, variable: str = "ENVCLONE_PG_ONLINE_METHOD") -> Iterator[None]:
+    """``variable`` (ENVCLONE_PG_ONLINE_METHOD unless told) set to ``method`` for the calls inside
+    (unchanged when ``method`` is empty)."""
+    with settings_env({variable: method} if method else {}):
         yield
 
 
@@ -616,6 +619,6 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
             if "mariadb" in stacks:
                 if mariadb_backup() is None:
                     print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)
-                else:
-                    results += measure(root, "mariadb", mariadb_mib, modes, label)
+                else:  # the default (plain, the method before) and paced, side by side
+                    results += measure(root, "mariadb", mariadb_mib, ["online", "online:paced", "stop"], label)
     return results
