@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # (pg_basebackup -X stream), auto (the one measured better on the data root's filesystem).
     pg_online_method: Literal["backup_api", "basebackup", "auto"] = "auto"
     pg_basebackup_max_rate: str = ""  # pg_basebackup --max-rate (e.g. "100M"); empty: unthrottled
+    # Valkey online copies: aof (a prefix of the append-only files, no fork), bgsave (a fork
+    # snapshot), auto (aof when the node persists to the append-only file, else bgsave).
+    valkey_online_method: Literal["aof", "bgsave", "auto"] = "auto"
 
     # Workflow timing.
     task_time_limit_s: int = 900
