@@ -360,7 +360,7 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             driver.restart(source, 600)
         t["source_back"] = time.time()
     else:
-        with pg_online_method(mode.partition(":")[2]):  # "online:<method>" (bench.pg_online)
+        with online_method(stack, mode.partition(":")[2]):  # "online:<method>" (bench.pg_online)
             info = driver.snapshot_online(source, snap)
         t["source_back"] = time.time()
     driver.provision(snap, copy_id)
@@ -376,23 +376,28 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             "credentials": credentials}
 
 
+ONLINE_METHOD_ENV = {"postgres": "ENVCLONE_PG_ONLINE_METHOD", "valkey": "ENVCLONE_VALKEY_ONLINE_METHOD"}
+
+
 @contextmanager
-def pg_online_method(method: str) -> Iterator[None]:
-    """ENVCLONE_PG_ONLINE_METHOD for the calls inside (unchanged when ``method`` is empty)."""
+def online_method(stack: str, method: str) -> Iterator[None]:
+    """The stack's ENVCLONE_*_ONLINE_METHOD for the calls inside (unchanged when ``method`` is empty)."""
     if not method:
         yield
         return
-    before = os.environ.get("ENVCLONE_PG_ONLINE_METHOD")
-    os.environ["ENVCLONE_PG_ONLINE_METHOD"] = method
+    var = ONLINE_METHOD_ENV[stack]
+    before = os.environ.get(var)
+    os.environ[var] = method
     get_settings.cache_clear()
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("ENVCLONE_PG_ONLINE_METHOD", None)
+            os.environ.pop(var, None)
         else:
-            os.environ["ENVCLONE_PG_ONLINE_METHOD"] = before
+            os.environ[var] = before
         get_settings.cache_clear()
+
 
 
 def pg_invariant(address: str, port: int, password: str) -> dict[str, Any]:
@@ -531,7 +536,8 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
                 for mib in sizes_mib:
                     results += measure(root, "postgres", mib, modes, label)
             if "valkey" in stacks:
-                results += measure(root, "valkey", valkey_mib, modes, label)
+                # Both online methods in one run: the fork-free AOF prefix and its BGSAVE baseline.
+                results += measure(root, "valkey", valkey_mib, ["online:aof", "online:bgsave", "stop"], label)
             if "mariadb" in stacks:
                 if mariadb_backup() is None:
                     print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)
