@@ -186,7 +186,7 @@ class ValkeyStack(Stack):
     default_port = 6379
     online_quiesce = True
     online_copy_supported = True
-    side_files = ("data/dump.rdb", "data/temp-*.rdb")  # an online copy's fork snapshot
+    side_files = ("data/dump.rdb", "data/temp-*.rdb")  # a BGSAVE online copy's fork snapshot (AOF: none)
     server_files = ("data/*",)  # the append-only files: the dataset itself
     server_actions = frozenset({"delete_keys"})
     DELETE_BATCH = 500
