@@ -141,8 +141,11 @@ def _open_cut(aof: Path) -> _AofCut | None:
 
 
 def _write_from_fd(src: int, dst: Path, length: int | None) -> None:
-    """``dst`` holds the first ``length`` bytes of ``src`` (all when None): a reflink when the
-    filesystem can (O(metadata) for the base, the big one), else a copy in the kernel."""
+    """``dst`` holds the first ``length`` bytes of ``src`` (all when None). A whole file is
+    immutable: a reflink when the filesystem can (O(metadata) for the base, the big one), else a
+    copy in the kernel. A prefix is of the live incr file: read and written by us, since
+    copy_file_range may reflink it (XFS), and a reflink locks the source inode against the
+    server's appends for as long as it takes (a 161 ms client gap at 4 GiB)."""
     with open(dst, "wb") as d:
         if length is None:
             try:
@@ -151,14 +154,19 @@ def _write_from_fd(src: int, dst: Path, length: int | None) -> None:
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
                     raise
-            length = os.fstat(src).st_size
+            length, live = os.fstat(src).st_size, False
+        else:
+            live = True
         offset = 0
         while offset < length:
-            n = os.copy_file_range(src, d.fileno(), min(CHUNK, length - offset), offset_src=offset)
+            want = min(CHUNK, length - offset)
+            if live:
+                n = os.write(d.fileno(), os.pread(src, want, offset))
+            else:
+                n = os.copy_file_range(src, d.fileno(), want, offset_src=offset)
             if n == 0:
                 raise RuntimeError(f"{dst.name}: ended at {offset} of {length} bytes")
             _written_back(d.fileno(), offset, n)
-            os.posix_fadvise(src, offset, n, os.POSIX_FADV_DONTNEED)
             offset += n
 
 
