@@ -174,7 +174,7 @@ def _written_back(fd: int, offset: int, n: int) -> None:
     """Start writeback of the chunk just written and wait for the one before: the copy never holds
     more than two chunks dirty. Gigabytes of dirty page cache would make the kernel throttle every
     writer, the server's append-only writes included (balance_dirty_pages), and make its fsync wait
-    for our data in the ext4 journal: client stalls of hundreds of ms (bench/README.md)."""
+    for our data in the ext4 journal: client stalls of hundreds of ms."""
     for start, length, flags in ((offset, n, _WRITE), (max(0, offset - CHUNK), offset - max(0, offset - CHUNK),
                                                         _WAIT_BEFORE | _WRITE | _WAIT_AFTER)):
         if length and _libc.sync_file_range(fd, start, length, flags) != 0:
