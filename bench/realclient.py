@@ -375,9 +375,8 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             driver.restart(source, 600)
         t["source_back"] = time.time()
     else:
-        # "online:<method>[/baseline]": ENVCLONE_PG_ONLINE_METHOD, or ENVCLONE_MARIADB_ONLINE_METHOD
-        variable = "ENVCLONE_MARIADB_ONLINE_METHOD" if stack == "mariadb" else "ENVCLONE_PG_ONLINE_METHOD"
-        with pg_online_method(mode.partition("/")[0].partition(":")[2], variable), copy_phases(t):
+        # "online:<method>[/baseline]": the stack's ENVCLONE_*_ONLINE_METHOD
+        with online_method(stack, mode.partition("/")[0].partition(":")[2]), copy_phases(t):
             info = driver.snapshot_online(source, snap)
         t["source_back"] = time.time()
     # As the workflow does for a snapshot the job does not retain: moved into place, unless off.
@@ -396,6 +395,10 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             "source_held_ms": (t["source_back"] - t["quiesce"]) * 1000
             if "quiesce" in t else 0.0, "t0": t["start"], "t1": t["end"], "copy_id": copy_id, "snap": snap,
             "credentials": credentials}
+
+
+ONLINE_METHOD_ENV = {"postgres": "ENVCLONE_PG_ONLINE_METHOD", "valkey": "ENVCLONE_VALKEY_ONLINE_METHOD",
+                     "mariadb": "ENVCLONE_MARIADB_ONLINE_METHOD"}
 
 
 @contextmanager
@@ -442,10 +445,9 @@ def pg_log_events(log: Path, t0: float, t1: float) -> list[tuple[float, str]]:
 
 
 @contextmanager
-def pg_online_method(method: str, variable: str = "ENVCLONE_PG_ONLINE_METHOD") -> Iterator[None]:
-    """``variable`` (ENVCLONE_PG_ONLINE_METHOD unless told) set to ``method`` for the calls inside
-    (unchanged when ``method`` is empty)."""
-    with settings_env({variable: method} if method else {}):
+def online_method(stack: str, method: str) -> Iterator[None]:
+    """The stack's ENVCLONE_*_ONLINE_METHOD for the calls inside (unchanged when ``method`` is empty)."""
+    with settings_env({ONLINE_METHOD_ENV[stack]: method} if method else {}):
         yield
 
 
@@ -468,6 +470,7 @@ def settings_env(values: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[k] = v
         get_settings.cache_clear()
+
 
 
 def pg_invariant(address: str, port: int, password: str) -> dict[str, Any]:
@@ -615,7 +618,8 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
                 for mib in sizes_mib:
                     results += measure(root, "postgres", mib, modes, label)
             if "valkey" in stacks:
-                results += measure(root, "valkey", valkey_mib, modes, label)
+                # Both online methods in one run: the fork-free AOF prefix and its BGSAVE baseline.
+                results += measure(root, "valkey", valkey_mib, ["online:aof", "online:bgsave", "stop"], label)
             if "mariadb" in stacks:
                 if mariadb_backup() is None:
                     print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # (444 vs 49 ms): not shown to help, so opt-in until measured on a quiet machine.
     mariadb_online_method: Literal["paced", "plain", "auto"] = "plain"
     mariadb_backup_throttle: int = Field(default=0, ge=0)  # paced: at most this many MiB/s read (0: no cap)
+    # Valkey online copies: aof (a prefix of the append-only files, no fork), bgsave (a fork
+    # snapshot), auto (aof when the node persists to the append-only file, else bgsave).
+    valkey_online_method: Literal["aof", "bgsave", "auto"] = "auto"
 
     # Workflow timing.
     task_time_limit_s: int = 900
