@@ -255,7 +255,10 @@ def test_state_database_unavailable_mid_job() -> None:
 
 
 # ---- the disk fills up ---------------------------------------------------------------------------------
-def test_disk_full_during_provision_fails_cleanly() -> None:
+@pytest.mark.parametrize("move", [False, True], ids=["copy", "move"])
+def test_disk_full_during_provision_fails_cleanly(move: bool) -> None:
+    """A provision that copies fails cleanly when the disk fills; one that moves the job's snapshot
+    into place (the default for a snapshot the job does not keep) needs no room and succeeds."""
     import os
     import shutil
     import subprocess
@@ -269,7 +272,8 @@ def test_disk_full_during_provision_fails_cleanly() -> None:
         shutil.rmtree(mnt)
         pytest.skip("cannot mount tmpfs here")
     try:
-        with Backend(pool="127.105.0.0/16", data_dir=mnt) as backend:
+        env = {"ENVCLONE_PROVISION_MOVE": "true" if move else "false"}
+        with Backend(pool="127.105.0.0/16", data_dir=mnt, extra_env=env) as backend:
             src = create_environment("src", [{"name": "cache", "stack": "valkey"}])
             client = valkey_at(src.nodes[0].address)
             for i in range(3):
@@ -282,9 +286,13 @@ def test_disk_full_during_provision_fails_cleanly() -> None:
                 f.write(b"\0" * max(0, shutil.disk_usage(mnt).free - 512 * 1024))
             job = wait_job(job_id, timeout=120)
             filler.unlink()
-            assert job.state == "failed"
-            assert "No space left on device" in job.error and "provision" in job.error
-            assert counts(backend) == before  # no clone volume, no half-copied staging dir, no snapshot
+            if move:
+                assert job.state == "succeeded", job.error
+                assert valkey_at(environment("dst").nodes[0].address).get("blob2") is not None
+            else:
+                assert job.state == "failed"
+                assert "No space left on device" in job.error and "provision" in job.error
+                assert counts(backend) == before  # no clone volume, no half-copied staging dir, no snapshot
             assert get_driver().health(src.nodes[0].id).healthy
             assert client.get("blob2") is not None
             delete_environment("dst")
