@@ -444,8 +444,7 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             "credentials": credentials}
 
 
-ONLINE_METHOD_ENV = {"postgres": "ENVCLONE_PG_ONLINE_METHOD", "valkey": "ENVCLONE_VALKEY_ONLINE_METHOD",
-                     "mariadb": "ENVCLONE_MARIADB_ONLINE_METHOD"}
+ONLINE_METHOD_ENV = {"postgres": "ENVCLONE_PG_ONLINE_METHOD", "valkey": "ENVCLONE_VALKEY_ONLINE_METHOD"}
 
 
 @contextmanager
@@ -670,6 +669,6 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
             if "mariadb" in stacks:
                 if mariadb_backup() is None:
                     print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)
-                else:  # the default (plain, the method before) and paced, side by side
-                    results += measure(root, "mariadb", mariadb_mib, ["online", "online:paced", "stop"], label)
+                else:
+                    results += measure(root, "mariadb", mariadb_mib, modes, label)
     return results

@@ -62,15 +62,6 @@ class Settings(BaseSettings):
     # the clone's host and the job keeps no snapshot (retain_snapshots, keep_on_failure); false:
     # always a copy.
     provision_move: bool = True
-    # MariaDB online copies (mariadb-backup): paced -- the bulk copy of the InnoDB files runs in the
-    # idle I/O class (the source's redo-log writes and fsyncs go first), raised back to best-effort
-    # before mariadb-backup takes any BACKUP STAGE lock, and the copy is synced, idle, before it is
-    # handed on; plain: the copy at full priority (the behaviour before, kept to measure against);
-    # auto: paced, but plain on XFS. Default plain: paced was better in one run on ext4 (1 GiB gap
-    # 69 vs 96 ms, 4 GiB 145 vs 235 ms) but worse on XFS and in a later ext4 run on a loaded machine
-    # (444 vs 49 ms): not shown to help, so opt-in until measured on a quiet machine.
-    mariadb_online_method: Literal["paced", "plain", "auto"] = "plain"
-    mariadb_backup_throttle: int = Field(default=0, ge=0)  # paced: at most this many MiB/s read (0: no cap)
     # Valkey online copies: aof (a prefix of the append-only files, no fork), bgsave (a fork
     # snapshot), auto (aof when the node persists to the append-only file, else bgsave).
     valkey_online_method: Literal["aof", "bgsave", "auto"] = "auto"

@@ -14,12 +14,9 @@ a socket: no client can connect in between."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +24,7 @@ from typing import Any
 
 import pymysql
 
-from shared.config import get_settings
 from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, write_private
-
-log = logging.getLogger(__name__)
 
 SUPERUSER = "root"
 APP_USER = APP_DB = "app"
@@ -79,134 +73,20 @@ def _account(user: str) -> str:
     return f"{_lit(user)}@'%'"
 
 
-def _node_process_kwargs(ctx: NodeContext) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"umask": 0o077, "cwd": ctx.volume,
-                              "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin",
-                                      "LC_ALL": "C", "HOME": str(ctx.volume)}}
-    if ctx.run_as:
-        kwargs.update(user=ctx.run_as.uid, group=ctx.run_as.gid, extra_groups=[])
-    return kwargs
-
-
-def _failed(argv: list[str], output: str) -> RuntimeError:
-    errors = [ln for ln in output.splitlines() if "ERROR" in ln]
-    return RuntimeError(f"{Path(argv[0]).name} failed: {' | '.join(errors)[-500:] or output[-500:]}")
-
-
 def _run_as_node(ctx: NodeContext, argv: list[str], stdin: str | None = None, timeout: float = 120) -> str:
+    kwargs: dict[str, object] = {}
+    if ctx.run_as:
+        kwargs = {"user": ctx.run_as.uid, "group": ctx.run_as.gid, "extra_groups": []}
     try:
-        out = subprocess.run(argv, check=True, capture_output=True, text=True, input=stdin, timeout=timeout,
-                             **_node_process_kwargs(ctx))
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, input=stdin, umask=0o077,
+                             cwd=ctx.volume, timeout=timeout,
+                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin",
+                                  "LC_ALL": "C", "HOME": str(ctx.volume)},
+                             **kwargs)  # type: ignore[arg-type]
     except subprocess.CalledProcessError as exc:
-        raise _failed(argv, exc.stderr + exc.stdout) from exc
+        errors = [ln for ln in (exc.stderr + exc.stdout).splitlines() if "ERROR" in ln]
+        raise RuntimeError(f"{Path(argv[0]).name} failed: {' | '.join(errors)[-500:] or exc.stderr[-500:]}") from exc
     return out.stdout + out.stderr
-
-
-# mariadb-backup's first message once its copy of the InnoDB files is done and before it takes any
-# BACKUP STAGE lock beyond START (which blocks nothing): FLUSH, BLOCK_DDL, BLOCK_COMMIT follow.
-LOCKS_AHEAD = "Starting BACKUP STAGE FLUSH"
-
-
-def io_classes(pid: int) -> set[str]:
-    """The I/O scheduling classes (``ionice -p``: "idle", "best-effort: prio 4", ...) of every
-    thread of process ``pid``; empty once it is gone."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return set()
-    out = subprocess.run(["ionice", "-p", *tids], capture_output=True, text=True, check=False).stdout
-    return {line.split(":", 1)[1].strip() if line.startswith("pid ") else line.strip()
-            for line in out.splitlines() if line.strip()}
-
-
-def raise_io_class(pid: int) -> set[str]:
-    """Every thread of ``pid`` (mariadb-backup's own and its redo-log copy thread) to best-effort,
-    the class of the server's I/O: nothing it does under a BACKUP STAGE lock waits behind the
-    source's writes. Threads are set one by one (the I/O class is per thread); a thread or the
-    process that already ended is skipped. Returns the classes its threads then have."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return set()
-    subprocess.run(["ionice", "-c", "2", "-n", "4", "-p", *tids], capture_output=True, check=False)
-    return io_classes(pid)
-
-
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem holding ``path`` (``stat -f``: "xfs", "ext2/ext3", "tmpfs"...)."""
-    out = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False)
-    return out.stdout.strip()
-
-
-def online_method(where: Path) -> str:
-    """paced or plain for an online copy under ``where`` (ENVCLONE_MARIADB_ONLINE_METHOD; auto:
-    plain on XFS, paced elsewhere -- bench.realclient measures both side by side)."""
-    method = get_settings().mariadb_online_method
-    if method != "auto":
-        return method
-    return "plain" if filesystem_type(where) == "xfs" else "paced"
-
-
-def _settle(tree: Path) -> int:
-    """fdatasync every file under ``tree`` with this thread in the idle I/O class (restored after):
-    what the backup left dirty or queued is written while the source goes first, not by whatever
-    reads or reflinks the copy next (XFS flushes a file's dirty pages before reflinking it, at the
-    source's expense: the 1.7 s gap right after the online copy of 4 GiB). Returns bytes synced."""
-    tid = str(threading.get_native_id())
-    ionice = shutil.which("ionice")
-    before = subprocess.run([ionice, "-p", tid], capture_output=True, text=True, check=False).stdout if ionice else ""
-    if ionice:
-        subprocess.run([ionice, "-c", "3", "-p", tid], capture_output=True, check=False)
-    synced = 0
-    try:
-        for path in sorted(tree.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    os.fdatasync(fd)
-                    synced += os.fstat(fd).st_size
-                finally:
-                    os.close(fd)
-    finally:
-        if ionice:  # back to what it was ("none: prio 4" is class 0, "best-effort: prio 4" class 2)
-            cls, _, prio = before.strip().partition(": prio ")
-            argv = {"none": ["-c", "0"], "idle": ["-c", "3"]}.get(cls, ["-c", "2", "-n", prio or "4"])
-            subprocess.run([ionice, *argv, "-p", tid], capture_output=True, check=False)
-    return synced
-
-
-def _run_backup(ctx: NodeContext, argv: list[str], paced: bool, timeout: float) -> str:
-    """mariadb-backup ``--backup``; when ``paced``, started in the idle I/O class and raised to
-    best-effort as soon as it says it is done with the InnoDB files (:data:`LOCKS_AHEAD`), before
-    it asks for the locks that hold the source's commits."""
-    ionice = shutil.which("ionice") if paced else None
-    if ionice:
-        argv = [ionice, "-c", "3", *argv]  # exec's the tool: the process is mariadb-backup itself
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **_node_process_kwargs(ctx))
-    killer = threading.Timer(timeout, proc.kill)
-    killer.start()
-    lines: list[str] = []
-    raised = ionice is None
-    started = time.monotonic()
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if not raised and LOCKS_AHEAD in line:
-                classes = raise_io_class(proc.pid)
-                raised = True
-                log.debug("mariadb-backup: InnoDB files copied in %.1fs; I/O class now %s",
-                          time.monotonic() - started, ", ".join(sorted(classes)))
-        code = proc.wait()
-    finally:
-        killer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if code != 0:
-        raise _failed(argv, "".join(lines) if code > 0 else f"killed after {timeout:.0f}s\n" + "".join(lines))
-    return "".join(lines)
 
 
 def mask_statement(table: str, column: str, kind: str, seed: str) -> tuple[str, tuple[str, ...]]:
@@ -390,12 +270,8 @@ class MariaDBStack(DatabaseStack):
     def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
         """mariadb-backup while the server serves: InnoDB files are copied as they change while the
         redo log is followed, and writes wait only while it holds BACKUP STAGE BLOCK_COMMIT (the
-        non-InnoDB tables and the tail of the redo log, about 20 ms); ``--prepare`` then applies the
-        redo, so the copy opens as that one moment without crash recovery. What clients wait on the
-        rest of the time is the disk: the copy reads the files (O_DIRECT) and writes them back
-        (mariadb-backup fadvises DONTNEED after every 1 MiB write, which starts their writeback at
-        once) while each commit waits for its redo-log write + fsync; ``paced`` (opt-in, see settings) runs
-        that copy and ``--prepare`` in the idle I/O class (see :func:`_run_backup`). It runs as the node's account, into
+        non-InnoDB tables and the tail of the redo log); ``--prepare`` then applies the redo, so the
+        copy opens as that one moment without crash recovery. It runs as the node's account, into
         the volume's run/ (never copied), with root's password in a 0600 file there, not in argv."""
         tool = mariadb_backup()
         if tool is None:
@@ -411,20 +287,12 @@ class MariaDBStack(DatabaseStack):
         ]) + "\n")
         if ctx.run_as:
             os.chown(cnf, ctx.run_as.uid, ctx.run_as.gid)
-        settings = get_settings()
-        paced = online_method(ctx.volume) == "paced"
-        cap = settings.mariadb_backup_throttle if paced else 0
-        throttle = [f"--throttle={cap}"] if cap else []  # --throttle counts 1 MiB reads per second
         try:
             # The redo log is followed every 10 ms, not every second: BLOCK_COMMIT waits for it to catch up.
-            _run_backup(ctx, [tool, f"--defaults-file={cnf}", "--backup", f"--target-dir={work}",
-                              "--log-copy-interval=10", f"--tmpdir={run}", *throttle], paced, timeout=3600)
-            # --prepare holds nothing of the source's: paced, it only takes the disk when the source does not.
-            ionice = shutil.which("ionice") if paced else None
-            _run_as_node(ctx, [*([ionice, "-c", "3"] if ionice else []), tool, f"--defaults-file={cnf}", "--prepare",
-                               f"--target-dir={work}", f"--tmpdir={run}"], timeout=3600)
-            if paced:
-                _settle(work)
+            _run_as_node(ctx, [tool, f"--defaults-file={cnf}", "--backup", f"--target-dir={work}",
+                               "--log-copy-interval=10", f"--tmpdir={run}"], timeout=3600)
+            _run_as_node(ctx, [tool, f"--defaults-file={cnf}", "--prepare", f"--target-dir={work}",
+                               f"--tmpdir={run}"], timeout=3600)
             copy(ctx.volume, dest, lambda rel: rel.split(os.sep)[0] in ("run", "data"))
             os.rename(work, dest / "data")  # one filesystem: the data root
         except BaseException:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
-import subprocess
 import threading
 import time
 from itertools import pairwise
@@ -18,7 +16,6 @@ import pymysql
 import pytest
 
 from shared import snapshots
-from shared.config import get_settings
 from shared.drivers import NodeSpec, get_driver
 from shared.drivers.local import LocalDriver
 from shared.identity import account_name
@@ -253,70 +250,6 @@ def test_mariadb_online_copy_under_transfers_is_one_consistent_moment(driver: Lo
     assert in_copy == set(range(1, max(in_copy) + 1)) and acked_before <= in_copy
     assert in_copy <= {n for _, n in writer.acks}
     assert query(copy_url, "SELECT COUNT(*) FROM t") == ((20000,),)
-
-
-@pytest.mark.skipif(mariadb_backup() is None, reason="mariadb-backup is not installed")
-@pytest.mark.parametrize("method", ["paced", "plain"])
-def test_paced_online_copy_reads_in_the_idle_class_and_locks_at_best_effort(
-        driver: LocalDriver, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
-    """paced (opt-in): mariadb-backup copies the InnoDB files in the idle I/O class, and every
-    one of its threads is raised to best-effort when it says the files are done, before it takes
-    the BACKUP STAGE locks that hold the source's commits; ``--prepare`` runs idle too. plain: no
-    ionice anywhere (the method before). Either way the copy is whole."""
-    monkeypatch.setenv("ENVCLONE_MARIADB_ONLINE_METHOD", method)
-    get_settings.cache_clear()
-    driver.create_node(NodeSpec("src", "mariadb", SRC, 3306))
-    fill(driver.url("src"), 20000)
-    raised: list[tuple[set[str], set[str]]] = []
-    real_raise = mariadb.raise_io_class
-
-    def spy_raise(pid: int) -> set[str]:
-        before = mariadb.io_classes(pid)
-        raised.append((before, real_raise(pid)))
-        return raised[-1][1]
-
-    argvs: list[list[str]] = []
-    real_run = mariadb._run_as_node
-
-    def spy_run(ctx, argv, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        argvs.append(argv)
-        return real_run(ctx, argv, *a, **kw)
-
-    synced: list[tuple[str, str]] = []
-    real_fdatasync = os.fdatasync
-
-    def spy_fdatasync(fd: int) -> None:
-        tid = str(threading.get_native_id())  # this thread's own class, not its process's other threads'
-        classes = subprocess.run(["ionice", "-p", tid], capture_output=True, text=True, check=True).stdout.strip()
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), classes))
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(mariadb.os, "fdatasync", spy_fdatasync)
-    monkeypatch.setattr(mariadb, "raise_io_class", spy_raise)
-    monkeypatch.setattr(mariadb, "_run_as_node", spy_run)
-    try:
-        snapshot_online(driver, "src", "snap")
-    finally:
-        get_settings.cache_clear()
-    prepare = next(argv for argv in argvs if "--prepare" in argv)
-    if method == "plain":
-        assert raised == [] and Path(prepare[0]).name == "mariadb-backup"
-        assert not [path for path, _ in synced if "/run/backup/" in path]
-    else:
-        assert len(raised) == 1, raised
-        before, after = raised[0]
-        assert before == {"idle"}, before  # the copy of the InnoDB files
-        assert after and all(c.startswith("best-effort") for c in after), after  # what holds the locks
-        assert prepare[:3] == [shutil.which("ionice"), "-c", "3"], prepare
-        # What the backup wrote is on disk before the copy is handed on, written in the idle class.
-        names = {Path(path).name for path, _ in synced if "/run/backup/" in path}
-        assert {"ibdata1", "t.ibd"} <= names, names
-        assert all(classes == "idle" for path, classes in synced if "/run/backup/" in path), synced
-    driver.provision("snap", "copy")
-    driver.assign_address("copy", COPY, 3306)
-    driver.set_credentials("copy", get_stack("mariadb").new_credentials(driver._node("src")[1].secrets()))
-    driver.restart("copy", 30)
-    assert query(driver.url("copy"), "SELECT COUNT(*) FROM t") == ((20000,),)
 
 
 # ---- environments, through a real worker -------------------------------------------------------------

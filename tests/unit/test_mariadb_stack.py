@@ -32,23 +32,3 @@ def test_a_missing_server_says_what_to_install(monkeypatch: pytest.MonkeyPatch) 
         mariadb.mariadb_binaries()
     assert mariadb.mariadb_backup() is None
     assert not get_stack("mariadb").online_copy_supported
-
-
-def test_auto_online_method_is_plain_on_xfs_and_paced_elsewhere(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    from shared.config import get_settings
-    from shared.stacks import mariadb
-
-    monkeypatch.setenv("ENVCLONE_MARIADB_ONLINE_METHOD", "auto")
-    get_settings.cache_clear()
-    try:
-        assert mariadb.online_method(tmp_path) == ("plain" if mariadb.filesystem_type(tmp_path) == "xfs" else "paced")
-        monkeypatch.setattr(mariadb, "filesystem_type", lambda path: "xfs")
-        assert mariadb.online_method(tmp_path) == "plain"
-        monkeypatch.setattr(mariadb, "filesystem_type", lambda path: "ext2/ext3")
-        assert mariadb.online_method(tmp_path) == "paced"
-        monkeypatch.setenv("ENVCLONE_MARIADB_ONLINE_METHOD", "paced")
-        get_settings.cache_clear()
-        monkeypatch.setattr(mariadb, "filesystem_type", lambda path: "xfs")
-        assert mariadb.online_method(tmp_path) == "paced"
-    finally:
-        get_settings.cache_clear()
