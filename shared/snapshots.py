@@ -94,33 +94,52 @@ def supports_reflink(root: Path) -> bool:
     return True
 
 
+def reflink_fd(src: int, dst: int) -> bool:
+    """Make ``dst`` a reflink of ``src`` (FICLONE); False where the filesystem cannot."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+            raise
+        return False
+    return True
+
+
+def copy_bytes(src: int, dst: int, length: int | None = None, *, in_user_space: bool = False,
+               progress: Progress | None = None) -> int:
+    """Copy the first ``length`` bytes of ``src`` (to its end when None) into ``dst``, written back
+    window by window (WriteBehind). ``in_user_space``: read and write here rather than with
+    copy_file_range, which may reflink (XFS) -- and a reflink locks the source inode against a
+    writer's appends for as long as it takes."""
+    window = write_behind_bytes()
+    chunk, behind = window or CHUNK, WriteBehind(dst) if window else None
+    done = 0
+    while length is None or done < length:
+        want = chunk if length is None else min(chunk, length - done)
+        n = (os.write(dst, os.pread(src, want, done)) if in_user_space
+             else os.copy_file_range(src, dst, want, offset_src=done))
+        if n == 0:
+            if length is None:
+                break
+            raise RuntimeError(f"the source ended at {done} of {length} bytes")
+        if behind is not None:
+            behind.wrote(done, n)
+        done += n
+        if progress:
+            progress(n)
+    if behind is not None:
+        behind.finish()
+    return done
+
+
 def _copy_file(src: str, dst: str, reflink: bool, progress: Progress | None) -> int:
     with open(src, "rb") as s, open(dst, "wb") as d:
-        size = os.fstat(s.fileno()).st_size
-        if reflink:
-            try:
-                fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
-                if progress:
-                    progress(size)
-                return size
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-                    raise
-        done = 0
-        chunk = write_behind_bytes()
-        behind = WriteBehind(d.fileno()) if chunk else None
-        while True:
-            n = os.copy_file_range(s.fileno(), d.fileno(), chunk or CHUNK)
-            if n == 0:
-                break
-            if behind is not None:
-                behind.wrote(done, n)
-            done += n
+        if reflink and reflink_fd(s.fileno(), d.fileno()):
+            size = os.fstat(s.fileno()).st_size
             if progress:
-                progress(n)
-        if behind is not None:
-            behind.finish()
-        return done
+                progress(size)
+            return size
+        return copy_bytes(s.fileno(), d.fileno(), progress=progress)
 
 
 class TreeFlusher:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import secrets
 import shutil
@@ -20,12 +18,11 @@ from redis.retry import Retry
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from shared.config import get_settings
-from shared.snapshots import FICLONE, WriteBehind, write_behind_bytes
+from shared.snapshots import copy_bytes, reflink_fd
 from shared.stacks.base import CopyTree, Credentials, NodeContext, Stack, write_private
 
 AOF_DIR = "appendonlydir"
 MANIFEST = "appendonly.aof.manifest"
-CHUNK = 8 << 20  # read size of a live prefix; written back as snapshots.WriteBehind does
 
 
 class OnlineMethod(StrEnum):
@@ -138,38 +135,16 @@ def _open_cut(aof: Path) -> _AofCut | None:
 def _write_from_fd(src: int, dst: Path, length: int | None) -> None:
     """``dst`` holds the first ``length`` bytes of ``src`` (all when None). A whole file is
     immutable: a reflink when the filesystem can (O(metadata) for the base, the big one), else a
-    copy in the kernel. A prefix is of the live incr file: read and written by us, since
-    copy_file_range may reflink it (XFS), and a reflink locks the source inode against the
-    server's appends for as long as it takes (a 161 ms client gap at 4 GiB)."""
+    copy. A prefix is of the live incr file: read and written by us, since copy_file_range may
+    reflink it (XFS) and hold the server's appends for as long as it takes (a 161 ms client gap at
+    4 GiB). Either way written back as it goes: gigabytes of dirty page cache would make the
+    kernel throttle the server's own append-only writes (client stalls of hundreds of ms)."""
     with open(dst, "wb") as d:
         if length is None:
-            try:
-                fcntl.ioctl(d.fileno(), FICLONE, src)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-                    raise
-            length, live = os.fstat(src).st_size, False
+            if not reflink_fd(src, d.fileno()):
+                copy_bytes(src, d.fileno(), os.fstat(src).st_size)
         else:
-            live = True
-        # Written back window by window: gigabytes of dirty page cache would make the kernel
-        # throttle every writer, the server's append-only writes included, and its fsync wait for
-        # our data in the ext4 journal (client stalls of hundreds of ms at 4 GiB).
-        offset, window = 0, write_behind_bytes()
-        chunk, behind = window or CHUNK, WriteBehind(d.fileno()) if window else None
-        while offset < length:
-            want = min(chunk, length - offset)
-            if live:
-                n = os.write(d.fileno(), os.pread(src, want, offset))
-            else:
-                n = os.copy_file_range(src, d.fileno(), want, offset_src=offset)
-            if n == 0:
-                raise RuntimeError(f"{dst.name}: ended at {offset} of {length} bytes")
-            if behind is not None:
-                behind.wrote(offset, n)
-            offset += n
-        if behind is not None:
-            behind.finish()
+            copy_bytes(src, d.fileno(), length, in_user_space=True)
 
 
 def _own_like(aof: Path, owner: os.stat_result) -> None:
