@@ -8,7 +8,7 @@ import secrets
 from datetime import datetime, timedelta
 
 from flask import g, request
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, bindparam, select, update
 
 from api.errors import ApiError
 from shared.db import session_scope
@@ -62,6 +62,11 @@ def lookup(token: str) -> ApiToken | None:
         return row
 
 
+# Columns, not an entity, and built once: every request pays for this read.
+_TOKEN_ROW = select(ApiToken.id, ApiToken.tenant, ApiToken.revoked_at, ApiToken.expires_at,
+                    ApiToken.last_used_at).where(ApiToken.token_hash == bindparam("hash"))
+
+
 def authenticate() -> None:
     """before_request for /v1: sets g.tenant or answers 401."""
     header = request.headers.get("Authorization", "")
@@ -70,10 +75,7 @@ def authenticate() -> None:
         raise ApiError(401, "unauthorized", "missing bearer token", "Authorization")
     now = utcnow()
     with session_scope() as session:
-        # Columns, not an entity: every request pays for this read, and the ORM's loading is most of it.
-        row = session.execute(select(ApiToken.id, ApiToken.tenant, ApiToken.revoked_at, ApiToken.expires_at,
-                                     ApiToken.last_used_at)
-                              .where(ApiToken.token_hash == _hash(token.strip()))).first()
+        row = session.execute(_TOKEN_ROW, {"hash": _hash(token.strip())}).first()
         reason = refusal(row, now)
         if reason is not None or row is None:
             raise ApiError(401, "unauthorized", reason or "invalid token", "Authorization")

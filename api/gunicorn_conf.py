@@ -12,3 +12,7 @@ _settings = get_settings()
 worker_class = "gthread"
 workers = _settings.api_workers
 threads = _settings.api_threads
+# Idle keep-alive connections stay open longer than clients keep theirs (httpx: 5 s, browsers and
+# load balancers: 60 s), so the client closes an idle one, not the server. gunicorn's 2 s default
+# closed them under clients that sent a request at that moment: "Server disconnected".
+keepalive = 75

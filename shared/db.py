@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from shared.config import get_settings
 
+# A pooled connection is pinged before use only when it sat idle this long: one used a moment ago
+# is as alive as a ping would show, and a ping on every checkout was a round trip per transaction
+# (two per API request). A server that went away meanwhile fails that one statement, and the pool
+# is invalidated as on any disconnect.
+PING_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is not None and time.monotonic() - since < PING_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool drops this connection and checks out a fresh one
+            raise DisconnectionError(f"stale pooled connection: {exc}") from exc
+
 
 def make_engine(url: str, *, foreign_keys: bool = True, **extra: Any) -> Engine:
     """``foreign_keys=False`` is for migrations: SQLite rebuilds a table to alter it, and dropping
     the old one with foreign keys on would cascade-delete every row that references it."""
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, **extra}
+    kwargs: dict[str, Any] = dict(extra)
     if url.startswith("sqlite"):
         # Several worker processes write at once: WAL plus a generous busy timeout.
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     engine = create_engine(url, **kwargs)
+    _ping_when_idle(engine)
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")

@@ -54,6 +54,18 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
 
 
+def row_values(model: type[Base], **values: Any) -> dict[str, Any]:
+    """``values`` with every other column's Python-side default filled in: a row for a Core insert
+    that a transient ``model(**row)`` describes exactly (an ORM object gets its defaults at flush)."""
+    out = dict(values)
+    for column in model.__table__.columns:
+        default = column.default
+        if column.key in out or default is None:
+            continue
+        out[column.key] = default.arg(None) if default.is_callable else default.arg
+    return out
+
+
 def enum_column(enum: type[StrEnum], name: str, **kw: Any) -> MappedColumn[Any]:
     """A state column: stored as its string value, with a CHECK constraint listing the enum's values
     (``name`` names the constraint; migrations build the same one from the same enum)."""

@@ -170,7 +170,8 @@ def plan_clone(session: Session, tenant: str, source_name: str, target_name: str
                options: dict[str, Any], idempotency: tuple[str | None, str | None] = (None, None)) -> CloneJob:
     """A job as a request admits it and its start task completes it, in the caller's transaction
     (for callers that want the whole plan at once; the API admits only)."""
-    job, _ = admission.admit_clone(session, tenant, source_name, target_name, options, idempotency)
+    admitted, _ = admission.admit_clone(session, tenant, source_name, target_name, options, idempotency)
+    job = session.get_one(CloneJob, admitted.id)
     materialize_clone(session, job)
     return job
 

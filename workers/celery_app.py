@@ -13,6 +13,7 @@ from kombu import Queue
 
 from shared.config import Settings, get_settings
 from shared.hosts import queue, window_queue
+from workers import publish_transport
 
 # Orchestration (start, report, watchdog, environment bookkeeping) runs on any general worker; every
 # step that touches a node goes to its host's queues (shared.hosts.queue / window_queue), which only
@@ -53,6 +54,8 @@ def make_celery(role: Role, settings: Settings | None = None) -> Celery:
                  include=TASK_MODULES if role == Role.WORKER else [], set_as_current=role == Role.WORKER)
     limit = settings.task_time_limit_s
     publish_policy, result_timeout = _publish_retry(role)
+    if role == Role.PUBLISHER and settings.broker_url.startswith("redis://"):
+        app.conf.broker_transport = publish_transport.NAME
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
