@@ -132,7 +132,8 @@ def copy_bytes(src: int, dst: int, length: int | None = None, *, in_user_space: 
     return done
 
 
-def _copy_file(src: str, dst: str, reflink: bool, progress: Progress | None) -> int:
+def copy_file(src: str, dst: str, reflink: bool, progress: Progress | None = None) -> int:
+    """``src`` into a new ``dst``: a reflink when asked and the filesystem can, else a paced copy."""
     with open(src, "rb") as s, open(dst, "wb") as d:
         if reflink and reflink_fd(s.fileno(), d.fileno()):
             size = os.fstat(s.fileno()).st_size
@@ -266,7 +267,7 @@ def _copy_entry(src_root: Path, dst_root: Path, rel: str, st: os.stat_result, re
         _copy_meta(src, dst, st)
         return 0
     if stat.S_ISREG(st.st_mode):
-        n = _copy_file(src, dst, reflink, progress)
+        n = copy_file(src, dst, reflink, progress)
         _copy_meta(src, dst, st)
         return n
     return 0  # sockets, fifos: runtime artefacts, never part of a volume's data

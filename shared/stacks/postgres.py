@@ -269,8 +269,12 @@ class PostgresStack(DatabaseStack):
             history = [f for f in os.listdir(wal_src) if f.endswith(".history")]
             if not needed or needed[-1] != last:
                 raise RuntimeError(f"WAL segment {last} missing after the backup")
+            # Paced like the data directory (or reflinked): the WAL written during the copy can be
+            # hundreds of MB, and copied at memory speed it left that much dirty page cache for the
+            # source's own commit fsyncs to wait behind, just as the copy ended.
             for name in needed + history:
-                shutil.copy2(wal_src / name, wal_dst / name)
+                snapshots.copy_file(str(wal_src / name), str(wal_dst / name), reflink=True)
+                os.chmod(wal_dst / name, 0o600)
             st = data.stat()
             for path in (wal_dst, *wal_dst.iterdir(), data / "backup_label", data / "tablespace_map"):
                 if path.exists() and os.geteuid() == 0:

@@ -70,7 +70,7 @@ def test_a_copy_writes_behind_window_by_window(tmp_path: Path, calls: list, wind
     window_mib(1)
     data = os.urandom(5 * MIB + 12345)
     (tmp_path / "src").write_bytes(data)
-    assert snapshots._copy_file(str(tmp_path / "src"), str(tmp_path / "dst"), False, None) == len(data)
+    assert snapshots.copy_file(str(tmp_path / "src"), str(tmp_path / "dst"), False, None) == len(data)
     assert (tmp_path / "dst").read_bytes() == data
     windows = snapshots.write_behind_windows(len(data), MIB)
     assert [(o, n) for o, n, f in calls if f == WRITE] == windows  # each window started once, in order
@@ -81,7 +81,7 @@ def test_write_behind_off_leaves_writeback_to_the_kernel(tmp_path: Path, calls: 
     window_mib(0)
     data = os.urandom(3 * MIB)
     (tmp_path / "src").write_bytes(data)
-    assert snapshots._copy_file(str(tmp_path / "src"), str(tmp_path / "dst"), False, None) == len(data)
+    assert snapshots.copy_file(str(tmp_path / "src"), str(tmp_path / "dst"), False, None) == len(data)
     assert (tmp_path / "dst").read_bytes() == data and calls == []
 
 
