@@ -220,8 +220,16 @@ class LocalDriver(Driver):
         (ctx.volume / "run").mkdir(exist_ok=True)
         if ctx.run_as is not None:
             ctx.run_as.chown_tree(ctx.volume / "run")
-        process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log",
-                      pid_path=pid_path, env=env, run_as=ctx.run_as)
+        # Checked again under a lock, across processes: a step and the watchdog may start one node
+        # at once, and two spawns orphaned one server (the other's pid file won) holding the address.
+        fd = os.open(ctx.volume / "run" / "start.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if process.running_pid(pid_path) is None:
+                process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log",
+                              pid_path=pid_path, env=env, run_as=ctx.run_as)
+        finally:
+            os.close(fd)
 
     def stop(self, node_id: str) -> None:
         if not self.volume(node_id).exists():

@@ -190,6 +190,29 @@ def test_stop_is_graceful_and_detached_pid_file_tracks_the_process(driver: Local
     assert not (driver.volume("src") / "run/node.pid").exists()
 
 
+def test_concurrent_starts_of_one_node_run_one_process(driver: LocalDriver) -> None:
+    """A step and the watchdog may start the same stopped node at once. Both used to see it not
+    running and both spawn: the second could not bind the address and, if its pid file landed
+    last, the live first one was orphaned -- every later start failed "address in use"."""
+    driver.create_node(NodeSpec("src", "postgres", SRC, 5432))
+    for _ in range(3):
+        driver.stop("src")
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: driver.restart("src", 30), range(4)))
+        pid = int((driver.volume("src") / "run/node.pid").read_text().split()[0])
+        # Servers started: the processes whose parent is not one of them (the rest are its children).
+        running = {p for p, _ in processes_under(driver.volume("src"))}
+        assert [p for p in running if _parent(p) not in running] == [pid]
+        assert driver.health("src").healthy
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _xfs_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root to mount an XFS loop image"
