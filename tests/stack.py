@@ -3,6 +3,8 @@ database of its own, a data root, and a real Celery worker process (prefork, 2 p
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import os
 import shutil
 import signal
@@ -125,21 +127,54 @@ def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout
         proc.wait()
 
 
+class PoolInUse(RuntimeError):
+    """Another back end on this machine holds the address pool."""
+
+
+def claim_pool(pool: str) -> int:
+    """Hold ``pool`` for one back end, machine-wide, until the returned descriptor is closed.
+
+    Leases live in a back end's own state database, so two back ends over one pool each lease its
+    lowest address to their first node and one of the servers fails "address already in use" --
+    at random, depending on which starts first. That happens when pytest-xdist spreads one
+    module's tests over several workers (``--dist load``): each worker builds the module's
+    back end, with the module's pool. Refused here, at once and by name, instead."""
+    name = str(ipaddress.ip_network(pool, strict=False)).replace("/", "_")
+    path = Path(tempfile.gettempdir()) / f"envclone-test-pool-{name}.lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = Path(path).read_text().strip() or "?"
+        os.close(fd)
+        raise PoolInUse(f"address pool {pool} is held by another back end (pid {holder}): a module's pool "
+                        "is its own, so its tests must run in one process (pytest-xdist --dist loadfile, "
+                        "as pyproject's addopts say)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Backend:
     def __init__(self, database: str = "postgres", pool: str = "127.93.0.0/16", concurrency: int = 2,
                  extra_env: dict[str, str] | None = None, broker_url: str | None = None,
                  data_dir: Path | None = None) -> None:
         """``database``: "postgres" (a fresh database on the local server), "sqlite", or a URL.
         ``data_dir``: where volumes and snapshots go (default: inside this backend's own root)."""
+        self._pool_fd = claim_pool(pool)  # first: a refused back end has made nothing to clean up
         self.root = make_data_root()
         self.data_dir = data_dir or self.root
         self.db_name: str | None = None
-        if database == "postgres":
-            self.db_name, self.db_url = create_database()
-        elif database == "sqlite":
-            self.db_url = f"sqlite:///{self.root / 'state.sqlite3'}"
-        else:
-            self.db_url = database
+        try:
+            if database == "postgres":
+                self.db_name, self.db_url = create_database()
+            elif database == "sqlite":
+                self.db_url = f"sqlite:///{self.root / 'state.sqlite3'}"
+            else:
+                self.db_url = database
+        except BaseException:
+            os.close(self._pool_fd)
+            raise
         # Its own Redis database: a worker of another back end still alive must not take its tasks.
         self.redis_db = None if broker_url else claim_redis_db()
         self.broker_url = broker_url or f"redis://127.0.0.1:6379/{self.redis_db}"
@@ -210,6 +245,7 @@ class Backend:
         leftovers += destroy_everything(self.root)
         reset_caches()
         leave_backend(self.celery, self._saved_env, self.db_name, self.broker_url, self.redis_db)
+        os.close(self._pool_fd)  # its nodes are gone: the pool is free for the next back end
         assert not leftovers, f"processes left behind: {leftovers}"
 
     def processes(self) -> list[tuple[int, str]]:
