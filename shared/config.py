@@ -55,10 +55,9 @@ class Settings(BaseSettings):
     pg_online_method: Literal["backup_api", "basebackup", "auto"] = "auto"
     pg_basebackup_max_rate: str = ""  # pg_basebackup --max-rate (e.g. "100M"); empty: unthrottled
     # Byte copies (snapshots, provisioning) write back every this many MiB and wait for the window
-    # before, so a served database's commit fsyncs never queue behind gigabytes of a copy's dirty
-    # pages (bench/realclient.py). 0: off, the kernel writes the copy back when it likes.
-    # 2 MiB: the most a commit fsync of the source queues behind (two windows in flight); 8 MiB gave
-    # 41-84 ms client gaps at 4 GiB under pgbench, 2 MiB 23-25 ms, at the same copy throughput.
+    # before, so a served database's commit fsyncs queue behind at most two windows of a copy's
+    # writes, never gigabytes of dirty pages (bench/realclient.py: at 4 GiB under pgbench, 8 MiB gave
+    # 41-84 ms client gaps, 2 MiB 23-25 ms, at the same copy throughput). 0: off.
     copy_write_behind_mib: int = Field(default=2, ge=0)
     # A clone's volume is the job's own snapshot moved into place (a rename) when the snapshot is on
     # the clone's host and the job keeps no snapshot (retain_snapshots, keep_on_failure); false:
