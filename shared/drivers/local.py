@@ -209,25 +209,23 @@ class LocalDriver(Driver):
 
     def start(self, node_id: str) -> None:
         stack, ctx = self._node(node_id)
-        pid_path = self._pid_path(node_id)
-        if process.running_pid(pid_path) is not None:
-            return
-        try:
-            argv, extra_env = stack.command(ctx)
-        except RuntimeError as exc:
-            raise PermanentDriverError(f"{stack.name} cannot start: {exc}") from exc
-        env = self._env(ctx, extra_env)
-        (ctx.volume / "run").mkdir(exist_ok=True)
+        pid_path, run = self._pid_path(node_id), ctx.volume / "run"
+        run.mkdir(exist_ok=True)
         if ctx.run_as is not None:
-            ctx.run_as.chown_tree(ctx.volume / "run")
-        # Checked again under a lock, across processes: a step and the watchdog may start one node
-        # at once, and two spawns orphaned one server (the other's pid file won) holding the address.
-        fd = os.open(ctx.volume / "run" / "start.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            ctx.run_as.chown_tree(run)
+        # Checked and started under a lock, across processes: a step and the watchdog may start one
+        # node at once, and two spawns orphaned one server (the other's pid file won) holding the address.
+        fd = os.open(run / "start.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if process.running_pid(pid_path) is None:
-                process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log",
-                              pid_path=pid_path, env=env, run_as=ctx.run_as)
+            if process.running_pid(pid_path) is not None:
+                return
+            try:
+                argv, extra_env = stack.command(ctx)
+            except RuntimeError as exc:
+                raise PermanentDriverError(f"{stack.name} cannot start: {exc}") from exc
+            process.spawn(argv, cwd=ctx.volume, log_path=run / "node.log", pid_path=pid_path,
+                          env=self._env(ctx, extra_env), run_as=ctx.run_as)
         finally:
             os.close(fd)
 
