@@ -433,7 +433,7 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
     credentials = get_stack(stack).new_credentials()
     driver.set_credentials(copy_id, credentials)
     t["credentials_set"] = time.time()
-    driver.restart(copy_id, 600)
+    driver.restart(copy_id, 600, yield_cpu=True)  # as the workflow starts a clone
     t["end"] = time.time()
     phases = {k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}
     return {"method": info.method, "snapshot_bytes": info.size_bytes, "window_ms": info.window_ms,
@@ -497,8 +497,10 @@ def online_method(stack: str, method: str) -> Iterator[None]:
         yield
 
 
-# A mode ending in "/baseline" clones as before the paced copy: no write-behind, provision copies.
-BASELINE_ENV = {"ENVCLONE_COPY_WRITE_BEHIND_MIB": "0", "ENVCLONE_PROVISION_MOVE": "false"}
+# A mode ending in "/baseline" clones as before the paced copy: no write-behind, provision copies;
+# "/unniced": the clone's first start at the normal CPU priority, as before clone_start_nice.
+SUFFIX_ENV = {"baseline": {"ENVCLONE_COPY_WRITE_BEHIND_MIB": "0", "ENVCLONE_PROVISION_MOVE": "false"},
+              "unniced": {"ENVCLONE_CLONE_START_NICE": "0"}}
 
 
 @contextmanager
@@ -529,6 +531,23 @@ def pg_invariant(address: str, port: int, password: str) -> dict[str, Any]:
     return {"invariant_holds": a == t == b == h, "sums": [int(a), int(t), int(b), int(h)], "history_rows": n}
 
 
+def valkey_latency_reset(url: str) -> None:
+    """Valkey's own latency monitor on the source (events of 5 ms and more), from now on."""
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        client.config_set("latency-monitor-threshold", 5)
+        client.execute_command("LATENCY", "RESET")
+
+
+def valkey_latency_events(url: str, t0: float) -> dict[str, list[tuple[int, int]]]:
+    """event -> [(s after t0, ms)]: where the source's own main thread stalled (fork, aof-write,
+    aof-fsync..., command), as its latency monitor saw it (one sample per event per second)."""
+    with redis.Redis.from_url(url, socket_timeout=10) as client:
+        latest = client.execute_command("LATENCY", "LATEST")
+        return {(e := row[0].decode() if isinstance(row[0], bytes) else row[0]):
+                [(int(ts - t0), int(ms)) for ts, ms in client.execute_command("LATENCY", "HISTORY", e)]
+                for row in latest}
+
+
 def valkey_invariant(url: str) -> dict[str, Any]:
     client = redis.Redis.from_url(url, socket_timeout=10)
     a, b = (int(client.get(k) or 0) for k in ("bench:a", "bench:b"))
@@ -553,7 +572,9 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
         if not isinstance(load, ThreadLoad):
             load.start()  # pgbench: a process of its own already
         time.sleep(BEFORE_S)
-        with settings_env(BASELINE_ENV if mode.endswith("/baseline") else {}):
+        if stack == "valkey":
+            valkey_latency_reset(url)
+        with settings_env(SUFFIX_ENV.get(mode.partition("/")[2], {})):
             c = clone(driver, source, stack, mode, tag)
         if stack != "postgres":
             time.sleep(AFTER_S)
@@ -576,6 +597,7 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
             result.update(mariadb_invariant(driver.url(c["copy_id"])))
         else:
             result.update(valkey_invariant(driver.url(c["copy_id"])))
+            result["source_latency"] = valkey_latency_events(url, t0)
         return result
     finally:
         clients.stop()
@@ -629,6 +651,8 @@ def measure(root: Path, stack: str, mib: int, modes: list[str], label: str) -> l
                 for key in ("source_log", "copy_log"):
                     for at, msg in r.get(key, []):
                         print(f"  {key} {at:8.3f} {msg}", flush=True)
+                if r.get("source_latency"):
+                    print(f"  source stalls (event: [(s, ms)]): {r['source_latency']}", flush=True)
     finally:
         driver.destroy_node(source)
         shutil.rmtree(work, ignore_errors=True)
@@ -655,7 +679,8 @@ def data_roots(stack: ExitStack, roots: list[str], default_root: Path, largest_m
 
 
 def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: int,
-        stacks: list[str], mariadb_mib: int = 256, modes: list[str] | None = None) -> list[dict[str, Any]]:
+        stacks: list[str], mariadb_mib: int = 256, modes: list[str] | None = None,
+        valkey_modes: list[str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     modes = modes or ["online", "online/baseline", "stop"]
     with ExitStack() as stack:
@@ -664,8 +689,11 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
                 for mib in sizes_mib:
                     results += measure(root, "postgres", mib, modes, label)
             if "valkey" in stacks:
-                # Both online methods in one run: the fork-free AOF prefix and its BGSAVE baseline.
-                results += measure(root, "valkey", valkey_mib, ["online:aof", "online:bgsave", "stop"], label)
+                # The online methods side by side in one run: on a reflink root the short pause
+                # (aof_pause, auto's choice there), the fork-free AOF prefix, and BGSAVE's fork.
+                paused = ["online:aof_pause"] if snapshots.reflink_at(root) else []
+                results += measure(root, "valkey", valkey_mib,
+                                   valkey_modes or [*paused, "online:aof", "online:bgsave", "stop"], label)
             if "mariadb" in stacks:
                 if mariadb_backup() is None:
                     print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)

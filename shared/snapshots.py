@@ -94,6 +94,18 @@ def supports_reflink(root: Path) -> bool:
     return True
 
 
+_REFLINK_BY_DEV: dict[int, bool] = {}
+
+
+def reflink_at(where: Path) -> bool:
+    """supports_reflink, probed once per filesystem (device): a data root's filesystem does not
+    change under a running process."""
+    dev = where.stat().st_dev
+    if dev not in _REFLINK_BY_DEV:
+        _REFLINK_BY_DEV[dev] = supports_reflink(where)
+    return _REFLINK_BY_DEV[dev]
+
+
 def reflink_fd(src: int, dst: int) -> bool:
     """Make ``dst`` a reflink of ``src`` (FICLONE); False where the filesystem cannot."""
     try:

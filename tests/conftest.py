@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -53,6 +54,41 @@ def data_root() -> Iterator[Path]:
     leftovers = destroy_everything(root)
     assert not leftovers, f"processes the driver failed to stop: {leftovers}"
     assert not root.exists()
+
+
+def _xfs_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to mount an XFS loop image"
+    if not shutil.which("mkfs.xfs"):
+        return "mkfs.xfs not installed (apt-get install xfsprogs)"
+    if "xfs" not in Path("/proc/filesystems").read_text():
+        return "kernel has no XFS"
+    return None
+
+
+@pytest.fixture
+def xfs_root() -> Iterator[Path]:
+    """A 512 MiB XFS loop image with reflink, mounted for the test (skips where that cannot be)."""
+    reason = _xfs_unavailable()
+    if reason:
+        pytest.skip(reason)
+    work = make_data_root("envclone-xfs-")
+    image, mnt = work / "xfs.img", work / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(512 * 1024 * 1024)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        shutil.rmtree(work)
+        pytest.skip(f"cannot loop-mount here: {mounted.stderr.strip()}")
+    mnt.chmod(0o755)
+    try:
+        yield mnt
+    finally:
+        destroy_everything(mnt / "var")
+        subprocess.run(["umount", str(mnt)], check=True)
+        shutil.rmtree(work)
 
 
 @pytest.fixture

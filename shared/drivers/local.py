@@ -25,6 +25,7 @@ from typing import Any
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from shared import snapshots
+from shared.config import get_settings
 from shared.drivers import process
 from shared.drivers.base import (
     ActionFailed,
@@ -42,13 +43,17 @@ from shared.rewire import replace_secrets, rewrite_text
 from shared.stacks import NodeContext, Stack, get_stack
 
 _ID = re.compile(r"^[a-z0-9]{1,64}$")
-_REFLINK_BY_ROOT: dict[Path, bool] = {}
 
 
 def _held_copy_ignore(stack: Stack) -> snapshots.Ignore:
     """What a held (stop-mode) copy leaves out: run/, and files the server writes on the side that
     its held state does not depend on (an online copy's RDB beside Valkey's append-only files)."""
     return lambda rel: _ignore_run(rel) or any(fnmatch.fnmatch(rel, g) for g in stack.side_files)
+
+
+def _start_nice() -> int:
+    """A clone's CPU niceness until it is healthy; 0 where it could not be lowered again (not root)."""
+    return get_settings().clone_start_nice if os.geteuid() == 0 else 0
 
 
 def _ignore_run(rel: str) -> bool:
@@ -102,11 +107,8 @@ class LocalDriver(Driver):
     @property
     def reflink(self) -> bool:
         if self._reflink is None:
-            # A data root's filesystem does not change under a running process: probe it once.
-            if self.snaps_dir not in _REFLINK_BY_ROOT:
-                self._ensure_root()
-                _REFLINK_BY_ROOT[self.snaps_dir] = snapshots.supports_reflink(self.snaps_dir)
-            self._reflink = _REFLINK_BY_ROOT[self.snaps_dir]
+            self._ensure_root()
+            self._reflink = snapshots.reflink_at(self.snaps_dir)
         return self._reflink
 
     def volume(self, node_id: str) -> Path:
@@ -207,7 +209,7 @@ class LocalDriver(Driver):
         except Exception as exc:  # the stack's client library decides what it raises
             raise TransientDriverError(f"first-start setup of {spec.stack} failed: {exc}") from exc
 
-    def start(self, node_id: str) -> None:
+    def start(self, node_id: str, nice: int = 0) -> None:
         stack, ctx = self._node(node_id)
         pid_path, run = self._pid_path(node_id), ctx.volume / "run"
         run.mkdir(exist_ok=True)
@@ -225,7 +227,7 @@ class LocalDriver(Driver):
             except RuntimeError as exc:
                 raise PermanentDriverError(f"{stack.name} cannot start: {exc}") from exc
             process.spawn(argv, cwd=ctx.volume, log_path=run / "node.log", pid_path=pid_path,
-                          env=self._env(ctx, extra_env), run_as=ctx.run_as)
+                          env=self._env(ctx, extra_env), run_as=ctx.run_as, nice=nice)
         finally:
             os.close(fd)
 
@@ -263,15 +265,21 @@ class LocalDriver(Driver):
             health = exc.last_attempt.result()
             raise TransientDriverError(f"node {node_id} not healthy after {timeout:.0f}s: {health.detail}") from None
 
-    def restart(self, node_id: str, timeout: float) -> None:
+    def restart(self, node_id: str, timeout: float, *, yield_cpu: bool = False) -> None:
         stack, ctx = self._node(node_id)
         if stack.online_quiesce and process.running_pid(self._pid_path(node_id)) is not None:
             try:
                 stack.resume_writes(ctx)
             except Exception as exc:
                 raise TransientDriverError(f"resuming writes on {stack.name} failed: {exc}") from exc
-        self.start(node_id)
-        self.wait_healthy(node_id, timeout)
+        nice = _start_nice() if yield_cpu else 0
+        self.start(node_id, nice)
+        try:
+            self.wait_healthy(node_id, timeout)
+        finally:
+            pid = process.running_pid(self._pid_path(node_id))
+            if nice and pid is not None:
+                process.set_nice(pid, 0)  # healthy (or given up on): a node like any other from now
 
     # ---- snapshots -----------------------------------------------------------------------------
     def prepare_snapshot(self, node_id: str, snapshot_id: str) -> int:
@@ -363,7 +371,7 @@ class LocalDriver(Driver):
 
     def snapshot_online(self, node_id: str, snapshot_id: str) -> SnapshotInfo:
         """A consistent copy taken while the node serves and refuses nothing (its stack's backup
-        method); nothing is held, so the window is 0."""
+        method); the window is how long the stack held writes (0 for most, a few ms for a pause)."""
         final = self._snapshot_dir(snapshot_id)
         if (final / "meta.json").exists():
             return SnapshotInfo(**json.loads((final / "meta.json").read_text()))
@@ -379,7 +387,7 @@ class LocalDriver(Driver):
             return snapshots.copy_tree(src, dst, reflink=self.reflink, ignore=ignore, live=True)
 
         try:
-            how = stack.online_copy(ctx, staging / "volume", copy)
+            done = stack.online_copy(ctx, staging / "volume", copy)
             if not self.reflink:
                 # What the copy left dirty (a stack's own tool writes unsynced) goes to disk a window at
                 # a time now, not in one burst when the clone's first start syncs its data directory.
@@ -389,8 +397,8 @@ class LocalDriver(Driver):
             raise TransientDriverError(f"online copy of {stack.name} failed: {exc}") from exc
         # A stack that makes its own copy names it (PostgreSQL's pg_basebackup: "stream"); at
         # most 16 characters, as the snapshot's method column.
-        method = f"online-{how}" if how else "online-reflink" if self.reflink else "online-copy"
-        info = SnapshotInfo(snapshot_id, method, snapshots.tree_size(staging / "volume"), 0)
+        method = f"online-{done.method}" if done.method else "online-reflink" if self.reflink else "online-copy"
+        info = SnapshotInfo(snapshot_id, method, snapshots.tree_size(staging / "volume"), done.held_ms)
         (staging / "meta.json").write_text(json.dumps(info.__dict__))
         staging.rename(final)
         return info
@@ -507,7 +515,7 @@ class LocalDriver(Driver):
                 ctx.run_as.chown_tree(sockdir)
             sockdir.chmod(0o700)
             process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log", pid_path=pid_path,
-                          env=self._env(ctx, extra), run_as=ctx.run_as)
+                          env=self._env(ctx, extra), run_as=ctx.run_as, nice=_start_nice())
 
             def answers() -> bool:
                 if process.running_pid(pid_path) is None:

@@ -62,6 +62,16 @@ Credentials = Mapping[str, str]
 CopyTree = Callable[[Path, Path, Callable[[str], bool]], int]
 
 
+@dataclass(frozen=True)
+class OnlineCopy:
+    """What an online copy did: ``method`` names a method of the stack's own that did not use the
+    driver's tree copy for the data (it names the snapshot's method: ``online-<method>``);
+    ``held_ms`` is how long the source's writes were held (a pause of a few ms), 0 when never."""
+
+    method: str | None = None
+    held_ms: int = 0
+
+
 class Stack(ABC):
     name: str
     default_port: int
@@ -140,12 +150,12 @@ class Stack(ABC):
         """(online_quiesce) Whether writes are held right now."""
         return False
 
-    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str | None:
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> OnlineCopy:
         """(online_copy_supported) Copy the serving node's volume into ``dest`` so that the copy
         starts as one consistent moment. ``copy(src, dst, ignore)`` copies a tree (reflink when it
-        can). Returns the name of a method of the stack's own that did not use ``copy`` for the
-        data (it names the snapshot's method), else None."""
+        can)."""
         copy(ctx.volume, dest, lambda rel: rel == "run" or rel.startswith("run/"))
+        return OnlineCopy()
 
     def resume_writes(self, ctx: NodeContext) -> None:
         """(online_quiesce) Let writes through again; harmless when they are not held."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import pymysql
 
-from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, write_private
+from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, OnlineCopy, write_private
 
 SUPERUSER = "root"
 APP_USER = APP_DB = "app"
@@ -267,7 +267,7 @@ class MariaDBStack(DatabaseStack):
         as Debian's package does)."""
         return mariadb_backup() is not None
 
-    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> OnlineCopy:
         """mariadb-backup while the server serves: InnoDB files are copied as they change while the
         redo log is followed, and writes wait only while it holds BACKUP STAGE BLOCK_COMMIT (the
         non-InnoDB tables and the tail of the redo log); ``--prepare`` then applies the redo, so the
@@ -295,6 +295,7 @@ class MariaDBStack(DatabaseStack):
                                f"--tmpdir={run}"], timeout=3600)
             copy(ctx.volume, dest, lambda rel: rel.split(os.sep)[0] in ("run", "data"))
             os.rename(work, dest / "data")  # one filesystem: the data root
+            return OnlineCopy()
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

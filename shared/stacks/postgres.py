@@ -21,7 +21,7 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from shared import snapshots
 from shared.config import get_settings
-from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, write_private
+from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, OnlineCopy, write_private
 from shared.stacks.relay import SourceBoundRelay
 
 SUPERUSER = "envclone"
@@ -32,7 +32,6 @@ APP_USER = APP_DB = "app"
 # root, the one bench/pg_online.py measured better there (bench/README.md).
 ONLINE_METHODS = ("backup_api", "basebackup", "auto")
 BASEBACKUP_APP = "envclone_basebackup"  # application_name of pg_basebackup's walsenders
-_REFLINK_BY_DEV: dict[int, bool] = {}
 
 
 def hba(address: str) -> str:
@@ -216,19 +215,16 @@ class PostgresStack(DatabaseStack):
         method = get_settings().pg_online_method
         if method != "auto":
             return method
-        dev = where.stat().st_dev
-        if dev not in _REFLINK_BY_DEV:
-            _REFLINK_BY_DEV[dev] = snapshots.supports_reflink(where)
         # Measured (bench/README.md, "PostgreSQL online copy"): with reflink the backup API clones
         # the data directory in O(metadata) and wins clearly. Without it, our file copy once held
         # clients up more than pg_basebackup; paced (ENVCLONE_COPY_WRITE_BEHIND_MIB), it waits for
         # its own writes and holds them up less (bench/realclient.py, online:<method> modes), while
         # pg_basebackup writes unthrottled and only a flusher beside it can chase its dirty pages.
-        if _REFLINK_BY_DEV[dev] or get_settings().copy_write_behind_mib:
+        if snapshots.reflink_at(where) or get_settings().copy_write_behind_mib:
             return "backup_api"
         return "basebackup"
 
-    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str | None:
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> OnlineCopy:
         """A base backup of the serving node, refusing nothing, by the configured method; "stream"
         when pg_basebackup took it (the snapshot's method: online-stream). Either way ``dest``
         holds the node's volume with a data directory that recovers to one consistent moment on
@@ -237,9 +233,9 @@ class PostgresStack(DatabaseStack):
         method = self.online_method(dest.parent)
         if method == "basebackup":
             self._basebackup(ctx, dest, copy)
-            return "stream"
+            return OnlineCopy("stream")
         self._backup_api(ctx, dest, copy)
-        return None
+        return OnlineCopy()
 
     def _backup_api(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
         """A temporary replication slot holds the WAL from here on, pg_backup_start (fast

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -18,15 +19,26 @@ from redis.retry import Retry
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from shared.config import get_settings
-from shared.snapshots import copy_bytes, reflink_fd
-from shared.stacks.base import CopyTree, Credentials, NodeContext, Stack, write_private
+from shared.snapshots import copy_bytes, reflink_at, reflink_fd
+from shared.stacks.base import CopyTree, Credentials, NodeContext, OnlineCopy, Stack, write_private
 
 AOF_DIR = "appendonlydir"
 MANIFEST = "appendonly.aof.manifest"
+# The aof_pause method: writes are held only while the live incremental file is reflinked. The
+# server lets them go by itself after PAUSE_TIMEOUT_MS (a worker killed inside the pause holds
+# nothing longer); an append-only buffer not empty within PAUSE_SETTLE_S (a slow fsync) ends the
+# pause at once, and after PAUSE_ATTEMPTS such tries the copy is taken by the aof method instead.
+PAUSE_TIMEOUT_MS = 500
+PAUSE_SETTLE_S = 0.02
+PAUSE_ATTEMPTS = 3
 
 
 class OnlineMethod(StrEnum):
     AOF = "aof"  # a prefix of the append-only files: no fork, the server is never held
+    # Where the data root can reflink: the live incremental file reflinked under CLIENT PAUSE WRITE
+    # (a few ms, reads go on); the rest are immutable files, reflinked after. No copy competes with
+    # the server's own appends for the disk, as the aof method's does.
+    AOF_PAUSE = "aof_pause"
     BGSAVE = "bgsave"  # a fork snapshot (RDB): for a node not persisting to the append-only file
 
 
@@ -130,6 +142,38 @@ def _open_cut(aof: Path) -> _AofCut | None:
     for _, fd in files:
         os.close(fd)
     return None
+
+
+def _write_back_live(aof: Path) -> None:
+    """fdatasync the live incremental file (the server's own is up to a second behind)."""
+    cut = _open_cut(aof)
+    if cut is not None:
+        try:
+            os.fdatasync(cut.files[-1][1])
+        finally:
+            cut.close()
+
+
+def _cut_in_pause(client: redis.Redis, src: Path, aof: Path) -> _AofCut | None:
+    """Inside CLIENT PAUSE WRITE: once the append-only buffer is empty (every acknowledged write is
+    in the file) and no rewrite swaps files, the live incremental file is reflinked into ``aof``
+    whole: nothing is appended while writes are held. None: not settled in time, or swapped."""
+    try:
+        _poll(lambda: _aof_settled(client.info("persistence")), PAUSE_SETTLE_S, 0.001)
+    except RetryError:
+        return None
+    cut = _open_cut(src)
+    if cut is None:
+        return None
+    name, fd = cut.files[-1]
+    try:
+        with open(aof / name, "wb") as d:
+            if not reflink_fd(fd, d.fileno()):
+                raise RuntimeError(f"cannot reflink into {aof}")
+    except BaseException:
+        cut.close()
+        raise
+    return cut
 
 
 def _write_from_fd(src: int, dst: Path, length: int | None) -> None:
@@ -279,27 +323,74 @@ class ValkeyStack(Stack):
                 client.client_unpause()
                 raise
 
-    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> str | None:
-        """By the configured method (ENVCLONE_VALKEY_ONLINE_METHOD); "aof" when the copy is a
-        prefix of the append-only files (the snapshot's method: online-aof)."""
+    def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> OnlineCopy:
+        """By the configured method (ENVCLONE_VALKEY_ONLINE_METHOD); the snapshot's method is
+        online-aof or online-aofpause when the copy is a prefix of the append-only files."""
         with self._client(ctx, timeout=10.0) as client:
-            method = self.online_method(client)
+            method = self.online_method(client, dest.parent)
+            if method is OnlineMethod.AOF_PAUSE:
+                held_ms = self._aof_pause_copy(ctx, dest, copy, client)
+                if held_ms is not None:
+                    return OnlineCopy("aofpause", held_ms)
+                method = OnlineMethod.AOF  # the buffer never settled inside a short pause
             if method is OnlineMethod.AOF:
                 self._aof_copy(ctx, dest, copy, client)
-                return "aof"
+                return OnlineCopy("aof")
             self._bgsave_copy(ctx, dest, copy, client)
-            return None
+            return OnlineCopy()
 
     @staticmethod
-    def online_method(client: redis.Redis) -> OnlineMethod:
+    def online_method(client: redis.Redis, where: Path) -> OnlineMethod:
+        """``where``: the directory the copy goes under (its filesystem decides aof_pause)."""
         wanted = get_settings().valkey_online_method
         if wanted == "bgsave":
             return OnlineMethod.BGSAVE
-        if client.info("persistence")["aof_enabled"]:
-            return OnlineMethod.AOF
+        if not client.info("persistence")["aof_enabled"]:
+            if wanted in ("aof", "aof_pause"):
+                raise RuntimeError("the node does not persist to an append-only file (appendonly no)")
+            return OnlineMethod.BGSAVE
         if wanted == "aof":
-            raise RuntimeError("the node does not persist to an append-only file (appendonly no)")
-        return OnlineMethod.BGSAVE
+            return OnlineMethod.AOF
+        if reflink_at(where):
+            return OnlineMethod.AOF_PAUSE
+        if wanted == "aof_pause":
+            raise RuntimeError(f"aof_pause needs a data root that can reflink; {where} cannot")
+        return OnlineMethod.AOF
+
+    def _aof_pause_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree, client: redis.Redis) -> int | None:
+        """The append-only files of one moment, with writes held only for a reflink of the live
+        incremental file (O(its extents), since its dirty pages were written back just before);
+        the base and older incremental files never change, so they are reflinked after the pause
+        from fds opened inside it (a rewrite may unlink them meanwhile). Returns the ms writes were
+        held, or None when no pause found the append-only buffer empty (nothing copied then)."""
+        _poll(lambda: _aof_settled(client.info("persistence")), 600.0, 0.005)  # while writes flow
+        src = ctx.data_dir / AOF_DIR
+        copy(ctx.volume, dest, _not_in_copy)
+        aof = dest / "data" / AOF_DIR
+        aof.mkdir(mode=0o700)
+        cut = held = None
+        for _ in range(PAUSE_ATTEMPTS):
+            _write_back_live(src)  # outside the pause: the reflink inside then flushes only the last ms
+            started = time.monotonic()
+            client.client_pause(PAUSE_TIMEOUT_MS, all=False)
+            try:
+                cut = _cut_in_pause(client, src, aof)
+            finally:
+                client.client_unpause()
+                held = time.monotonic() - started
+            if cut is not None:
+                break
+        if cut is None:
+            shutil.rmtree(dest, ignore_errors=True)  # the aof method starts over
+            return None
+        try:
+            for name, fd in cut.files[:-1]:
+                _write_from_fd(fd, aof / name, None)
+            (aof / MANIFEST).write_bytes(cut.manifest)
+        finally:
+            cut.close()
+        _own_like(aof, (dest / "data").stat())
+        return round(held * 1000)
 
     def _aof_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree, client: redis.Redis) -> None:
         """No fork, nothing held: the append-only file is the command log, so any prefix of it is

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +11,8 @@ import psycopg
 import pytest
 import redis
 
-from shared.drivers import NodeSpec, PermanentDriverError
+from shared.config import get_settings
+from shared.drivers import NodeSpec, PermanentDriverError, process
 from shared.drivers.local import LocalDriver
 from shared.stacks.postgres import SUPERUSER
 from tests.conftest import destroy_everything, make_data_root
@@ -213,38 +212,37 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-def _xfs_unavailable() -> str | None:
+def _niceness(leader: int) -> dict[int, int]:
+    """tid -> niceness, for every thread of the node's server and of every process it forked."""
+    return {tid: os.getpriority(os.PRIO_PROCESS, tid) for pid in process.tree(leader)
+            for tid in map(int, os.listdir(f"/proc/{pid}/task"))}
+
+
+@pytest.mark.parametrize(("stack", "port"), [("postgres", 5432), ("valkey", 6379)])
+def test_a_clone_starts_at_low_cpu_priority_and_then_serves_at_the_normal_one(
+        driver: LocalDriver, monkeypatch: pytest.MonkeyPatch, stack: str, port: int) -> None:
+    """A clone loading its data never takes the CPU from the sources beside it; once healthy it is
+    a node like any other. PostgreSQL forks its auxiliary processes and Valkey starts threads while
+    starting: every one of them is niced, then every one is back at 0."""
     if os.geteuid() != 0:
-        return "needs root to mount an XFS loop image"
-    if not shutil.which("mkfs.xfs"):
-        return "mkfs.xfs not installed (apt-get install xfsprogs)"
-    if "xfs" not in Path("/proc/filesystems").read_text():
-        return "kernel has no XFS"
-    return None
+        pytest.skip("lowering niceness again needs root")
+    driver.create_node(NodeSpec("src", stack, SRC, port))
+    driver.stop("src")
+    during: dict[int, int] = {}
+    healthy = driver.wait_healthy
 
+    def observed(node_id: str, timeout: float) -> None:
+        healthy(node_id, timeout)
+        during.update(_niceness(process.running_pid(driver.volume(node_id) / "run/node.pid")))
 
-@pytest.fixture
-def xfs_root():
-    reason = _xfs_unavailable()
-    if reason:
-        pytest.skip(reason)
-    work = make_data_root("envclone-xfs-")
-    image, mnt = work / "xfs.img", work / "mnt"
-    mnt.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(512 * 1024 * 1024)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
-    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        shutil.rmtree(work)
-        pytest.skip(f"cannot loop-mount here: {mounted.stderr.strip()}")
-    mnt.chmod(0o755)
-    try:
-        yield mnt
-    finally:
-        destroy_everything(mnt / "var")
-        subprocess.run(["umount", str(mnt)], check=True)
-        shutil.rmtree(work)
+    monkeypatch.setattr(driver, "wait_healthy", observed)
+    driver.restart("src", 30, yield_cpu=True)
+    assert len(during) > 1 and set(during.values()) == {get_settings().clone_start_nice} != {0}
+    assert set(_niceness(process.running_pid(driver.volume("src") / "run/node.pid")).values()) == {0}
+    driver.stop("src")
+    during.clear()
+    driver.restart("src", 30)  # any other start (a source's) is never niced
+    assert during and set(during.values()) == {0}
 
 
 def test_reflink_path_on_xfs(xfs_root: Path) -> None:

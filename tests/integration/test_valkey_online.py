@@ -1,13 +1,18 @@
 """Online copies of Valkey from its append-only files (no fork), at driver level with real servers:
 one moment under MULTI load, a rewrite in the middle of the copy, a cut inside a MULTI block,
-and the BGSAVE fallback for a node not persisting to the append-only file."""
+the BGSAVE fallback for a node not persisting to the append-only file; and on an XFS reflink root
+the aof_pause method: one moment, writes held only briefly, a fallback when the pause finds the
+buffer busy, and a worker killed inside the pause holding nothing for long."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +22,8 @@ import redis
 from shared import snapshots
 from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
-from shared.stacks.valkey import AOF_DIR, MANIFEST, _open_cut, _write_from_fd, valkey_binary
+from shared.stacks import valkey as valkey_stack
+from shared.stacks.valkey import AOF_DIR, MANIFEST, PAUSE_TIMEOUT_MS, _open_cut, _write_from_fd, valkey_binary
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -52,9 +58,8 @@ class Pairs(threading.Thread):
             self.errors.append(exc)
 
 
-@pytest.fixture
-def source(data_root: Path) -> Iterator[tuple[LocalDriver, redis.Redis]]:
-    driver = LocalDriver(data_root)
+def _source(root: Path) -> Iterator[tuple[LocalDriver, redis.Redis]]:
+    driver = LocalDriver(root)
     driver.create_node(NodeSpec("src", "valkey", *SRC))
     client = redis.Redis.from_url(driver.url("src"))
     client.mset({f"k{i}": "x" * 64 for i in range(20000)})
@@ -63,10 +68,23 @@ def source(data_root: Path) -> Iterator[tuple[LocalDriver, redis.Redis]]:
 
 
 @pytest.fixture
-def method(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def source(data_root: Path) -> Iterator[tuple[LocalDriver, redis.Redis]]:
+    yield from _source(data_root)
+
+
+@pytest.fixture
+def xfs_source(xfs_root: Path) -> Iterator[tuple[LocalDriver, redis.Redis]]:
+    root = xfs_root / "var"
+    root.mkdir(mode=0o755)
+    yield from _source(root)
+
+
+@pytest.fixture
+def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """ENVCLONE_VALKEY_ONLINE_METHOD: auto, or the test's indirect parameter."""
     from shared.config import get_settings
 
-    monkeypatch.setenv("ENVCLONE_VALKEY_ONLINE_METHOD", "auto")
+    monkeypatch.setenv("ENVCLONE_VALKEY_ONLINE_METHOD", getattr(request, "param", "auto"))
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
@@ -105,6 +123,7 @@ def _assert_one_moment(copy: redis.Redis, source: redis.Redis) -> None:
     assert copy.dbsize() == 20003
 
 
+@pytest.mark.parametrize("method", ["aof"], indirect=True)
 def test_aof_copy_under_multi_load_is_one_moment_without_a_fork(source, method) -> None:  # noqa: ANN001
     driver, client = source
     forks = _forks(client)
@@ -114,6 +133,7 @@ def test_aof_copy_under_multi_load_is_one_moment_without_a_fork(source, method) 
     _assert_one_moment(copy, client)
 
 
+@pytest.mark.parametrize("method", ["aof"], indirect=True)
 def test_rewrite_during_the_copy_still_gives_a_loadable_consistent_copy(source, method,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """BGREWRITEAOF runs to its end (new base, old files unlinked) after the files were opened and
@@ -152,6 +172,74 @@ def test_bgsave_fallback_when_the_node_does_not_use_the_append_only_file(source,
     assert how in ("online-copy", "online-reflink")  # the fork snapshot
     assert _forks(client) > forks
     _assert_one_moment(copy, client)
+
+
+# ---- aof_pause: the live append-only file reflinked under a short pause (XFS reflink root) --------
+def test_aof_pause_copy_is_one_moment_holding_writes_only_for_the_reflink(xfs_source, method) -> None:  # noqa: ANN001
+    driver, client = xfs_source
+    forks = _forks(client)
+    how, copy = _copy_under_load(driver, client)
+    assert how == "online-aofpause"  # auto on a reflink root
+    assert _forks(client) == forks, "the online copy forked the source"
+    info = driver.snapshot_info("snap")
+    assert info is not None and info.window_ms < PAUSE_TIMEOUT_MS  # the pause's length, recorded
+    assert client.info("clients")["paused_actions"] == "none"
+    _assert_one_moment(copy, client)
+
+
+def test_aof_pause_that_never_finds_the_buffer_empty_falls_back_to_the_aof_copy(
+        xfs_source, method, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Every pause ends at once, unpaused, when the append-only buffer is busy; after the last try
+    the copy is the aof method's, which holds nothing."""
+    driver, client = xfs_source
+    pauses: list[bool] = []
+
+    def busy(c: redis.Redis, src: Path, aof: Path) -> None:
+        pauses.append(c.info("clients")["paused_actions"] == "write")  # held right now
+        return None
+
+    monkeypatch.setattr(valkey_stack, "_cut_in_pause", busy)
+    how, copy = _copy_under_load(driver, client)
+    assert how == "online-aof"
+    assert pauses == [True] * valkey_stack.PAUSE_ATTEMPTS
+    assert driver.snapshot_info("snap").window_ms == 0
+    _assert_one_moment(copy, client)
+
+
+_HANG_IN_PAUSE = """
+import sys, threading
+from shared.drivers.local import LocalDriver
+from shared.stacks import valkey
+
+def hang(src, dst):
+    print("in the pause", flush=True)
+    threading.Event().wait()
+
+valkey.reflink_fd = hang
+LocalDriver(sys.argv[1]).snapshot_online("src", "snap")
+"""
+
+
+def test_worker_killed_inside_the_pause_holds_the_source_no_longer_than_the_pause_timeout(
+        xfs_source, method) -> None:  # noqa: ANN001
+    driver, client = xfs_source
+    worker = subprocess.Popen([sys.executable, "-c", _HANG_IN_PAUSE, str(driver.root)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "ENVCLONE_VALKEY_ONLINE_METHOD": "aof_pause"})
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "in the pause"
+        assert client.info("clients")["paused_actions"] == "write"
+        worker.kill()
+        worker.wait(timeout=10)
+        killed = time.monotonic()
+        writer = redis.Redis.from_url(driver.url("src"), socket_timeout=10)
+        assert writer.set("after", "the kill")  # waits out the pause the dead worker left, no longer
+        assert time.monotonic() - killed < PAUSE_TIMEOUT_MS / 1000 + 2.0
+        assert client.info("clients")["paused_actions"] == "none"
+        writer.close()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
 
 
 # ---- a cut inside a MULTI block, on a bare server -------------------------------------------------
