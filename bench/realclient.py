@@ -433,7 +433,7 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
     credentials = get_stack(stack).new_credentials()
     driver.set_credentials(copy_id, credentials)
     t["credentials_set"] = time.time()
-    driver.restart(copy_id, 600, yield_cpu=True)  # as the workflow starts a clone
+    driver.restart(copy_id, 600)
     t["end"] = time.time()
     phases = {k: round(v - t["start"], 3) for k, v in t.items() if k != "start"}
     return {"method": info.method, "snapshot_bytes": info.size_bytes, "window_ms": info.window_ms,
@@ -497,10 +497,8 @@ def online_method(stack: str, method: str) -> Iterator[None]:
         yield
 
 
-# A mode ending in "/baseline" clones as before the paced copy: no write-behind, provision copies;
-# "/unniced": the clone's first start at the normal CPU priority, as before clone_start_nice.
-SUFFIX_ENV = {"baseline": {"ENVCLONE_COPY_WRITE_BEHIND_MIB": "0", "ENVCLONE_PROVISION_MOVE": "false"},
-              "unniced": {"ENVCLONE_CLONE_START_NICE": "0"}}
+# A mode ending in "/baseline" clones as before the paced copy: no write-behind, provision copies.
+SUFFIX_ENV = {"baseline": {"ENVCLONE_COPY_WRITE_BEHIND_MIB": "0", "ENVCLONE_PROVISION_MOVE": "false"}}
 
 
 @contextmanager

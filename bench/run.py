@@ -302,8 +302,7 @@ def main() -> None:
     parser.add_argument("--realclient-modes", default="online,online/baseline,stop",
                         help="realclient clone modes: online, stop, online:<pg method>; a /baseline suffix: "
                              "without write-behind and provision by move (ENVCLONE_COPY_WRITE_BEHIND_MIB=0, "
-                             "ENVCLONE_PROVISION_MOVE=false); an /unniced suffix: the clone's first start at "
-                             "the normal CPU priority (ENVCLONE_CLONE_START_NICE=0)")
+                             "ENVCLONE_PROVISION_MOVE=false)")
     parser.add_argument("--realclient-valkey-modes", default="",
                         help="realclient Valkey modes (online:<valkey method>, stop, suffixes as above); "
                              "default: online:aof_pause where the root can reflink, online:aof, online:bgsave, stop")

@@ -63,11 +63,6 @@ class Settings(BaseSettings):
     # the clone's host and the job keeps no snapshot (retain_snapshots, keep_on_failure); false:
     # always a copy.
     provision_move: bool = True
-    # A clone's starts until it is first healthy (its private start for masking, then its first
-    # start) run at this CPU niceness, then at 0: loading gigabytes (Valkey's append-only file,
-    # PostgreSQL's recovery) never takes the CPU from the sources it shares a host with. 0: off;
-    # needs root (CAP_SYS_NICE) to lower it again, so 0 without.
-    clone_start_nice: int = Field(default=10, ge=0, le=19)
     # Valkey online copies: aof (a prefix of the append-only files, no fork), aof_pause (the live
     # append-only file reflinked under a pause of writes of a few ms; needs a reflink data root),
     # bgsave (a fork snapshot), auto (aof_pause where the data root can reflink, else aof, when the

@@ -211,7 +211,7 @@ def assign_ips(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     rules = masking.for_node(ticket.options.get("mask", []), ticket.node_name)
     mask = (rules, str(ticket.options.get("mask_seed", ""))) if rules else None
     safety.make_safe(driver, ticket, jn.clone_node_id, actions, needles, detail, mask)  # UnsafeClone: never starts
-    driver.restart(jn.clone_node_id, get_settings().health_timeout_s, yield_cpu=True)
+    driver.restart(jn.clone_node_id, get_settings().health_timeout_s)
     with session_scope() as session:
         session.execute(update(Node).where(Node.id == jn.clone_node_id, Node.state != NodeState.DESTROYED)
                         .values(state=NodeState.RUNNING))

@@ -120,9 +120,8 @@ class Driver(ABC):
         """Capture a consistent copy while the node serves, refusing nothing (stacks that can)."""
 
     @abstractmethod
-    def restart(self, node_id: str, timeout: float, *, yield_cpu: bool = False) -> None:
-        """Resume writes or start the node, and wait until it is healthy. ``yield_cpu``: a clone's
-        first start, at a low CPU priority until healthy (ENVCLONE_CLONE_START_NICE)."""
+    def restart(self, node_id: str, timeout: float) -> None:
+        """Resume writes or start the node, and wait until it is healthy."""
 
     @abstractmethod
     def provision(self, snapshot_id: str, node_id: str, progress: ProgressFn | None = None,

@@ -25,7 +25,6 @@ from typing import Any
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from shared import snapshots
-from shared.config import get_settings
 from shared.drivers import process
 from shared.drivers.base import (
     ActionFailed,
@@ -49,11 +48,6 @@ def _held_copy_ignore(stack: Stack) -> snapshots.Ignore:
     """What a held (stop-mode) copy leaves out: run/, and files the server writes on the side that
     its held state does not depend on (an online copy's RDB beside Valkey's append-only files)."""
     return lambda rel: _ignore_run(rel) or any(fnmatch.fnmatch(rel, g) for g in stack.side_files)
-
-
-def _start_nice() -> int:
-    """A clone's CPU niceness until it is healthy; 0 where it could not be lowered again (not root)."""
-    return get_settings().clone_start_nice if os.geteuid() == 0 else 0
 
 
 def _ignore_run(rel: str) -> bool:
@@ -209,7 +203,7 @@ class LocalDriver(Driver):
         except Exception as exc:  # the stack's client library decides what it raises
             raise TransientDriverError(f"first-start setup of {spec.stack} failed: {exc}") from exc
 
-    def start(self, node_id: str, nice: int = 0) -> None:
+    def start(self, node_id: str) -> None:
         stack, ctx = self._node(node_id)
         pid_path, run = self._pid_path(node_id), ctx.volume / "run"
         run.mkdir(exist_ok=True)
@@ -227,7 +221,7 @@ class LocalDriver(Driver):
             except RuntimeError as exc:
                 raise PermanentDriverError(f"{stack.name} cannot start: {exc}") from exc
             process.spawn(argv, cwd=ctx.volume, log_path=run / "node.log", pid_path=pid_path,
-                          env=self._env(ctx, extra_env), run_as=ctx.run_as, nice=nice)
+                          env=self._env(ctx, extra_env), run_as=ctx.run_as)
         finally:
             os.close(fd)
 
@@ -265,21 +259,15 @@ class LocalDriver(Driver):
             health = exc.last_attempt.result()
             raise TransientDriverError(f"node {node_id} not healthy after {timeout:.0f}s: {health.detail}") from None
 
-    def restart(self, node_id: str, timeout: float, *, yield_cpu: bool = False) -> None:
+    def restart(self, node_id: str, timeout: float) -> None:
         stack, ctx = self._node(node_id)
         if stack.online_quiesce and process.running_pid(self._pid_path(node_id)) is not None:
             try:
                 stack.resume_writes(ctx)
             except Exception as exc:
                 raise TransientDriverError(f"resuming writes on {stack.name} failed: {exc}") from exc
-        nice = _start_nice() if yield_cpu else 0
-        self.start(node_id, nice)
-        try:
-            self.wait_healthy(node_id, timeout)
-        finally:
-            pid = process.running_pid(self._pid_path(node_id))
-            if nice and pid is not None:
-                process.set_nice(pid, 0)  # healthy (or given up on): a node like any other from now
+        self.start(node_id)
+        self.wait_healthy(node_id, timeout)
 
     # ---- snapshots -----------------------------------------------------------------------------
     def prepare_snapshot(self, node_id: str, snapshot_id: str) -> int:
@@ -515,7 +503,7 @@ class LocalDriver(Driver):
                 ctx.run_as.chown_tree(sockdir)
             sockdir.chmod(0o700)
             process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log", pid_path=pid_path,
-                          env=self._env(ctx, extra), run_as=ctx.run_as, nice=_start_nice())
+                          env=self._env(ctx, extra), run_as=ctx.run_as)
 
             def answers() -> bool:
                 if process.running_pid(pid_path) is None:

@@ -48,18 +48,19 @@ def _reap() -> None:
 
 
 def _start_time(pid: int) -> str | None:
-    fields = _stat_fields(pid)
-    if fields is None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):  # zombie or dead: not running, whoever must reap it
         return None
     return fields[19]
 
 
 def spawn(argv: list[str], *, cwd: Path, log_path: Path, pid_path: Path, env: dict[str, str],
-          run_as: RunAs | None, nice: int = 0) -> int:
-    """Start ``argv`` detached (own session, no controlling terminal) and record its pid file.
-    ``nice``: its CPU niceness from the start (see set_nice)."""
+          run_as: RunAs | None) -> int:
+    """Start ``argv`` detached (own session, no controlling terminal) and record its pid file."""
     _reap()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
@@ -71,56 +72,11 @@ def spawn(argv: list[str], *, cwd: Path, log_path: Path, pid_path: Path, env: di
             start_new_session=True, close_fds=True, umask=0o077, **kwargs,  # type: ignore[arg-type]
         )
     _children.append(child)
-    if nice:
-        set_nice(child.pid, nice)
     start = _start_time(child.pid) or ""
     tmp = pid_path.with_suffix(".tmp")
     tmp.write_text(f"{child.pid} {start}\n")
     tmp.replace(pid_path)
     return child.pid
-
-
-def _stat_fields(pid: int | str) -> list[str] | None:
-    """/proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def tree(root: int) -> list[int]:
-    """``root`` and every process descended from it: a node's server and whatever it forked (by
-    parentage: PostgreSQL's children each start a session of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (fields := _stat_fields(entry.name)) is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def set_nice(root: int, nice: int) -> None:
-    """CPU niceness ``nice`` for every thread of ``root`` and of every process descended from it.
-    Linux keeps niceness per thread, and a thread or a forked child is born with its parent's, so
-    parents go before their children and a main thread before its threads; a second pass catches
-    what was born from a parent not yet changed during the first. Lowering it again needs root
-    (CAP_SYS_NICE)."""
-    for _ in range(2):
-        for pid in tree(root):
-            try:
-                tids = sorted((int(t) for t in os.listdir(f"/proc/{pid}/task")), key=lambda t: t != pid)
-            except OSError:
-                continue  # gone meanwhile
-            for tid in tids:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, tid, nice)
-                except ProcessLookupError:
-                    pass
 
 
 def running_pid(pid_path: Path) -> int | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -139,8 +140,10 @@ def _open_cut(aof: Path) -> _AofCut | None:
             return _AofCut(b"".join(line for _, line in listed), files, os.fstat(files[-1][1]).st_size)
     except FileNotFoundError:
         pass
-    for _, fd in files:
-        os.close(fd)
+    except BaseException:
+        _AofCut(b"", files, 0).close()
+        raise
+    _AofCut(b"", files, 0).close()
     return None
 
 
@@ -152,6 +155,10 @@ def _write_back_live(aof: Path) -> None:
             os.fdatasync(cut.files[-1][1])
         finally:
             cut.close()
+
+
+class _ReflinkRefused(Exception):
+    """The live file could not be reflinked where the copy goes (another filesystem: EXDEV)."""
 
 
 def _cut_in_pause(client: redis.Redis, src: Path, aof: Path) -> _AofCut | None:
@@ -168,11 +175,14 @@ def _cut_in_pause(client: redis.Redis, src: Path, aof: Path) -> _AofCut | None:
     name, fd = cut.files[-1]
     try:
         with open(aof / name, "wb") as d:
-            if not reflink_fd(fd, d.fileno()):
-                raise RuntimeError(f"cannot reflink into {aof}")
+            reflinked = reflink_fd(fd, d.fileno())
     except BaseException:
         cut.close()
         raise
+    if not reflinked:
+        cut.close()
+        (aof / name).unlink()
+        raise _ReflinkRefused(str(aof))
     return cut
 
 
@@ -362,26 +372,40 @@ class ValkeyStack(Stack):
         incremental file (O(its extents), since its dirty pages were written back just before);
         the base and older incremental files never change, so they are reflinked after the pause
         from fds opened inside it (a rewrite may unlink them meanwhile). Returns the ms writes were
-        held, or None when no pause found the append-only buffer empty (nothing copied then)."""
+        held, or None (nothing copied, the aof method's turn) when no pause found the append-only
+        buffer empty, the live file could not be reflinked, or another job holds the node's writes.
+        CLIENT UNPAUSE ends every pause, so ours is never taken over another one; a stop-mode hold
+        that begins inside ours (a few ms) is ended with it, and that job's snapshot then fails
+        saying writes were taken."""
         _poll(lambda: _aof_settled(client.info("persistence")), 600.0, 0.005)  # while writes flow
         src = ctx.data_dir / AOF_DIR
         copy(ctx.volume, dest, _not_in_copy)
         aof = dest / "data" / AOF_DIR
         aof.mkdir(mode=0o700)
-        cut = held = None
+        cut: _AofCut | None = None
+        held = 0.0
         for _ in range(PAUSE_ATTEMPTS):
             _write_back_live(src)  # outside the pause: the reflink inside then flushes only the last ms
-            started = time.monotonic()
-            client.client_pause(PAUSE_TIMEOUT_MS, all=False)
+            if client.info("clients").get("paused_actions") in ("write", "all"):
+                break  # another job's hold (a stop-mode clone of this node): ours would end it early
+            started, refused = time.monotonic(), False
             try:
+                client.client_pause(PAUSE_TIMEOUT_MS, all=False)
                 cut = _cut_in_pause(client, src, aof)
+            except _ReflinkRefused:
+                refused = True
             finally:
-                client.client_unpause()
+                try:
+                    client.client_unpause()
+                except BaseException:
+                    if cut is not None:
+                        cut.close()
+                    raise
                 held = time.monotonic() - started
-            if cut is not None:
+            if cut is not None or refused:
                 break
         if cut is None:
-            shutil.rmtree(dest, ignore_errors=True)  # the aof method starts over
+            shutil.rmtree(dest)  # the aof method starts over
             return None
         try:
             for name, fd in cut.files[:-1]:
@@ -390,7 +414,7 @@ class ValkeyStack(Stack):
         finally:
             cut.close()
         _own_like(aof, (dest / "data").stat())
-        return round(held * 1000)
+        return math.ceil(held * 1000)
 
     def _aof_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree, client: redis.Redis) -> None:
         """No fork, nothing held: the append-only file is the command log, so any prefix of it is

@@ -11,8 +11,7 @@ import psycopg
 import pytest
 import redis
 
-from shared.config import get_settings
-from shared.drivers import NodeSpec, PermanentDriverError, process
+from shared.drivers import NodeSpec, PermanentDriverError
 from shared.drivers.local import LocalDriver
 from shared.stacks.postgres import SUPERUSER
 from tests.conftest import destroy_everything, make_data_root
@@ -210,39 +209,6 @@ def _parent(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _niceness(leader: int) -> dict[int, int]:
-    """tid -> niceness, for every thread of the node's server and of every process it forked."""
-    return {tid: os.getpriority(os.PRIO_PROCESS, tid) for pid in process.tree(leader)
-            for tid in map(int, os.listdir(f"/proc/{pid}/task"))}
-
-
-@pytest.mark.parametrize(("stack", "port"), [("postgres", 5432), ("valkey", 6379)])
-def test_a_clone_starts_at_low_cpu_priority_and_then_serves_at_the_normal_one(
-        driver: LocalDriver, monkeypatch: pytest.MonkeyPatch, stack: str, port: int) -> None:
-    """A clone loading its data never takes the CPU from the sources beside it; once healthy it is
-    a node like any other. PostgreSQL forks its auxiliary processes and Valkey starts threads while
-    starting: every one of them is niced, then every one is back at 0."""
-    if os.geteuid() != 0:
-        pytest.skip("lowering niceness again needs root")
-    driver.create_node(NodeSpec("src", stack, SRC, port))
-    driver.stop("src")
-    during: dict[int, int] = {}
-    healthy = driver.wait_healthy
-
-    def observed(node_id: str, timeout: float) -> None:
-        healthy(node_id, timeout)
-        during.update(_niceness(process.running_pid(driver.volume(node_id) / "run/node.pid")))
-
-    monkeypatch.setattr(driver, "wait_healthy", observed)
-    driver.restart("src", 30, yield_cpu=True)
-    assert len(during) > 1 and set(during.values()) == {get_settings().clone_start_nice} != {0}
-    assert set(_niceness(process.running_pid(driver.volume("src") / "run/node.pid")).values()) == {0}
-    driver.stop("src")
-    during.clear()
-    driver.restart("src", 30)  # any other start (a source's) is never niced
-    assert during and set(during.values()) == {0}
 
 
 def test_reflink_path_on_xfs(xfs_root: Path) -> None:

@@ -7,6 +7,7 @@ buffer busy, and a worker killed inside the pause holding nothing for long."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,11 @@ def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+def _pauses(client: redis.Redis) -> int:
+    """CLIENT PAUSE calls the server has served."""
+    return int(client.info("commandstats").get("cmdstat_client|pause", {}).get("calls", 0))
 
 
 def _forks(client: redis.Redis) -> int:
@@ -182,7 +188,7 @@ def test_aof_pause_copy_is_one_moment_holding_writes_only_for_the_reflink(xfs_so
     assert how == "online-aofpause"  # auto on a reflink root
     assert _forks(client) == forks, "the online copy forked the source"
     info = driver.snapshot_info("snap")
-    assert info is not None and info.window_ms < PAUSE_TIMEOUT_MS  # the pause's length, recorded
+    assert info is not None and 0 < info.window_ms < PAUSE_TIMEOUT_MS  # the pause's length, recorded
     assert client.info("clients")["paused_actions"] == "none"
     _assert_one_moment(copy, client)
 
@@ -226,20 +232,49 @@ def test_worker_killed_inside_the_pause_holds_the_source_no_longer_than_the_paus
     worker = subprocess.Popen([sys.executable, "-c", _HANG_IN_PAUSE, str(driver.root)], stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "ENVCLONE_VALKEY_ONLINE_METHOD": "aof_pause"})
     try:
-        assert worker.stdout is not None and worker.stdout.readline().strip() == "in the pause"
+        assert worker.stdout is not None
+        ready, _, _ = select.select([worker.stdout], [], [], 60)
+        assert ready and worker.stdout.readline().strip() == "in the pause", "the worker never reached its pause"
+        paused_by = time.monotonic()  # the pause began before this
         assert client.info("clients")["paused_actions"] == "write"
         worker.kill()
         worker.wait(timeout=10)
-        killed = time.monotonic()
         writer = redis.Redis.from_url(driver.url("src"), socket_timeout=10)
         assert writer.set("after", "the kill")  # waits out the pause the dead worker left, no longer
-        assert time.monotonic() - killed < PAUSE_TIMEOUT_MS / 1000 + 2.0
+        assert time.monotonic() - paused_by < PAUSE_TIMEOUT_MS / 1000 + 0.5
         assert client.info("clients")["paused_actions"] == "none"
         writer.close()
     finally:
         if worker.poll() is None:
             worker.kill()
             worker.wait(timeout=10)
+
+
+def test_a_pause_held_by_another_job_is_never_ended_by_an_online_copy(xfs_source, method) -> None:  # noqa: ANN001
+    """A stop-mode clone of the same node holds its writes: the online copy neither pauses nor
+    unpauses (CLIENT UNPAUSE would end that hold) and takes the aof method's copy instead."""
+    driver, client = xfs_source
+    client.client_pause(60_000, all=False)
+    try:
+        info = driver.snapshot_online("src", "snap")
+        assert info.method == "online-aof" and info.window_ms == 0
+        assert client.info("clients")["paused_actions"] == "write"  # still held, as its owner left it
+    finally:
+        client.client_unpause()
+    copy = _serve_copy(driver)
+    assert copy.dbsize() == 20000
+
+
+def test_a_live_file_that_cannot_be_reflinked_falls_back_at_once(xfs_source, method,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The volume and the snapshot on different filesystems (EXDEV): one pause, then the aof copy."""
+    driver, client = xfs_source
+    pauses = _pauses(client)
+    monkeypatch.setattr(valkey_stack, "reflink_fd", lambda src, dst: False)
+    how, copy = _copy_under_load(driver, client)
+    assert how == "online-aof" and _pauses(client) == pauses + 1
+    assert client.info("clients")["paused_actions"] == "none"
+    _assert_one_moment(copy, client)
 
 
 # ---- a cut inside a MULTI block, on a bare server -------------------------------------------------
