@@ -165,7 +165,16 @@ class ConnectProbe(Probe):
 def _gap_figures(per_client: dict[Any, list[float]], t0: float, t1: float, end: float) -> dict[str, Any]:
     gap, at = _client_gaps(per_client, t0, t1, end)
     return {"longest_client_gap_ms": gap, "longest_gap_began_s": at,
-            "client_gaps_over_50ms": long_gaps(per_client, t0, t1, 0.050)}
+            "client_gaps_over_50ms": long_gaps(per_client, t0, t1, 0.050),
+            "longest_gap_before_ms": _gap_before(per_client, t0)}
+
+
+def _gap_before(per_client: dict[Any, list[float]], t0: float) -> float:
+    """The longest wait between two acknowledged transactions of one client wholly within the
+    BEFORE_S before the clone (ms): the load's own floor on this machine, beside the gap during."""
+    return max((round((b - a) * 1000, 1) for times in per_client.values()
+                for a, b in zip(sorted(times), sorted(times)[1:], strict=False) if t0 - BEFORE_S <= a and b < t0),
+               default=0.0)
 
 
 def long_gaps(per_client: dict[Any, list[float]], t0: float, t1: float, over_s: float) -> list[tuple[float, float]]:
@@ -638,7 +647,8 @@ def measure(root: Path, stack: str, mib: int, modes: list[str], label: str) -> l
                      reflink=driver.reflink, fill_s=fill_s, volume_bytes=tree_size(driver.volume(source)))
             out.append(r)
             print(f"realclient {label:<11} {stack:<8} {mib:>5} MiB {mode:<6}: clone {r['clone_s']:.1f}s "
-                  f"({r['method']}), longest client gap {r['longest_client_gap_ms']:.0f} ms, probe gap "
+                  f"({r['method']}), longest client gap {r['longest_client_gap_ms']:.0f} ms (before the clone "
+                  f"{r['longest_gap_before_ms']:.0f} ms), probe gap "
                   f"{r['probe_write_gap_ms']:.0f} ms, failed {r['failed_transactions']}, aborted "
                   f"{r['aborted_clients']}, refused {r['refused_connections']}/{r['connect_attempts']}, p99 "
                   f"{r['p99_before_ms']:.1f} -> {r['p99_during_ms']:.1f} ms, invariant "
