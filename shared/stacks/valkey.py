@@ -342,7 +342,7 @@ class ValkeyStack(Stack):
                 held_ms = self._aof_pause_copy(ctx, dest, copy, client)
                 if held_ms is not None:
                     return OnlineCopy("aofpause", held_ms)
-                method = OnlineMethod.AOF  # the buffer never settled inside a short pause
+                method = OnlineMethod.AOF  # no short pause could take it (see _aof_pause_copy)
             if method is OnlineMethod.AOF:
                 self._aof_copy(ctx, dest, copy, client)
                 return OnlineCopy("aof")
