@@ -3,6 +3,7 @@ that could outgrow the 107-byte limit). Quiesce = online CHECKPOINT, then fast s
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import ipaddress
 import os
@@ -11,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from contextlib import nullcontext
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,53 @@ APP_USER = APP_DB = "app"
 # root, the one bench/pg_online.py measured better there (bench/README.md).
 ONLINE_METHODS = ("backup_api", "basebackup", "auto")
 BASEBACKUP_APP = "envclone_basebackup"  # application_name of pg_basebackup's walsenders
+
+
+# pg_basebackup reaches the node through a relay socket in a directory of its own under /tmp (a
+# socket path must fit in 107 bytes). A worker killed mid-backup leaves that directory behind.
+RELAY_DIR_PREFIX = "envclone-pgbb-"
+RELAY_DIR_GRACE_S = 60.0
+
+
+def _sweep_relay_dirs(root: Path = Path("/tmp")) -> list[Path]:
+    """Remove the relay directories whose owner is gone: their lock is free (a live backup holds
+    its own; flock works across PID namespaces, where a pid would not), or they have no lock and
+    are older than a minute (left by a version that wrote none). Returns what was removed."""
+    removed = []
+    for path in root.glob(f"{RELAY_DIR_PREFIX}*"):
+        try:
+            fd = os.open(path / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            try:
+                young = time.time() - path.stat().st_mtime < RELAY_DIR_GRACE_S
+            except FileNotFoundError:
+                continue
+            if not young:  # too young: its owner may be about to take the lock
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a backup in progress
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An flock on ``path`` (made 0600), held for the block: the directory is in use."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def hba(address: str) -> str:
@@ -304,10 +354,8 @@ class PostgresStack(DatabaseStack):
         self._allow_replication(ctx)
         creds = ctx.secrets()
         user = creds.get("superuser", SUPERUSER)
-        escaped = creds["superuser_password"].replace("\\", "\\\\").replace(":", "\\:")
-        with tempfile.TemporaryDirectory(prefix="envclone-pgbb-", dir="/tmp") as tmp:
-            passfile = Path(tmp, "pgpass")
-            write_private(passfile, f"*:*:*:{user}:{escaped}\n")
+        _sweep_relay_dirs()
+        with tempfile.TemporaryDirectory(prefix=RELAY_DIR_PREFIX, dir="/tmp") as tmp, _locked(Path(tmp, "lock")):
             argv = [str(postgres_bindir() / "pg_basebackup"), "-D", str(dest / "data"), "-h", tmp,
                     "-p", str(ctx.port), "-U", user, "-w", "-X", "stream", "-c", "fast", "--no-manifest",
                     "--no-sync", "-l", f"envclone {dest.parent.name}"]
@@ -317,7 +365,9 @@ class PostgresStack(DatabaseStack):
             setpriv = shutil.which("setpriv")
             if setpriv:  # dies with this process rather than write on into a staging dir
                 argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
-            env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "PGPASSFILE": str(passfile),
+            # The password in the child's environment (readable by root and its own uid only), never
+            # in a file: a worker killed here leaves no secret behind on disk.
+            env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "PGPASSWORD": creds["superuser_password"],
                    "PGAPPNAME": BASEBACKUP_APP}
             window = snapshots.write_behind_bytes()
             # pg_basebackup --no-sync leaves all it wrote dirty: written back while it writes, a window

@@ -3,6 +3,7 @@ the copy recovers to one consistent moment, and what can go wrong in between fai
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from shared.drivers import NodeSpec, PermanentDriverError, get_driver
 from shared.drivers.local import LocalDriver
-from shared.stacks.postgres import BASEBACKUP_APP, SUPERUSER, PostgresStack
+from shared.stacks.postgres import BASEBACKUP_APP, RELAY_DIR_PREFIX, SUPERUSER, PostgresStack
 from tests.conftest import destroy_everything, make_data_root
 from tests.fault_helpers import counts, kill9, step_worker_pid
 from tests.helpers import wait_for
@@ -253,9 +254,26 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _relay_dirs() -> set[Path]:
+    return set(Path("/tmp").glob(f"{RELAY_DIR_PREFIX}*"))
+
+
+def _free(relay_dir: Path) -> bool:
+    """Whether no live backup holds the directory's lock."""
+    fd = os.open(relay_dir / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path) -> None:
     """kill -9 of the process taking the copy, mid-stream: its relay dies with it, and so do the
-    backup's sessions on the source (with their temporary slot); pg_basebackup dies too."""
+    backup's sessions on the source (with their temporary slot); pg_basebackup dies too. What it
+    left under /tmp holds no secret, and the next backup removes it."""
     driver = LocalDriver(data_root)
     driver.create_node(NodeSpec("src", "postgres", "127.113.254.3", 5432))
     url = _admin(driver, "src")
@@ -267,6 +285,7 @@ def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path
     env = {**os.environ, "ENVCLONE_PG_ONLINE_METHOD": "basebackup",
            "ENVCLONE_PG_BASEBACKUP_MAX_RATE": "1M",  # slow enough to be caught mid-stream
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    before = _relay_dirs()
     child = subprocess.Popen([sys.executable, "-c", _SNAPSHOT_IN_A_CHILD, str(data_root)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ours = ("SELECT client_addr::text FROM pg_stat_activity WHERE backend_type = 'walsender' "
@@ -296,6 +315,10 @@ def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path
             wait_for(clean, timeout=30, what="the backup's sessions and slot to go with the killed process")
             wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in tools), timeout=10,
                      what="pg_basebackup to die with its parent")
+            left = [d for d in _relay_dirs() - before if _free(d)]  # the killed one's (not another test's)
+            assert left, "the killed backup's relay directory"
+            password = driver._node("src")[1].secrets()["superuser_password"].encode()
+            assert not any(password in f.read_bytes() for d in left for f in d.iterdir() if f.is_file())
     finally:
         if child.poll() is None:
             child.kill()
@@ -312,3 +335,4 @@ def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path
         finally:
             mp.delenv("ENVCLONE_PG_ONLINE_METHOD")
             get_settings.cache_clear()
+    assert not any(d.exists() for d in left), "the next backup sweeps what the killed one left"
