@@ -4,7 +4,6 @@ node is made and removed with the environment. Without root, nodes run as envclo
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import pwd
@@ -15,7 +14,7 @@ from contextlib import contextmanager
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_random
 
-from shared import fence
+from shared import fence, filelock
 
 log = logging.getLogger("envclone.identity")
 USERADD_EXISTS, USERDEL_MISSING, PASSWD_BUSY = 9, 6, 10  # shadow-utils exit codes
@@ -67,12 +66,8 @@ def _accounts_locked() -> Iterator[None]:
     holder by pid, and a useradd in another PID namespace (hosts on one machine) sees that pid as
     dead, takes the lock as stale and writes /etc/passwd over the other's change. flock is the
     kernel's, whatever the namespace."""
-    with open(ACCOUNTS_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with filelock.held(ACCOUNTS_LOCK):
+        yield
 
 
 def _kill_processes_of(uid: int) -> None:

@@ -3,7 +3,6 @@ that could outgrow the 107-byte limit). Quiesce = online CHECKPOINT, then fast s
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import ipaddress
 import os
@@ -13,8 +12,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import psycopg
 from psycopg import sql
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from shared import snapshots
+from shared import filelock, snapshots
 from shared.config import get_settings
 from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, OnlineCopy, write_private
 from shared.stacks.relay import SourceBoundRelay
@@ -45,43 +43,23 @@ RELAY_DIR_GRACE_S = 60.0
 
 def _sweep_relay_dirs(root: Path = Path("/tmp")) -> list[Path]:
     """Remove the relay directories whose owner is gone: their lock is free (a live backup holds
-    its own; flock works across PID namespaces, where a pid would not), or they have no lock and
-    are older than a minute (left by a version that wrote none). Returns what was removed."""
+    its own), or they have no lock and are older than a minute (left by a version that wrote none).
+    Returns what was removed."""
     removed = []
     for path in root.glob(f"{RELAY_DIR_PREFIX}*"):
         try:
-            fd = os.open(path / "lock", os.O_RDWR | os.O_CLOEXEC)
+            gone = filelock.free(path / "lock")
         except FileNotFoundError:
-            try:
-                young = time.time() - path.stat().st_mtime < RELAY_DIR_GRACE_S
+            try:  # a young one's owner may be about to take its lock
+                gone = time.time() - path.stat().st_mtime >= RELAY_DIR_GRACE_S
             except FileNotFoundError:
                 continue
-            if not young:  # too young: its owner may be about to take the lock
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-            continue
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a backup in progress
-        finally:
-            os.close(fd)
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        if gone:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     return removed
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An flock on ``path`` (made 0600), held for the block: the directory is in use."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def hba(address: str) -> str:
@@ -355,7 +333,7 @@ class PostgresStack(DatabaseStack):
         creds = ctx.secrets()
         user = creds.get("superuser", SUPERUSER)
         _sweep_relay_dirs()
-        with tempfile.TemporaryDirectory(prefix=RELAY_DIR_PREFIX, dir="/tmp") as tmp, _locked(Path(tmp, "lock")):
+        with tempfile.TemporaryDirectory(prefix=RELAY_DIR_PREFIX, dir="/tmp") as tmp, filelock.held(Path(tmp, "lock")):
             argv = [str(postgres_bindir() / "pg_basebackup"), "-D", str(dest / "data"), "-h", tmp,
                     "-p", str(ctx.port), "-U", user, "-w", "-X", "stream", "-c", "fast", "--no-manifest",
                     "--no-sync", "-l", f"envclone {dest.parent.name}"]

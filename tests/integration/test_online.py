@@ -3,7 +3,6 @@ the copy recovers to one consistent moment, and what can go wrong in between fai
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from shared import filelock
 from shared.drivers import NodeSpec, PermanentDriverError, get_driver
 from shared.drivers.local import LocalDriver
 from shared.stacks.postgres import BASEBACKUP_APP, RELAY_DIR_PREFIX, SUPERUSER, PostgresStack
@@ -258,18 +258,6 @@ def _relay_dirs() -> set[Path]:
     return set(Path("/tmp").glob(f"{RELAY_DIR_PREFIX}*"))
 
 
-def _free(relay_dir: Path) -> bool:
-    """Whether no live backup holds the directory's lock."""
-    fd = os.open(relay_dir / "lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path) -> None:
     """kill -9 of the process taking the copy, mid-stream: its relay dies with it, and so do the
     backup's sessions on the source (with their temporary slot); pg_basebackup dies too. What it
@@ -315,7 +303,8 @@ def test_killed_basebackup_leaves_no_slot_no_walsender_no_backup(data_root: Path
             wait_for(clean, timeout=30, what="the backup's sessions and slot to go with the killed process")
             wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in tools), timeout=10,
                      what="pg_basebackup to die with its parent")
-            left = [d for d in _relay_dirs() - before if _free(d)]  # the killed one's (not another test's)
+            # The killed one's: another test's live backup holds its own lock.
+            left = [d for d in _relay_dirs() - before if filelock.free(d / "lock")]
             assert left, "the killed backup's relay directory"
             password = driver._node("src")[1].secrets()["superuser_password"].encode()
             assert not any(password in f.read_bytes() for d in left for f in d.iterdir() if f.is_file())

@@ -6,7 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from shared.stacks.postgres import RELAY_DIR_GRACE_S, RELAY_DIR_PREFIX, _locked, _sweep_relay_dirs
+from shared import filelock
+from shared.stacks.postgres import RELAY_DIR_GRACE_S, RELAY_DIR_PREFIX, _sweep_relay_dirs
 
 
 def _dir(root: Path, name: str, age_s: float = 0.0, lock: bool = True) -> Path:
@@ -26,7 +27,7 @@ def test_only_directories_no_live_backup_holds_are_removed(tmp_path: Path) -> No
     unlocked_old = _dir(tmp_path, "old", age_s=RELAY_DIR_GRACE_S + 5, lock=False)
     other = tmp_path / "something-else"
     other.mkdir()
-    with _locked(live / "lock"):
+    with filelock.held(live / "lock"):
         removed = _sweep_relay_dirs(tmp_path)
     assert sorted(removed) == sorted([dead, unlocked_old])
     assert live.exists() and unlocked_young.exists() and other.exists()
