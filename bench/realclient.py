@@ -453,7 +453,8 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
             "credentials": credentials}
 
 
-ONLINE_METHOD_ENV = {"postgres": "ENVCLONE_PG_ONLINE_METHOD", "valkey": "ENVCLONE_VALKEY_ONLINE_METHOD"}
+ONLINE_METHOD_ENV = {"postgres": "ENVCLONE_PG_ONLINE_METHOD", "valkey": "ENVCLONE_VALKEY_ONLINE_METHOD",
+                     "mariadb": "ENVCLONE_MARIADB_ONLINE_METHOD"}
 
 
 @contextmanager
@@ -688,7 +689,7 @@ def data_roots(stack: ExitStack, roots: list[str], default_root: Path, largest_m
 
 def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: int,
         stacks: list[str], mariadb_mib: int = 256, modes: list[str] | None = None,
-        valkey_modes: list[str] | None = None) -> list[dict[str, Any]]:
+        valkey_modes: list[str] | None = None, mariadb_modes: list[str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     modes = modes or ["online", "online/baseline", "stop"]
     with ExitStack() as stack:
@@ -709,5 +710,12 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
                 if mariadb_backup() is None:
                     print("realclient: no mariadb-backup, so no online copy of MariaDB: skipped", flush=True)
                 else:
-                    results += measure(root, "mariadb", mariadb_mib, modes, label)
+                    # On a reflink root the reflink copy (auto's choice there) beside mariadb-backup.
+                    reflink = snapshots.reflink_at(root)
+                    wanted = mariadb_modes or (["online:reflink", "online:backup", "stop"] if reflink
+                                               else ["online:backup", "stop"])
+                    runnable = [m for m in wanted if reflink or not m.startswith("online:reflink")]
+                    if runnable != wanted:
+                        print(f"realclient {label}: no reflink here, so no MariaDB online:reflink", flush=True)
+                    results += measure(root, "mariadb", mariadb_mib, runnable, label)
     return results

@@ -308,6 +308,9 @@ def main() -> None:
     parser.add_argument("--realclient-valkey-modes", default="",
                         help="realclient Valkey modes (online:<valkey method>, stop, suffixes as above); "
                              "default: online:aof_pause where the root can reflink, online:aof, online:bgsave, stop")
+    parser.add_argument("--realclient-mariadb-modes", default="",
+                        help="realclient MariaDB modes (online:<mariadb method>, stop, suffixes as above); "
+                             "default: online:reflink where the root can reflink, online:backup, stop")
     parser.add_argument("--crosshost-mib", type=int, default=1024, help="crosshost PostgreSQL size in MiB")
     parser.add_argument("--transfer-repeats", type=int, default=3, help="runs per side and page-cache state")
     parser.add_argument("--pgonline-mib", type=int, default=1024, help="pgonline PostgreSQL size in MiB")
@@ -361,7 +364,8 @@ def main() -> None:
         fresh = realclient.run([int(s) for s in args.realclient_sizes.split(",")], args.realclient_roots.split(","),
                                root / "rc", args.realclient_valkey_mib, args.realclient_stacks.split(","),
                                args.realclient_mariadb_mib, args.realclient_modes.split(","),
-                               [m for m in args.realclient_valkey_modes.split(",") if m])
+                               [m for m in args.realclient_valkey_modes.split(",") if m],
+                               [m for m in args.realclient_mariadb_modes.split(",") if m])
         key = lambda r: (r["root"], r["stack"], r["size_mib"], r["mode"])  # noqa: E731
         kept = [r for r in results.get("realclient", []) if key(r) not in {key(f) for f in fresh}]
         results["realclient"] = sorted(kept + fresh, key=key)

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # bgsave (a fork snapshot), auto (aof_pause where the data root can reflink, else aof, when the
     # node persists to the append-only file; else bgsave).
     valkey_online_method: Literal["aof", "aof_pause", "bgsave", "auto"] = "auto"
+    # MariaDB online copies: reflink (every file reflinked under BACKUP STAGE BLOCK_DDL, checked
+    # against the engines' checkpoints; needs a reflink data root), backup (mariadb-backup), auto
+    # (reflink where the data root can, falling back to backup).
+    mariadb_online_method: Literal["reflink", "backup", "auto"] = "auto"
 
     # Workflow timing.
     task_time_limit_s: int = 900

@@ -155,6 +155,19 @@ def copy_file(src: str, dst: str, reflink: bool, progress: Progress | None = Non
         return copy_bytes(s.fileno(), d.fileno(), progress=progress)
 
 
+def reflink_file(src: str, dst: str) -> bool:
+    """A new ``dst``, a reflink of ``src`` with its owner, mode and times; False (and no ``dst``)
+    where the filesystem cannot -- never a byte copy, which could tear a page written meanwhile."""
+    st = os.stat(src)
+    with open(src, "rb") as s, open(dst, "xb") as d:
+        done = reflink_fd(s.fileno(), d.fileno())
+    if not done:
+        os.unlink(dst)
+        return False
+    _copy_meta(src, dst, st)
+    return True
+
+
 class TreeFlusher:
     """Writes back, window by window, what other writers (pg_basebackup) leave dirty below a tree:
     each pass flushes every regular file from where the last pass stopped to its current end. Run

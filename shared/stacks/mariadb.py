@@ -24,6 +24,9 @@ from typing import Any
 
 import pymysql
 
+from shared import snapshots
+from shared.config import get_settings
+from shared.stacks import mariadb_reflink
 from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, OnlineCopy, write_private
 
 SUPERUSER = "root"
@@ -267,7 +270,44 @@ class MariaDBStack(DatabaseStack):
         as Debian's package does)."""
         return mariadb_backup() is not None
 
+    @staticmethod
+    def online_method(where: Path) -> str:
+        """The online copy method for a snapshot made under ``where`` (ENVCLONE_MARIADB_ONLINE_METHOD):
+        auto reflinks where that filesystem can (bench/results/results.md: it holds no commit,
+        where mariadb-backup reads every InnoDB page beside the server), else mariadb-backup."""
+        method = get_settings().mariadb_online_method
+        if method != "auto":
+            return method
+        return "reflink" if snapshots.reflink_at(where) else "backup"
+
     def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> OnlineCopy:
+        """The reflink copy (shared/stacks/mariadb_reflink.py) where the method is reflink and it
+        applies, else mariadb-backup. Neither holds a commit."""
+        if self.online_method(dest.parent) == "reflink":
+            try:
+                self._reflink_copy(ctx, dest, copy)
+                return OnlineCopy("reflink")
+            except (mariadb_reflink.CheckpointMoved, mariadb_reflink.NotReflinkable):
+                shutil.rmtree(dest, ignore_errors=True)  # a checkpoint each time, or EXDEV: the backup takes it
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+        self._backup(ctx, dest, copy)
+        return OnlineCopy("backup")
+
+    def _reflink_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+        """Every file reflinked under BACKUP STAGE BLOCK_DDL, which this session holds: a worker
+        that dies here leaves no stage behind (the server ends it with the connection)."""
+        with self._connect(ctx, timeout=10) as cur:
+            # A DDL statement running now is waited for this long, not lock_wait_timeout's day.
+            cur.execute("SET SESSION lock_wait_timeout = 20")
+            for stage in ("START", "FLUSH", "BLOCK_DDL"):
+                cur.execute(f"BACKUP STAGE {stage}")
+            copy(ctx.volume, dest, lambda rel: rel.split(os.sep)[0] in ("run", "data"))
+            mariadb_reflink.copy_data_dir(ctx.data_dir, dest / "data", copy)
+            cur.execute("BACKUP STAGE END")
+
+    def _backup(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
         """mariadb-backup while the server serves: InnoDB files are copied as they change while the
         redo log is followed, and writes wait only while it holds BACKUP STAGE BLOCK_COMMIT (the
         non-InnoDB tables and the tail of the redo log); ``--prepare`` then applies the redo, so the
@@ -295,7 +335,6 @@ class MariaDBStack(DatabaseStack):
                                f"--tmpdir={run}"], timeout=3600)
             copy(ctx.volume, dest, lambda rel: rel.split(os.sep)[0] in ("run", "data"))
             os.rename(work, dest / "data")  # one filesystem: the data root
-            return OnlineCopy()
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
