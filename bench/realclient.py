@@ -693,7 +693,8 @@ def run(sizes_mib: list[int], roots: list[str], default_root: Path, valkey_mib: 
     results: list[dict[str, Any]] = []
     modes = modes or ["online", "online/baseline", "stop"]
     with ExitStack() as stack:
-        for label, root in data_roots(stack, roots, default_root, max(sizes_mib + [valkey_mib]), "realclient"):
+        largest = max(sizes_mib + [valkey_mib, mariadb_mib])  # mariadb-backup's copy needs room too
+        for label, root in data_roots(stack, roots, default_root, largest, "realclient"):
             if "postgres" in stacks:
                 for mib in sizes_mib:
                     results += measure(root, "postgres", mib, modes, label)

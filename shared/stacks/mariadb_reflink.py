@@ -1,17 +1,20 @@
 """MariaDB's data directory copied while it serves, by reflinks, holding no write.
 
-Under ``BACKUP STAGE BLOCK_DDL`` (DDL and MyISAM writes wait; InnoDB and Aria writes and commits
-go on) every file is reflinked, one at a time, the redo logs last. A reflink (FICLONE) is atomic
-against each write to that file (XFS takes the inode's I/O lock and drains direct I/O), so no page
-is torn. Write-ahead logging does the rest, exactly as after a crash: a page in a copied data file
-is never newer than the redo log copied after it, and recovery on the clone's first start replays
-the log from its last checkpoint. That holds only if no checkpoint was written between the first
-data file's reflink and the log's -- a checkpoint declares pages flushed that an earlier reflink
-may lack. So, one engine at a time, the log's header blocks (InnoDB's checkpoints; Aria's control
-file) are read before and compared in the copy after; a checkpoint in between discards the attempt.
+Under ``BACKUP STAGE BLOCK_DDL`` every file is reflinked, one at a time, each engine's log last.
+DDL and writes to non-transactional tables (MyISAM, Aria with TRANSACTIONAL=0) wait under that
+stage; InnoDB and crash-safe Aria writes and commits go on. A reflink (FICLONE) is atomic against
+each write to its file (XFS takes the inode's I/O lock and drains direct I/O), so no page is torn.
+Write-ahead logging does the rest, exactly as after a crash: a page in a copied data file is never
+newer than the log copied after it, and recovery on the clone's first start replays the log from
+its last checkpoint. That holds only if no checkpoint was written between the first data file's
+reflink and the log's -- a checkpoint declares pages flushed that an earlier reflink may lack. So,
+one engine at a time, the log's header blocks (InnoDB's checkpoints; Aria's control file) are read
+before and compared in the copy after; a checkpoint in between discards the attempt.
 
 Measured on XFS at 1 GiB under 4 writers: checkpoints move every 0.1-0.2 s, the whole data
-directory reflinks in ~50 ms, and attempts keep their checkpoint."""
+directory reflinks in ~50 ms, and attempts keep their checkpoint. (Engine-independent statistics,
+mysql.*_stats, may be written under this stage by ANALYZE ... PERSISTENT; Aria repairs such a
+table when the clone opens it.)"""
 
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ ARIA_CONTROL = "aria_log_control"  # Aria's last checkpoint and log number
 
 
 class Part(Enum):
-    STATIC = "static"  # does not change under BLOCK_DDL: .frm, .opt, MyISAM, CSV, directories' files
+    STATIC = "static"  # does not change under BLOCK_DDL: .frm, .opt, MyISAM, CSV
     TABLESPACE = "tablespace"  # InnoDB data: ibdata*, undo*, *.ibd
-    ARIA_DATA = "aria_data"  # *.MAI, *.MAD: crash-safe Aria tables, written on under BLOCK_DDL
+    ARIA_DATA = "aria_data"  # *.MAI, *.MAD: crash-safe Aria tables are written on under BLOCK_DDL
     ARIA_LOG = "aria_log"  # aria_log.NNNNNNNN
     CONTROL = "control"  # aria_log_control
     REDO = "redo"  # ib_logfile0
