@@ -599,8 +599,8 @@ def run_one(driver: LocalDriver, source: str, stack: str, mode: str, tag: str, b
         if stack == "postgres":
             result.update(pg_invariant(CLONE_ADDRESSES[stack], ADDRESSES[stack][1],
                                        c["credentials"]["superuser_password"]))
-            result["source_log"] = pg_log_events(driver.volume(source) / "run" / "node.log", t0, t1)
-            result["copy_log"] = pg_log_events(driver.volume(c["copy_id"]) / "run" / "node.log", t0, t1)
+            result["source_log"] = pg_log_events(driver.log_path(source), t0, t1)
+            result["copy_log"] = pg_log_events(driver.log_path(c["copy_id"]), t0, t1)
         elif stack == "mariadb":
             result.update(mariadb_invariant(driver.url(c["copy_id"])))
         else:

@@ -144,9 +144,15 @@ def copy_bytes(src: int, dst: int, length: int | None = None, *, in_user_space: 
     return done
 
 
+def open_source(path: str | Path) -> int:
+    """A file of a volume opened for reading, never through a link at its name: the volume's
+    account could have made any name a link to a file of the host or of another tenant."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 def copy_file(src: str, dst: str, reflink: bool, progress: Progress | None = None) -> int:
     """``src`` into a new ``dst``: a reflink when asked and the filesystem can, else a paced copy."""
-    with open(src, "rb") as s, open(dst, "wb") as d:
+    with open(open_source(src), "rb") as s, open(dst, "wb") as d:
         if reflink and reflink_fd(s.fileno(), d.fileno()):
             size = os.fstat(s.fileno()).st_size
             if progress:
@@ -158,8 +164,8 @@ def copy_file(src: str, dst: str, reflink: bool, progress: Progress | None = Non
 def reflink_file(src: str, dst: str) -> bool:
     """A new ``dst``, a reflink of ``src`` with its owner, mode and times; False (and no ``dst``)
     where the filesystem cannot -- never a byte copy, which could tear a page written meanwhile."""
-    st = os.stat(src)
-    with open(src, "rb") as s, open(dst, "xb") as d:
+    st = os.stat(src, follow_symlinks=False)
+    with open(open_source(src), "rb") as s, open(dst, "xb") as d:
         done = reflink_fd(s.fileno(), d.fileno())
     if not done:
         os.unlink(dst)

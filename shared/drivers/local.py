@@ -2,8 +2,13 @@
 address, with its volume in a directory under the data root named after the node's id.
 
 Layout under the data root:
-    nodes/<node_id>/{node.json, data/, config/, run/}     run/ (pid, log) is never snapshotted
+    nodes/<node_id>/{node.json, data/, config/, run/}     the node's account's; run/ is never snapshotted
+    ctl/<node_id>/{node.json, node.pid, node.log, start.lock}   root's alone: what the driver trusts
     snapshots/<snapshot_id>/{meta.json, volume/}          complete once renamed into place
+A volume belongs to its node's account, which can replace any file in it (a server's superuser
+runs commands as that account). So what the driver acts on as root -- the node's stack, address
+and account, the pid it signals, the log its output goes to -- lives in ctl/, never in the volume;
+the volume's node.json is only what a snapshot carries (its stack).
 Work in progress lives in dot-prefixed staging dirs and is renamed into place when done, so a
 step that dies half-way leaves nothing that looks finished and a re-run starts clean."""
 
@@ -15,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +30,7 @@ from typing import Any
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from shared import snapshots
+from shared import safefiles, snapshots
 from shared.drivers import process
 from shared.drivers.base import (
     ActionFailed,
@@ -61,14 +67,13 @@ def _check_id(kind: str, value: str) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    if path.exists():
-        st = path.stat()
-        os.chmod(tmp, st.st_mode & 0o7777)
-        if os.geteuid() == 0:
-            os.chown(tmp, st.st_uid, st.st_gid)
-    tmp.replace(path)
+    """A file of a volume rewritten in place, keeping its mode and owner, never through a link."""
+    try:
+        st = os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0o600
+    except FileNotFoundError:
+        mode = 0o600
+    safefiles.replace_file(path, text.encode(), mode)
 
 
 class LocalDriver(Driver):
@@ -80,13 +85,14 @@ class LocalDriver(Driver):
         self.root = Path(data_dir).resolve()
         self.nodes_dir = self.root / "nodes"
         self.snaps_dir = self.root / "snapshots"
+        self.ctl_dir = self.root / "ctl"
         self.node_user = node_user
         self._reflink: bool | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _ensure_root(self) -> None:
         # Node accounts may pass through the root and nodes/ to their own volume, and list nothing.
-        for d, mode in ((self.nodes_dir, 0o711), (self.snaps_dir, 0o700)):
+        for d, mode in ((self.nodes_dir, 0o711), (self.snaps_dir, 0o700), (self.ctl_dir, 0o700)):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(mode)
         if self.root.stat().st_uid == os.geteuid():
@@ -111,11 +117,43 @@ class LocalDriver(Driver):
     def _snapshot_dir(self, snapshot_id: str) -> Path:
         return self.snaps_dir / _check_id("snapshot", snapshot_id)
 
+    def _ctl(self, node_id: str) -> Path:
+        return self.ctl_dir / _check_id("node", node_id)
+
     def _meta(self, node_id: str) -> dict[str, object]:
+        path = self._ctl(node_id) / "node.json"
+        if not path.exists():
+            self._adopt(node_id)
         try:
-            return json.loads((self.volume(node_id) / "node.json").read_text())
+            return json.loads(path.read_text())
         except FileNotFoundError:
             raise PermanentDriverError(f"node {node_id} does not exist") from None
+
+    def _write_meta(self, node_id: str, meta: dict[str, object]) -> None:
+        """The trusted record (ctl/) and the copy a snapshot of the volume carries."""
+        ctl = self._ctl(node_id)
+        ctl.mkdir(mode=0o700, parents=True, exist_ok=True)
+        safefiles.replace_file(ctl / "node.json", json.dumps(meta).encode(), keep_owner=False)
+        _atomic_write(self.volume(node_id) / "node.json", json.dumps(meta))
+
+    def _adopt(self, node_id: str) -> None:
+        """A volume with no ctl/ record: a step that died between renaming the volume into place
+        and writing the record, or a node made before ctl/ existed. Its own node.json is taken once,
+        checked against what its account cannot fake: the volume's owner must be the account the
+        record names, and a pid it records must be a process of that account inside the volume."""
+        volume = self.volume(node_id)
+        try:
+            meta = json.loads((volume / "node.json").read_text())
+            owner_uid = os.lstat(volume).st_uid
+        except (OSError, ValueError):
+            return
+        run_as = self._run_as(meta.get("owner"))
+        if run_as is not None and run_as.uid != owner_uid:
+            raise PermanentDriverError(f"node {node_id}: its volume's record names another account")
+        pid = process.running_pid(volume / "run" / "node.pid")
+        self._write_meta(node_id, meta)
+        if pid is not None and process.belongs_to(pid, owner_uid if run_as else os.geteuid(), volume):
+            process.record_pid(self._ctl(node_id) / "node.pid", pid)
 
     def _run_as(self, owner: object) -> process.RunAs | None:
         try:
@@ -130,12 +168,19 @@ class LocalDriver(Driver):
                           self._run_as(meta.get("owner")))
         return stack, ctx
 
-    def _pid_path(self, node_id: str) -> Path:
-        return self.volume(node_id) / "run" / "node.pid"
+    def pid_path(self, node_id: str) -> Path:
+        """Where the pid of the node's server is recorded (root's alone)."""
+        if not (self._ctl(node_id) / "node.json").exists():
+            self._adopt(node_id)
+        return self._ctl(node_id) / "node.pid"
+
+    def log_path(self, node_id: str) -> Path:
+        """Where the node's server writes its output (root opens it; the server inherits it)."""
+        return self._ctl(node_id) / "node.log"
 
     def _log_tail(self, node_id: str, limit: int = 600) -> str:
         try:
-            return (self.volume(node_id) / "run" / "node.log").read_text(errors="replace")[-limit:]
+            return self.log_path(node_id).read_text(errors="replace")[-limit:]
         except OSError:
             return ""
 
@@ -185,9 +230,9 @@ class LocalDriver(Driver):
             run_as = self._run_as(spec.owner)
             for sub in ("data", "config", "run"):
                 (staging / sub).mkdir(parents=True)
-            self._own(staging, run_as)
             meta = {"stack": spec.stack, "address": spec.address, "port": spec.port, "owner": spec.owner}
-            (staging / "node.json").write_text(json.dumps(meta))
+            (staging / "node.json").write_text(json.dumps(meta))  # before the account owns the directory
+            self._own(staging, run_as)
             try:
                 stack.init(NodeContext(staging, spec.address, spec.port, run_as), spec.config, spec.credentials)
             except (OSError, RuntimeError) as exc:
@@ -195,6 +240,7 @@ class LocalDriver(Driver):
                 raise PermanentDriverError(f"initialising {spec.stack} failed: {exc}") from exc
             self._own(staging, run_as)
             staging.rename(final)
+            self._write_meta(spec.node_id, meta)
         self.start(spec.node_id)
         self.wait_healthy(spec.node_id, 60.0)
         _, ctx = self._node(spec.node_id)
@@ -205,13 +251,13 @@ class LocalDriver(Driver):
 
     def start(self, node_id: str) -> None:
         stack, ctx = self._node(node_id)
-        pid_path, run = self._pid_path(node_id), ctx.volume / "run"
+        pid_path, run = self.pid_path(node_id), ctx.volume / "run"
         run.mkdir(exist_ok=True)
         if ctx.run_as is not None:
             ctx.run_as.chown_tree(run)
         # Checked and started under a lock, across processes: a step and the watchdog may start one
         # node at once, and two spawns orphaned one server (the other's pid file won) holding the address.
-        fd = os.open(run / "start.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fd = os.open(self._ctl(node_id) / "start.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if process.running_pid(pid_path) is not None:
@@ -220,23 +266,23 @@ class LocalDriver(Driver):
                 argv, extra_env = stack.command(ctx)
             except RuntimeError as exc:
                 raise PermanentDriverError(f"{stack.name} cannot start: {exc}") from exc
-            process.spawn(argv, cwd=ctx.volume, log_path=run / "node.log", pid_path=pid_path,
+            process.spawn(argv, cwd=ctx.volume, log_path=self.log_path(node_id), pid_path=pid_path,
                           env=self._env(ctx, extra_env), run_as=ctx.run_as)
         finally:
             os.close(fd)
 
     def stop(self, node_id: str) -> None:
-        if not self.volume(node_id).exists():
+        if not (self.volume(node_id).exists() or (self._ctl(node_id) / "node.json").exists()):
             return
         # Only the stack is needed: a node whose account is already gone can still be stopped.
         stack = get_stack(str(self._meta(node_id)["stack"]))
-        process.terminate(self._pid_path(node_id), stack.stop_signal, timeout=60.0)
+        process.terminate(self.pid_path(node_id), stack.stop_signal, timeout=60.0)
 
     def health(self, node_id: str) -> Health:
         if not self.volume(node_id).exists():
             return Health(False, False, "no such node")
         stack, ctx = self._node(node_id)
-        if process.running_pid(self._pid_path(node_id)) is None:
+        if process.running_pid(self.pid_path(node_id)) is None:
             return Health(False, False, "not running")
         try:
             return Health(True, True, stack.check(ctx))
@@ -261,7 +307,7 @@ class LocalDriver(Driver):
 
     def restart(self, node_id: str, timeout: float) -> None:
         stack, ctx = self._node(node_id)
-        if stack.online_quiesce and process.running_pid(self._pid_path(node_id)) is not None:
+        if stack.online_quiesce and process.running_pid(self.pid_path(node_id)) is not None:
             try:
                 stack.resume_writes(ctx)
             except Exception as exc:
@@ -276,7 +322,7 @@ class LocalDriver(Driver):
         staging = self.snaps_dir / f".{snapshot_id}.staging"
         if final.exists():
             return 0
-        if process.running_pid(self._pid_path(node_id)) is not None:
+        if process.running_pid(self.pid_path(node_id)) is not None:
             try:
                 stack.settle(ctx)
             except Exception as exc:
@@ -289,7 +335,7 @@ class LocalDriver(Driver):
 
     def quiesce(self, node_id: str) -> None:
         stack, ctx = self._node(node_id)
-        pid_path = self._pid_path(node_id)
+        pid_path = self.pid_path(node_id)
         if process.running_pid(pid_path) is None:
             return  # already down: a re-run of quiesce after it succeeded
         if stack.online_quiesce:
@@ -312,7 +358,7 @@ class LocalDriver(Driver):
 
     def quiesced(self, node_id: str) -> bool:
         stack, ctx = self._node(node_id)
-        if process.running_pid(self._pid_path(node_id)) is None:
+        if process.running_pid(self.pid_path(node_id)) is None:
             return True
         return stack.online_quiesce and stack.writes_paused(ctx)
 
@@ -324,7 +370,7 @@ class LocalDriver(Driver):
         volume = self.volume(node_id)
         if not self.quiesced(node_id):
             raise PermanentDriverError(f"node {node_id} is running: a snapshot needs a quiesced node")
-        online = process.running_pid(self._pid_path(node_id)) is not None
+        online = process.running_pid(self.pid_path(node_id)) is not None
         ignore = _held_copy_ignore(stack)
         before = snapshots.fingerprint(volume, ignore) if online else None
         started = time.monotonic()
@@ -348,7 +394,7 @@ class LocalDriver(Driver):
                 shutil.rmtree(staging, ignore_errors=True)
                 raise PermanentDriverError(f"node {node_id} took writes while its snapshot was taken "
                                            f"(pause ended after {self.max_pause_s:.0f}s?)")
-        elif process.running_pid(self._pid_path(node_id)) is not None:
+        elif process.running_pid(self.pid_path(node_id)) is not None:
             shutil.rmtree(staging, ignore_errors=True)
             raise PermanentDriverError(f"node {node_id} was started while its snapshot was taken")
         window_ms = int((time.monotonic() - started) * 1000)
@@ -399,7 +445,7 @@ class LocalDriver(Driver):
                   owner: str | None = None, consume: bool = False) -> int:
         info = self.snapshot_info(snapshot_id)
         final = self.volume(node_id)
-        if (final / "node.json").exists():
+        if final.exists():
             # Made by an earlier run; a consumed snapshot is gone with it (it became this volume).
             size = info.size_bytes if info is not None else snapshots.tree_size(final, _ignore_run)
             if progress:
@@ -434,11 +480,13 @@ class LocalDriver(Driver):
                 shutil.rmtree(staging, ignore_errors=True)
                 raise PermanentDriverError(f"provisioning from snapshot failed: {exc}") from exc
         (staging / "run").mkdir(exist_ok=True)
-        meta = json.loads((staging / "node.json").read_text())
-        meta["owner"] = owner
-        (staging / "node.json").write_text(json.dumps(meta))
+        carried = json.loads((staging / "node.json").read_text())  # the source's account could write it
+        meta = {"stack": get_stack(str(carried["stack"])).name, "address": carried["address"],
+                "port": int(carried["port"]), "owner": owner}
+        _atomic_write(staging / "node.json", json.dumps(meta))  # what _adopt finds if we die below
         self._own(staging, self._run_as(owner))  # the clone's account, not its source's
         staging.rename(final)
+        self._write_meta(node_id, meta)
         if consume:
             self.delete_snapshot(snapshot_id)
         return copied
@@ -449,13 +497,13 @@ class LocalDriver(Driver):
             return
         self.stop(node_id)  # a running process is bound to the old address
         meta.update(address=address, port=port)
-        _atomic_write(self.volume(node_id) / "node.json", json.dumps(meta))
+        self._write_meta(node_id, meta)
 
     def set_credentials(self, node_id: str, credentials: dict[str, str]) -> None:
         stack, ctx = self._node(node_id)
         if ctx.secrets() == credentials:
             return  # set already (a step run twice)
-        if process.running_pid(self._pid_path(node_id)) is not None:
+        if process.running_pid(self.pid_path(node_id)) is not None:
             raise PermanentDriverError(f"node {node_id} is running: credentials change only while it is stopped")
         try:
             stack.apply_credentials(ctx, credentials)
@@ -496,13 +544,13 @@ class LocalDriver(Driver):
         self.stop(node_id)  # a step run again after the first start works on a stopped node as well
         # Under /tmp: a socket path must fit in 107 bytes, a data root's need not.
         sockdir = Path(tempfile.mkdtemp(prefix="envclone-sock-", dir="/tmp"))
-        pid_path = ctx.volume / "run" / "private.pid"
+        pid_path = self._ctl(node_id) / "private.pid"
         try:
             argv, extra = stack.private_command(ctx, sockdir)
             if ctx.run_as is not None:
                 ctx.run_as.chown_tree(sockdir)
             sockdir.chmod(0o700)
-            process.spawn(argv, cwd=ctx.volume, log_path=ctx.volume / "run" / "node.log", pid_path=pid_path,
+            process.spawn(argv, cwd=ctx.volume, log_path=self.log_path(node_id), pid_path=pid_path,
                           env=self._env(ctx, extra), run_as=ctx.run_as)
 
             def answers() -> bool:
@@ -564,10 +612,10 @@ class LocalDriver(Driver):
     def destroy_node(self, node_id: str) -> None:
         volume = self.volume(node_id)
         with self._exclusive(node_id) as lock:
-            if (volume / "node.json").exists():
+            if volume.exists() or (self._ctl(node_id) / "node.json").exists():
                 self.stop(node_id)
             for path in (volume, self.nodes_dir / f".{node_id}.creating",
-                         self.nodes_dir / f".{node_id}.provisioning"):
+                         self.nodes_dir / f".{node_id}.provisioning", self._ctl(node_id)):
                 shutil.rmtree(path, ignore_errors=True)
             lock.unlink(missing_ok=True)
 
@@ -600,7 +648,7 @@ class LocalDriver(Driver):
             return None
 
     def running_node_ids(self) -> set[str]:
-        return {n for n in self.node_ids() if process.running_pid(self._pid_path(n)) is not None}
+        return {n for n in self.node_ids() if process.running_pid(self.pid_path(n)) is not None}
 
     def volume_size(self, node_id: str) -> int:
         volume = self.volume(node_id)

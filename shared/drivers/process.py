@@ -72,11 +72,27 @@ def spawn(argv: list[str], *, cwd: Path, log_path: Path, pid_path: Path, env: di
             start_new_session=True, close_fds=True, umask=0o077, **kwargs,  # type: ignore[arg-type]
         )
     _children.append(child)
-    start = _start_time(child.pid) or ""
-    tmp = pid_path.with_suffix(".tmp")
-    tmp.write_text(f"{child.pid} {start}\n")
-    tmp.replace(pid_path)
+    record_pid(pid_path, child.pid)
     return child.pid
+
+
+def record_pid(pid_path: Path, pid: int) -> None:
+    """Write "pid starttime" to ``pid_path`` (in a directory only root writes), atomically."""
+    tmp = pid_path.with_suffix(".tmp")
+    tmp.write_text(f"{pid} {_start_time(pid) or ''}\n")
+    tmp.replace(pid_path)
+
+
+def belongs_to(pid: int, uid: int, volume: Path) -> bool:
+    """Whether ``pid`` runs as ``uid`` with its working directory in ``volume``: a node's own
+    server, not a process a forged pid file names."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    real_uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), None)
+    return real_uid == str(uid) and (cwd == str(volume) or cwd.startswith(f"{volume}/"))
 
 
 def running_pid(pid_path: Path) -> int | None:

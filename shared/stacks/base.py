@@ -4,7 +4,6 @@ Stacks are operator-owned code; API callers only ever pick one by name."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 from abc import ABC, abstractmethod
@@ -14,6 +13,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from shared import safefiles
 from shared.drivers.process import RunAs
 
 
@@ -46,16 +46,9 @@ class NodeContext:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (secrets, server configs holding them), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    if path.exists():
-        st = path.stat()
-        if os.geteuid() == 0:
-            os.chown(tmp, st.st_uid, st.st_gid)
-    os.replace(tmp, path)
+    """Write a file only its owner can read (secrets, server configs holding them), atomically,
+    and never through a link the node's account put there (shared/safefiles.py)."""
+    safefiles.replace_file(path, text.encode(), 0o600)
 
 
 Credentials = Mapping[str, str]

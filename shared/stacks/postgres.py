@@ -288,6 +288,8 @@ class PostgresStack(DatabaseStack):
             if spcmap:
                 write_private(data / "tablespace_map", spcmap)
             wal_src, wal_dst = ctx.data_dir / "pg_wal", data / "pg_wal"
+            if any(os.path.islink(p) for p in (ctx.data_dir, wal_src)):  # the node's account could link anywhere
+                raise RuntimeError("the data directory or its pg_wal is a link: refusing to read through it")
             wal_dst.mkdir(mode=0o700, exist_ok=True)
             needed = sorted(f for f in os.listdir(wal_src) if len(f) == 24 and first <= f <= last)
             history = [f for f in os.listdir(wal_src) if f.endswith(".history")]

@@ -20,7 +20,7 @@ from redis.retry import Retry
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from shared.config import get_settings
-from shared.snapshots import copy_bytes, reflink_at, reflink_fd
+from shared.snapshots import copy_bytes, copy_file, open_source, reflink_at, reflink_fd
 from shared.stacks.base import CopyTree, Credentials, NodeContext, OnlineCopy, Stack, write_private
 
 AOF_DIR = "appendonlydir"
@@ -135,7 +135,9 @@ def _open_cut(aof: Path) -> _AofCut | None:
     files: list[tuple[str, int]] = []
     try:
         for name, _ in listed:
-            files.append((name, os.open(aof / name, os.O_RDONLY | os.O_CLOEXEC)))
+            if "/" in name or name in (".", ".."):  # the manifest is in the node's hands
+                raise RuntimeError(f"append-only manifest names a file outside its directory: {name!r}")
+            files.append((name, open_source(aof / name)))
         if (aof / MANIFEST).read_bytes() == text:
             return _AofCut(b"".join(line for _, line in listed), files, os.fstat(files[-1][1]).st_size)
     except FileNotFoundError:
@@ -447,7 +449,7 @@ class ValkeyStack(Stack):
         copy(ctx.volume, dest, _not_in_copy)
         aof = dest / "data" / AOF_DIR
         aof.mkdir(mode=0o700)
-        shutil.copyfile(ctx.data_dir / "dump.rdb", aof / "appendonly.aof.1.base.rdb")
+        copy_file(str(ctx.data_dir / "dump.rdb"), str(aof / "appendonly.aof.1.base.rdb"), reflink=True)
         (aof / "appendonly.aof.1.incr.aof").write_bytes(b"")
         write_private(aof / MANIFEST, "file appendonly.aof.1.base.rdb seq 1 type b\n"
                                       "file appendonly.aof.1.incr.aof seq 1 type i\n")

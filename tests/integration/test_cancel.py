@@ -42,7 +42,7 @@ def source(backend: Backend) -> Iterator[str]:
 
 
 def _pid(node_id: str) -> int:
-    return int((get_driver().volume(node_id) / "run/node.pid").read_text().split()[0])
+    return int((get_driver().pid_path(node_id)).read_text().split()[0])
 
 
 def _rows(node_id: str) -> tuple[int, int]:

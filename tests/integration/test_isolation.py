@@ -72,7 +72,7 @@ def rows(tenant: str, env: str) -> tuple[str, dict[str, tuple[str, dict]]]:
 
 
 def node_uid(node_id: str) -> int:
-    pid = int((get_driver().volume(node_id) / "run/node.pid").read_text().split()[0])
+    pid = int((get_driver().pid_path(node_id)).read_text().split()[0])
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
 

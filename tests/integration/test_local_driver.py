@@ -46,7 +46,7 @@ def check_valkey_clone(driver: LocalDriver) -> None:
     driver.create_node(NodeSpec("src", "valkey", SRC, 6379))
     src = redis.Redis.from_url(driver.url("src"))
     src.mset({f"k{i}": f"v{i}" for i in range(100)})
-    pid = (driver.volume("src") / "run/node.pid").read_text()
+    pid = (driver.pid_path("src")).read_text()
     driver.prepare_snapshot("src", "snap")
     driver.quiesce("src")
     assert driver.health("src").healthy and src.get("k5") == b"v5"  # still serving reads
@@ -57,7 +57,7 @@ def check_valkey_clone(driver: LocalDriver) -> None:
         assert not held.done()
         driver.restart("src", 30)
         assert held.result(timeout=10) is True
-    assert (driver.volume("src") / "run/node.pid").read_text() == pid  # never stopped
+    assert (driver.pid_path("src")).read_text() == pid  # never stopped
     src.set("after", "snapshot")
     clone_from(driver, "snap", "copy", COPY, 6379)
     copy = redis.Redis.from_url(driver.url("copy"))
@@ -181,11 +181,11 @@ def test_snapshot_refuses_a_running_node_and_bad_ids(driver: LocalDriver) -> Non
 
 def test_stop_is_graceful_and_detached_pid_file_tracks_the_process(driver: LocalDriver) -> None:
     driver.create_node(NodeSpec("src", "valkey", SRC, 6379))
-    pid = int((driver.volume("src") / "run/node.pid").read_text().split()[0])
+    pid = int((driver.pid_path("src")).read_text().split()[0])
     assert os.getsid(pid) == pid  # own session: detached from whoever started it
     driver.stop("src")
     assert not driver.health("src").running
-    assert not (driver.volume("src") / "run/node.pid").exists()
+    assert not (driver.pid_path("src")).exists()
 
 
 def test_concurrent_starts_of_one_node_run_one_process(driver: LocalDriver) -> None:
@@ -197,7 +197,7 @@ def test_concurrent_starts_of_one_node_run_one_process(driver: LocalDriver) -> N
         driver.stop("src")
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda _: driver.restart("src", 30), range(4)))
-        pid = int((driver.volume("src") / "run/node.pid").read_text().split()[0])
+        pid = int((driver.pid_path("src")).read_text().split()[0])
         # Servers started: the processes whose parent is not one of them (the rest are its children).
         running = {p for p, _ in processes_under(driver.volume("src"))}
         assert [p for p in running if _parent(p) not in running] == [pid]

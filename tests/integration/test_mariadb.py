@@ -71,8 +71,8 @@ def fill(url: str, rows: int) -> None:
         cur.execute(f"INSERT INTO t SELECT seq, MD5(seq) FROM seq_1_to_{rows}")  # the sequence engine
 
 
-def process_uid(volume: Path) -> int:
-    pid = int((volume / "run/node.pid").read_text().split()[0])
+def process_uid(driver: LocalDriver, node_id: str) -> int:
+    pid = int(driver.pid_path(node_id).read_text().split()[0])
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
 
@@ -102,7 +102,7 @@ def test_mariadb_node_has_password_only_accounts(driver: LocalDriver) -> None:
     assert query(driver.url("db"), "SELECT @@socket, @@bind_address, @@port") == (("", SRC, 3306),)
     assert (driver.volume("db") / "run/mariadbd.pid").exists()
     if os.geteuid() == 0:
-        assert process_uid(driver.volume("db")) == pwd.getpwnam("nobody").pw_uid
+        assert process_uid(driver, "db") == pwd.getpwnam("nobody").pw_uid
     # Health and restart through the driver.
     assert driver.health("db").healthy
     driver.stop("db")
@@ -293,9 +293,9 @@ def test_an_environment_with_mariadb_is_cloned_with_its_data_and_new_credentials
         uid = pwd.getpwnam(account_name(dst.id)).pw_uid
         assert uid != 0 and uid != pwd.getpwnam(account_name(src.id)).pw_uid
         for node in dst.nodes:
-            assert process_uid(driver.volume(node.id)) == uid
+            assert process_uid(driver, node.id) == uid
     else:
-        assert all(process_uid(driver.volume(n.id)) == os.geteuid() for n in dst.nodes)
+        assert all(process_uid(driver, n.id) == os.geteuid() for n in dst.nodes)
     delete_environment("mstage")
     delete_environment("mshop")
     assert backend.processes() == []

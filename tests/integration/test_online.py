@@ -147,7 +147,7 @@ def test_a_copy_whose_wal_was_withheld_refuses_to_start_with_a_clear_error() -> 
         driver.assign_address("copy", "127.113.255.2", 5432)
         with pytest.raises(PermanentDriverError, match="cannot recover to a consistent point"):
             driver.set_credentials("copy", PostgresStack().new_credentials(driver._node("src")[1].secrets()))
-        assert not Path(root / "nodes/copy/run/node.pid").exists()  # it never served
+        assert not driver.pid_path("copy").exists()  # it never served
         assert driver.health("src").healthy
     finally:
         destroy_everything(root)

@@ -56,7 +56,7 @@ def test_source_down_too_long_is_restarted_and_the_job_fails_cleanly(backend: Ba
 
 
 def test_dead_node_is_restarted_and_the_event_recorded(backend: Backend, source: str) -> None:
-    pid = int((get_driver().volume(source) / "run/node.pid").read_text().split()[0])
+    pid = int((get_driver().pid_path(source)).read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
 
     def recorded() -> bool:
@@ -65,7 +65,7 @@ def test_dead_node_is_restarted_and_the_event_recorded(backend: Backend, source:
 
     wait_for(recorded, timeout=30, what="the reconciler to restart the node and record it")
     assert get_driver().health(source).healthy
-    new_pid = int((get_driver().volume(source) / "run/node.pid").read_text().split()[0])
+    new_pid = int((get_driver().pid_path(source)).read_text().split()[0])
     assert new_pid != pid
 
 
