@@ -76,6 +76,20 @@ def _atomic_write(path: Path, text: str) -> None:
     safefiles.replace_file(path, text.encode(), mode)
 
 
+def _check_volume(node_id: str, volume: Path) -> None:
+    """The volume's own directories must be directories: every path root acts on goes through one,
+    and the volume's account could have swapped one for a link to anywhere (or a snapshot carried
+    such a link into a clone)."""
+    for sub in ("data", "config", "run"):
+        try:
+            st = os.lstat(volume / sub)
+        except FileNotFoundError:
+            continue  # made when needed (run/), or a stack without it
+        if not stat.S_ISDIR(st.st_mode):
+            raise PermanentDriverError(f"node {node_id}: {sub}/ in its volume is not a directory (a link?): "
+                                       "refusing to act through it")
+
+
 class LocalDriver(Driver):
     def __init__(self, data_dir: Path | str, node_user: str = "nobody", max_pause_s: float = 120.0) -> None:
         """``node_user``: the account of a node made without an owner (an environment's nodes run as
@@ -129,31 +143,40 @@ class LocalDriver(Driver):
         except FileNotFoundError:
             raise PermanentDriverError(f"node {node_id} does not exist") from None
 
-    def _write_meta(self, node_id: str, meta: dict[str, object]) -> None:
-        """The trusted record (ctl/) and the copy a snapshot of the volume carries."""
+    def _write_meta(self, node_id: str, meta: dict[str, object], volume: Path | None = None) -> None:
+        """The trusted record (ctl/) and the copy a snapshot of the volume carries; ``volume``: the
+        staging directory that is about to become the node's volume."""
         ctl = self._ctl(node_id)
         ctl.mkdir(mode=0o700, parents=True, exist_ok=True)
         safefiles.replace_file(ctl / "node.json", json.dumps(meta).encode(), keep_owner=False)
-        _atomic_write(self.volume(node_id) / "node.json", json.dumps(meta))
+        _atomic_write((volume or self.volume(node_id)) / "node.json", json.dumps(meta))
 
     def _adopt(self, node_id: str) -> None:
-        """A volume with no ctl/ record: a step that died between renaming the volume into place
-        and writing the record, or a node made before ctl/ existed. Its own node.json is taken once,
-        checked against what its account cannot fake: the volume's owner must be the account the
-        record names, and a pid it records must be a process of that account inside the volume."""
+        """A node made before ctl/ existed (its record and pid file in its volume) is taken over
+        once, checked against what its account cannot fake: the volume's owner must be the account
+        the record names, and the pid it records a process of that account inside the volume."""
         volume = self.volume(node_id)
         try:
-            meta = json.loads((volume / "node.json").read_text())
+            carried = json.loads(safefiles.read_text(volume / "node.json"))
+            meta = {"stack": get_stack(str(carried["stack"])).name, "address": str(carried["address"]),
+                    "port": int(carried["port"]), "owner": carried.get("owner")}
             owner_uid = os.lstat(volume).st_uid
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, TypeError):
             return
-        run_as = self._run_as(meta.get("owner"))
+        run_as = self._run_as(meta["owner"])
         if run_as is not None and run_as.uid != owner_uid:
             raise PermanentDriverError(f"node {node_id}: its volume's record names another account")
-        pid = process.running_pid(volume / "run" / "node.pid")
-        self._write_meta(node_id, meta)
-        if pid is not None and process.belongs_to(pid, owner_uid if run_as else os.geteuid(), volume):
-            process.record_pid(self._ctl(node_id) / "node.pid", pid)
+        try:
+            pid_text, _, start = safefiles.read_text(volume / "run" / "node.pid").strip().partition(" ")
+            pid: int | None = int(pid_text)
+        except (OSError, ValueError):
+            pid = None
+        ctl = self._ctl(node_id)
+        ctl.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if (pid is not None and process.start_time(pid) == start
+                and process.belongs_to(pid, owner_uid if run_as else os.geteuid(), volume)):
+            process.record_pid(ctl / "node.pid", pid)
+        safefiles.replace_file(ctl / "node.json", json.dumps(meta).encode(), keep_owner=False)
 
     def _run_as(self, owner: object) -> process.RunAs | None:
         try:
@@ -166,6 +189,7 @@ class LocalDriver(Driver):
         stack = get_stack(str(meta["stack"]))
         ctx = NodeContext(self.volume(node_id), str(meta["address"]), int(meta["port"]),  # type: ignore[call-overload]
                           self._run_as(meta.get("owner")))
+        _check_volume(node_id, ctx.volume)
         return stack, ctx
 
     def pid_path(self, node_id: str) -> Path:
@@ -231,7 +255,8 @@ class LocalDriver(Driver):
             for sub in ("data", "config", "run"):
                 (staging / sub).mkdir(parents=True)
             meta = {"stack": spec.stack, "address": spec.address, "port": spec.port, "owner": spec.owner}
-            (staging / "node.json").write_text(json.dumps(meta))  # before the account owns the directory
+            # The record before the volume is in place: a node is never found without one.
+            self._write_meta(spec.node_id, meta, staging)
             self._own(staging, run_as)
             try:
                 stack.init(NodeContext(staging, spec.address, spec.port, run_as), spec.config, spec.credentials)
@@ -240,7 +265,6 @@ class LocalDriver(Driver):
                 raise PermanentDriverError(f"initialising {spec.stack} failed: {exc}") from exc
             self._own(staging, run_as)
             staging.rename(final)
-            self._write_meta(spec.node_id, meta)
         self.start(spec.node_id)
         self.wait_healthy(spec.node_id, 60.0)
         _, ctx = self._node(spec.node_id)
@@ -480,13 +504,12 @@ class LocalDriver(Driver):
                 shutil.rmtree(staging, ignore_errors=True)
                 raise PermanentDriverError(f"provisioning from snapshot failed: {exc}") from exc
         (staging / "run").mkdir(exist_ok=True)
-        carried = json.loads((staging / "node.json").read_text())  # the source's account could write it
+        carried = json.loads(safefiles.read_text(staging / "node.json"))  # the source's account could write it
         meta = {"stack": get_stack(str(carried["stack"])).name, "address": carried["address"],
                 "port": int(carried["port"]), "owner": owner}
-        _atomic_write(staging / "node.json", json.dumps(meta))  # what _adopt finds if we die below
+        self._write_meta(node_id, meta, staging)  # the record before the volume is in place
         self._own(staging, self._run_as(owner))  # the clone's account, not its source's
         staging.rename(final)
-        self._write_meta(node_id, meta)
         if consume:
             self.delete_snapshot(snapshot_id)
         return copied
@@ -520,7 +543,7 @@ class LocalDriver(Driver):
             path = ctx.volume / rel
             if not path.exists():
                 continue
-            text = path.read_text()
+            text = safefiles.read_text(path)
             # Secrets first: a whole connection URL (credentials, address and renamed user at once),
             # then any secret left on its own; addresses last.
             text, secret_counts = replace_secrets(text, secret_map or {})

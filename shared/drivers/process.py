@@ -34,10 +34,20 @@ class RunAs:
         return cls(entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
     def chown_tree(self, root: Path) -> None:
-        os.chown(root, self.uid, self.gid)
-        for dirpath, dirnames, filenames in os.walk(root):
+        """Everything below ``root`` becomes the account's. Never through a link: the tree may be
+        the account's already (a volume), and a directory it swapped for a link to /etc must not
+        give it /etc. ``root`` itself must be a directory (ELOOP or ENOTDIR otherwise)."""
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
+        for _dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
             for name in dirnames + filenames:
-                os.chown(os.path.join(dirpath, name), self.uid, self.gid, follow_symlinks=False)
+                try:
+                    os.chown(name, self.uid, self.gid, dir_fd=dirfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed meanwhile by the account itself
 
 
 def _reap() -> None:
@@ -47,7 +57,7 @@ def _reap() -> None:
             _children.remove(child)
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -79,7 +89,7 @@ def spawn(argv: list[str], *, cwd: Path, log_path: Path, pid_path: Path, env: di
 def record_pid(pid_path: Path, pid: int) -> None:
     """Write "pid starttime" to ``pid_path`` (in a directory only root writes), atomically."""
     tmp = pid_path.with_suffix(".tmp")
-    tmp.write_text(f"{pid} {_start_time(pid) or ''}\n")
+    tmp.write_text(f"{pid} {start_time(pid) or ''}\n")
     tmp.replace(pid_path)
 
 
@@ -103,7 +113,7 @@ def running_pid(pid_path: Path) -> int | None:
         pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    current = _start_time(pid)
+    current = start_time(pid)
     if current is None or (start and current != start):
         return None
     return pid

@@ -40,7 +40,7 @@ class NodeContext:
 
     def secrets(self) -> dict[str, str]:
         try:
-            return json.loads(self.secrets_path.read_text())
+            return json.loads(safefiles.read_text(self.secrets_path))
         except FileNotFoundError:
             return {}
 

@@ -43,12 +43,14 @@ class Part(Enum):
     ARIA_LOG = "aria_log"  # aria_log.NNNNNNNN
     CONTROL = "control"  # aria_log_control
     REDO = "redo"  # ib_logfile0
-    SKIP = "skip"  # the temporary tablespace, a running ALTER's #sql files: remade on start
+    SKIP = "skip"  # the temporary tablespace: remade on start
     UNSUPPORTED = "unsupported"  # a layout this method does not know: use mariadb-backup
 
 
 _TABLESPACE = re.compile(r"(ibdata\d+|undo\d+|.+\.ibd)")
 _ARIA_LOG = re.compile(r"aria_log\.\d+")
+_LOG_RESIZE = re.compile(r"ib_logfile\d+")
+_TEMPORARY = re.compile(r"ibtmp\d+")
 
 
 def part(rel: str) -> Part:
@@ -56,9 +58,11 @@ def part(rel: str) -> Part:
     name = os.path.basename(rel)
     if rel == INNODB_LOG:
         return Part.REDO
-    if name.startswith("ib_logfile") or name.endswith(".isl"):  # a resize in flight; a tablespace elsewhere
+    # A redo log resize in flight; a tablespace elsewhere; a copying ALTER TABLE, which goes on
+    # under BLOCK_DDL with redo naming its #sql tablespace: mariadb-backup knows what to do.
+    if _LOG_RESIZE.fullmatch(rel) or name.endswith(".isl") or name.startswith("#sql"):
         return Part.UNSUPPORTED
-    if name.startswith("#sql") or name.startswith("ibtmp"):
+    if _TEMPORARY.fullmatch(rel):
         return Part.SKIP
     if rel == ARIA_CONTROL:
         return Part.CONTROL

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
-from shared import filelock, snapshots
+from shared import filelock, safefiles, snapshots
 from shared.config import get_settings
 from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, OnlineCopy, write_private
 from shared.stacks.relay import SourceBoundRelay
@@ -230,7 +230,7 @@ class PostgresStack(DatabaseStack):
     def _write_hba(ctx: NodeContext) -> bool:
         """The node's pg_hba.conf for its current address; whether it changed."""
         path, text = ctx.data_dir / "pg_hba.conf", hba(ctx.address)
-        if path.exists() and path.read_text() == text:
+        if path.exists() and safefiles.read_text(path) == text:
             return False
         write_private(path, text)
         if ctx.run_as and os.geteuid() == 0:

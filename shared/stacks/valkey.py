@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from shared import safefiles
 from shared.config import get_settings
 from shared.snapshots import copy_bytes, copy_file, open_source, reflink_at, reflink_fd
 from shared.stacks.base import CopyTree, Credentials, NodeContext, OnlineCopy, Stack, write_private
@@ -128,7 +129,7 @@ def _manifest_files(text: bytes) -> list[tuple[str, AofKind, bytes]]:
 def _open_cut(aof: Path) -> _AofCut | None:
     """Open every file the manifest lists; None (try again) when a rewrite swapped them meanwhile:
     the manifest changed, or a file it named is gone."""
-    text = (aof / MANIFEST).read_bytes()
+    text = safefiles.read_bytes(aof / MANIFEST)
     listed = [(name, line) for name, kind, line in _manifest_files(text) if kind is not AofKind.HISTORY]
     if not listed or _manifest_files(listed[-1][1])[0][1] is not AofKind.INCR:
         raise RuntimeError(f"append-only manifest without an incremental file last: {text!r}")
@@ -138,7 +139,7 @@ def _open_cut(aof: Path) -> _AofCut | None:
             if "/" in name or name in (".", ".."):  # the manifest is in the node's hands
                 raise RuntimeError(f"append-only manifest names a file outside its directory: {name!r}")
             files.append((name, open_source(aof / name)))
-        if (aof / MANIFEST).read_bytes() == text:
+        if safefiles.read_bytes(aof / MANIFEST) == text:
             return _AofCut(b"".join(line for _, line in listed), files, os.fstat(files[-1][1]).st_size)
     except FileNotFoundError:
         pass

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from shared import safefiles
 from shared.stacks import webapp_server
 from shared.stacks.base import Credentials, NodeContext, Stack, write_private
 
@@ -64,7 +65,7 @@ class WebappStack(Stack):
         if kind != "config":
             return super().file_action(ctx, kind, payload)
         path = ctx.volume / ENV_FILE
-        lines = path.read_text().splitlines() if path.exists() else []
+        lines = safefiles.read_text(path).splitlines() if path.exists() else []
         kept: list[str] = []
         for line in lines:
             key, eq, _ = line.partition("=")

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from shared.drivers import NodeSpec
+from shared.drivers.base import PermanentDriverError
 from shared.drivers.local import LocalDriver
 from shared.drivers.process import running_pid
 from tests.helpers import wait_for
@@ -79,6 +80,23 @@ def test_links_planted_in_a_volume_make_root_write_nothing_outside_it(driver: Lo
     client = redis.Redis(host="127.118.254.2", port=6379, password="new-password-of-the-node", socket_timeout=5)
     assert client.ping()
     client.close()
+
+
+def test_a_volume_directory_swapped_for_a_link_gives_the_account_nothing(driver: LocalDriver, node: str,
+                                                                        data_root: Path) -> None:
+    """run/ and config/ swapped for links to a directory of root's: root neither chowns it (start
+    used to chown run/ on every start) nor writes into it; it refuses to act on the node."""
+    victim = data_root / "victim-dir"
+    victim.mkdir(mode=0o755)
+    (victim / "f").write_text("root's own\n")
+    as_node(driver, node, f"mv run run.old; ln -s {victim} run; mv config config.old; ln -s {victim} config")
+    driver.stop(node)
+    with pytest.raises(PermanentDriverError, match="not a directory"):
+        driver.restart(node, 30)
+    with pytest.raises(PermanentDriverError, match="not a directory"):
+        driver.set_credentials(node, {"username": "default", "password": "another-password"})
+    assert victim.stat().st_uid == 0 and (victim / "f").stat().st_uid == 0
+    assert sorted(os.listdir(victim)) == ["f"] and (victim / "f").read_text() == "root's own\n"
 
 
 def test_a_node_json_naming_root_runs_nothing_as_root(driver: LocalDriver, node: str) -> None:

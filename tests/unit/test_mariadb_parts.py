@@ -18,7 +18,11 @@ from shared.stacks.mariadb_reflink import Part, part
     ("aria_log.00000001", Part.ARIA_LOG),
     ("aria_log_control", Part.CONTROL),
     ("ibtmp1", Part.SKIP),
-    ("app/#sql-alter-1a2b-3.ibd", Part.SKIP),
+    ("app/ibtmp1.ibd", Part.TABLESPACE),  # a table of the user's named so: never skipped
+    ("app/ibtmp1.frm", Part.STATIC),
+    ("app/ib_logfile7.ibd", Part.TABLESPACE),
+    ("app/#sql-alter-1a2b-3.ibd", Part.UNSUPPORTED),  # a copying ALTER TABLE in flight
+    ("app/#sql-1a2b_3.frm", Part.UNSUPPORTED),
     ("app/t.frm", Part.STATIC),
     ("app/db.opt", Part.STATIC),
     ("mysql/general_log.CSV", Part.STATIC),
