@@ -190,11 +190,14 @@ class TreeFlusher:
             for name in files:
                 path = os.path.join(dirpath, name)
                 try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not hang us
                 except OSError:
                     continue  # gone, renamed or a symlink: nothing of ours to flush
                 try:
-                    size = os.fstat(fd).st_size
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    size = st.st_size
                     start = self.flushed.get(path, 0)
                     if size <= start:
                         continue
