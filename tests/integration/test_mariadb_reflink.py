@@ -9,6 +9,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def source(xfs_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Lo
         cur.execute("CREATE TABLE acct (id INT PRIMARY KEY, balance INT NOT NULL)")
         cur.execute("INSERT INTO acct SELECT seq, 100 FROM seq_1_to_100")
         cur.execute("CREATE TABLE ledger (n INT PRIMARY KEY)")
+        cur.execute("CREATE TABLE aria_ledger (n INT PRIMARY KEY) ENGINE=Aria TRANSACTIONAL=1")  # crash-safe Aria
     fill(url, 20000)
     yield driver, url
     get_settings.cache_clear()
@@ -69,27 +71,52 @@ def ddl_waits(driver: LocalDriver) -> bool:
         return False
 
 
+class AriaWriter(threading.Thread):
+    """Inserts 1, 2, 3... into a crash-safe Aria table, one statement each; records the acknowledged."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.acked, self.stopped = url, [], threading.Event()
+
+    def run(self) -> None:
+        with connect(self.url) as conn, conn.cursor() as cur:
+            n = 0
+            while not self.stopped.is_set():
+                n += 1
+                cur.execute("INSERT INTO aria_ledger VALUES (%s)", (n,))
+                self.acked.append(n)
+
+
 def copy_under_load(driver: LocalDriver, url: str) -> tuple[str, str, Writer, set[int]]:
     """The online snapshot taken while transfers run; the copy served. (method, copy url, writer,
     transfers acknowledged before the copy began)."""
-    writer = Writer(url)
+    writer, aria = Writer(url), AriaWriter(url)
     writer.start()
+    aria.start()
     try:
-        wait_for(lambda: len(writer.acks) > 20, timeout=30, what="transfers to flow")
+        wait_for(lambda: len(writer.acks) > 20 and len(aria.acked) > 20, timeout=30, what="writes to flow")
         started = writer.acks[-1][0]
         acked_before = {n for t, n in writer.acks if t <= started}
+        aria_before = len(aria.acked)
         info = driver.snapshot_online("src", "snap")
         ended = writer.acks[-1][0]
         wait_for(lambda: writer.acks[-1][0] > ended, timeout=30, what="transfers after the copy")
     finally:
         writer.stopped.set()
+        aria.stopped.set()
         writer.join(30)
+        aria.join(30)
     assert not writer.errors and info.window_ms == 0
     driver.provision("snap", "copy")
     driver.assign_address("copy", COPY, 3306)
     driver.set_credentials("copy", get_stack("mariadb").new_credentials(driver._node("src")[1].secrets()))
     driver.restart("copy", 60)  # InnoDB and Aria recover from the copied logs here
-    return info.method, driver.url("copy"), writer, acked_before
+    # The Aria table too: a prefix of the inserts, every one acknowledged before the copy in it.
+    copy_url = driver.url("copy")
+    in_copy = [n for (n,) in query(copy_url, "SELECT n FROM aria_ledger ORDER BY n")]
+    assert in_copy == list(range(1, len(in_copy) + 1)) and aria_before <= len(in_copy) <= len(aria.acked)
+    assert query(copy_url, "CHECK TABLE aria_ledger")[-1][-1] == "OK"
+    return info.method, copy_url, writer, acked_before
 
 
 def assert_one_moment(copy_url: str, writer: Writer, acked_before: set[int]) -> None:
