@@ -152,7 +152,12 @@ def open_source(path: str | Path) -> int:
 
 def copy_file(src: str, dst: str, reflink: bool, progress: Progress | None = None) -> int:
     """``src`` into a new ``dst``: a reflink when asked and the filesystem can, else a paced copy."""
-    with open(open_source(src), "rb") as s, open(dst, "wb") as d:
+    return _copy_from(open_source(src), dst, reflink, progress)
+
+
+def _copy_from(src_fd: int, dst: str, reflink: bool, progress: Progress | None) -> int:
+    """The open ``src_fd`` (closed here) into a new ``dst``, as copy_file."""
+    with open(src_fd, "rb") as s, open(dst, "wb") as d:
         if reflink and reflink_fd(s.fileno(), d.fileno()):
             size = os.fstat(s.fileno()).st_size
             if progress:
@@ -170,7 +175,7 @@ def reflink_file(src: str, dst: str) -> bool:
     if not done:
         os.unlink(dst)
         return False
-    _copy_meta(src, dst, st)
+    _copy_meta(dst, st)
     return True
 
 
@@ -237,7 +242,7 @@ def flush_tree(root: Path, window: int | None = None) -> int:
     return TreeFlusher(root, window).flush_pass() if window else 0
 
 
-def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
+def _copy_meta(dst: str, st: os.stat_result) -> None:
     if os.geteuid() == 0:
         os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
@@ -245,9 +250,16 @@ def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _walk(root: Path, ignore: Ignore | None):
-    """Yield (relpath, stat) for everything below root, directories before their contents."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk_at(root: Path, ignore: Ignore | None) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """Yield (relpath, stat, dir fd, name) for everything below root, directories before their
+    contents. Walked by directory fds (fwalk): a directory the volume's account swaps for a link
+    while we walk is never entered, so every entry is one of the tree's own. The dir fd is open
+    until the next entry: open an entry by (name, dir_fd=...), never by its path."""
+    try:
+        os.close(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))  # ELOOP on a link
+    except FileNotFoundError:
+        return
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
         keep = []
@@ -256,23 +268,28 @@ def _walk(root: Path, ignore: Ignore | None):
             if ignore and ignore(rel):
                 continue
             try:
-                st = os.lstat(os.path.join(dirpath, name))
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue  # removed while we walked (a live tree during pre-copy)
-            if stat.S_ISLNK(st.st_mode):
-                yield rel, st  # a symlink to a directory is copied as a link, not followed
-            else:
-                keep.append(name)
-                yield rel, st
+            if not stat.S_ISLNK(st.st_mode):
+                keep.append(name)  # a symlink to a directory is copied as a link, not followed
+            yield rel, st, dirfd, name
         dirnames[:] = keep
         for name in sorted(filenames):
             rel = os.path.join(rel_dir, name)
             if ignore and ignore(rel):
                 continue
             try:
-                yield rel, os.lstat(os.path.join(dirpath, name))
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            yield rel, st, dirfd, name
+
+
+def _walk(root: Path, ignore: Ignore | None) -> Iterator[tuple[str, os.stat_result]]:
+    """(relpath, stat) of everything below root, as _walk_at."""
+    for rel, st, _, _ in _walk_at(root, ignore):
+        yield rel, st
 
 
 def fingerprint(root: Path, ignore: Ignore | None = None) -> dict[str, tuple[int, int, int]]:
@@ -288,21 +305,23 @@ def tree_size(root: Path, ignore: Ignore | None = None) -> int:
     return sum(st.st_size for _, st in _walk(root, ignore) if stat.S_ISREG(st.st_mode))
 
 
-def _copy_entry(src_root: Path, dst_root: Path, rel: str, st: os.stat_result, reflink: bool,
+def _copy_entry(dirfd: int, name: str, dst_root: Path, rel: str, st: os.stat_result, reflink: bool,
                 progress: Progress | None) -> int:
-    src, dst = os.path.join(src_root, rel), os.path.join(dst_root, rel)
+    """The entry ``name`` of the directory open as ``dirfd`` (from _walk_at) to ``dst_root/rel``."""
+    dst = os.path.join(dst_root, rel)
     if stat.S_ISDIR(st.st_mode):
         os.makedirs(dst, exist_ok=True)
         return 0
     if os.path.lexists(dst) and (stat.S_ISLNK(st.st_mode) or os.path.isdir(dst)):
         shutil.rmtree(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
     if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(src), dst)
-        _copy_meta(src, dst, st)
+        os.symlink(os.readlink(name, dir_fd=dirfd), dst)
+        _copy_meta(dst, st)
         return 0
     if stat.S_ISREG(st.st_mode):
-        n = copy_file(src, dst, reflink, progress)
-        _copy_meta(src, dst, st)
+        n = _copy_from(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd), dst, reflink,
+                       progress)
+        _copy_meta(dst, st)
         return n
     return 0  # sockets, fifos: runtime artefacts, never part of a volume's data
 
@@ -310,8 +329,8 @@ def _copy_entry(src_root: Path, dst_root: Path, rel: str, st: os.stat_result, re
 def _fix_dir_meta(src_root: Path, dst_root: Path, dirs: list[tuple[str, os.stat_result]]) -> None:
     # Directory mtimes change as their contents are written, so set them last, deepest first.
     for rel, st in sorted(dirs, key=lambda item: item[0].count(os.sep), reverse=True):
-        _copy_meta(os.path.join(src_root, rel), os.path.join(dst_root, rel), st)
-    _copy_meta(str(src_root), str(dst_root), os.lstat(src_root))
+        _copy_meta(os.path.join(dst_root, rel), st)
+    _copy_meta(str(dst_root), os.lstat(src_root))
 
 
 def copy_tree(src_root: Path, dst_root: Path, *, reflink: bool, progress: Progress | None = None,
@@ -321,9 +340,9 @@ def copy_tree(src_root: Path, dst_root: Path, *, reflink: bool, progress: Progre
     inside the window settles what the stopped tree holds."""
     dst_root.mkdir(parents=True, exist_ok=False)
     total, dirs = 0, []
-    for rel, st in _walk(src_root, ignore):
+    for rel, st, dirfd, name in _walk_at(src_root, ignore):
         try:
-            total += _copy_entry(src_root, dst_root, rel, st, reflink, progress)
+            total += _copy_entry(dirfd, name, dst_root, rel, st, reflink, progress)
         except FileNotFoundError:
             if not live:
                 raise
@@ -351,7 +370,7 @@ def sync_tree(src_root: Path, dst_root: Path, *, ignore: Ignore | None = None) -
     and deleting what the source no longer has. Returns bytes copied."""
     seen: set[str] = set()
     total, dirs = 0, []
-    for rel, st in _walk(src_root, ignore):
+    for rel, st, dirfd, name in _walk_at(src_root, ignore):
         seen.add(rel)
         dst = os.path.join(dst_root, rel)
         if stat.S_ISDIR(st.st_mode):
@@ -369,7 +388,7 @@ def sync_tree(src_root: Path, dst_root: Path, *, ignore: Ignore | None = None) -
         if not same:
             if os.path.lexists(dst) and not os.path.isdir(dst):
                 os.unlink(dst)
-            total += _copy_entry(src_root, dst_root, rel, st, False, None)
+            total += _copy_entry(dirfd, name, dst_root, rel, st, False, None)
     for rel, _st in sorted(_walk(dst_root, None), key=lambda item: item[0], reverse=True):
         if rel not in seen:
             path = os.path.join(dst_root, rel)

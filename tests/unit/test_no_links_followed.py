@@ -32,3 +32,24 @@ def test_an_append_only_manifest_naming_a_file_elsewhere_is_refused(tmp_path: Pa
     (aof / "appendonly.aof.manifest").write_text(f"file {name} seq 1 type i\n")
     with pytest.raises((RuntimeError, OSError)):
         _open_cut(aof)
+
+
+def test_a_directory_swapped_for_a_link_during_a_copy_is_not_followed(tmp_path: Path) -> None:
+    """The race replayed without timing: the copy's own ignore callback, which runs as the walk
+    reaches ``x/f``, swaps ``x`` for a link to a directory holding another ``f``. The copy must
+    read the tree's own ``x/f``."""
+    other = tmp_path / "another-tenant"
+    other.mkdir()
+    (other / "f").write_text("another tenant's")
+    src = tmp_path / "volume"
+    (src / "x").mkdir(parents=True)
+    (src / "x" / "f").write_text("mine")
+
+    def swap_then_keep(rel: str) -> bool:
+        if rel == "x/f" and not (src / "x").is_symlink():
+            (src / "x").rename(src / "x.real")
+            (src / "x").symlink_to(other)
+        return False
+
+    snapshots.copy_tree(src, tmp_path / "copy", reflink=False, ignore=swap_then_keep, live=True)
+    assert (tmp_path / "copy" / "x" / "f").read_text() == "mine"
