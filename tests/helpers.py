@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,3 +52,20 @@ def processes_under(root: Path) -> list[tuple[int, str]]:
         if root_s in cmd or cwd.startswith(root_s):
             found.append((int(entry), cmd.strip()))
     return found
+
+
+@contextmanager
+def worker_stopped_at(script: str, root: Path, env: dict[str, str], ready: str) -> Iterator[subprocess.Popen[str]]:
+    """A worker process running ``script`` (argv[1]: the data root) that stops where it prints
+    ``ready``; yielded once it has, for the test to kill it there (it is killed on exit anyway)."""
+    worker = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **env})
+    try:
+        assert worker.stdout is not None
+        reached, _, _ = select.select([worker.stdout], [], [], 60)
+        assert reached and worker.stdout.readline().strip() == ready, f"the worker never got to {ready!r}"
+        yield worker
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)

@@ -5,10 +5,6 @@ killed in the middle leaves the source no backup stage."""
 
 from __future__ import annotations
 
-import os
-import select
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +16,7 @@ from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
 from shared.stacks import get_stack, mariadb_reflink
 from shared.stacks.mariadb import mariadb_backup
-from tests.helpers import wait_for
+from tests.helpers import wait_for, worker_stopped_at
 from tests.integration.test_mariadb import MISSING, Writer, connect, fill, query
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
@@ -183,12 +179,8 @@ def test_a_worker_killed_inside_the_copy_leaves_no_backup_stage(source) -> None:
     """While the copy holds BLOCK_DDL, transfers still commit (no commit ever waits for it) and
     DDL waits; kill -9 of the worker ends the stage with its connection."""
     driver, url = source
-    worker = subprocess.Popen([sys.executable, "-c", _HANG_IN_COPY, str(driver.root)], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "ENVCLONE_MARIADB_ONLINE_METHOD": "reflink"})
-    try:
-        assert worker.stdout is not None
-        ready, _, _ = select.select([worker.stdout], [], [], 60)
-        assert ready and worker.stdout.readline().strip() == "in the copy", "the worker never reached its copy"
+    with worker_stopped_at(_HANG_IN_COPY, driver.root, {"ENVCLONE_MARIADB_ONLINE_METHOD": "reflink"},
+                           "in the copy") as worker:
         with connect(url) as conn, conn.cursor() as cur:
             cur.execute("SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1")
             conn.begin()
@@ -199,8 +191,4 @@ def test_a_worker_killed_inside_the_copy_leaves_no_backup_stage(source) -> None:
         worker.kill()
         worker.wait(timeout=10)
         wait_for(lambda: not ddl_waits(driver), timeout=30, what="the stage to end with the worker's connection")
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
     assert query(url, "SELECT balance FROM acct WHERE id IN (1, 2) ORDER BY id") == ((95,), (105,))

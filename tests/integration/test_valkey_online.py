@@ -6,11 +6,8 @@ buffer busy, and a worker killed inside the pause holding nothing for long."""
 
 from __future__ import annotations
 
-import os
-import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +22,7 @@ from shared.drivers import NodeSpec
 from shared.drivers.local import LocalDriver
 from shared.stacks import valkey as valkey_stack
 from shared.stacks.valkey import AOF_DIR, MANIFEST, PAUSE_TIMEOUT_MS, _open_cut, _write_from_fd, valkey_binary
-from tests.helpers import wait_for
+from tests.helpers import wait_for, worker_stopped_at
 
 pytestmark = pytest.mark.integration
 
@@ -229,12 +226,8 @@ LocalDriver(sys.argv[1]).snapshot_online("src", "snap")
 def test_worker_killed_inside_the_pause_holds_the_source_no_longer_than_the_pause_timeout(
         xfs_source, method) -> None:  # noqa: ANN001
     driver, client = xfs_source
-    worker = subprocess.Popen([sys.executable, "-c", _HANG_IN_PAUSE, str(driver.root)], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "ENVCLONE_VALKEY_ONLINE_METHOD": "aof_pause"})
-    try:
-        assert worker.stdout is not None
-        ready, _, _ = select.select([worker.stdout], [], [], 60)
-        assert ready and worker.stdout.readline().strip() == "in the pause", "the worker never reached its pause"
+    with worker_stopped_at(_HANG_IN_PAUSE, driver.root, {"ENVCLONE_VALKEY_ONLINE_METHOD": "aof_pause"},
+                           "in the pause") as worker:
         paused_by = time.monotonic()  # the pause began before this
         assert client.info("clients")["paused_actions"] == "write"
         worker.kill()
@@ -244,10 +237,6 @@ def test_worker_killed_inside_the_pause_holds_the_source_no_longer_than_the_paus
         assert time.monotonic() - paused_by < PAUSE_TIMEOUT_MS / 1000 + 0.5
         assert client.info("clients")["paused_actions"] == "none"
         writer.close()
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait(timeout=10)
 
 
 def test_a_pause_held_by_another_job_is_never_ended_by_an_online_copy(xfs_source, method) -> None:  # noqa: ANN001
