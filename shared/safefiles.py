@@ -44,7 +44,13 @@ def replace_file(path: Path, data: bytes, mode: int = 0o600, keep_owner: bool = 
         os.close(dfd)
 
 
-def open_dir(path: Path) -> int:
+def open_file(path: str | Path) -> int:
+    """A file of a volume opened for reading, never through a link at its name (ELOOP): the
+    volume's account could have made any name a link to a file of the host or of another tenant."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def open_dir(path: str | Path) -> int:
     """A directory of a volume opened as such, never a link in its place (ELOOP / ENOTDIR)."""
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shared import safefiles
+
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
 CHUNK = 64 * 1024 * 1024
 # A file whose mtime is this close to the moment it was pre-copied may have changed within the
@@ -144,15 +146,9 @@ def copy_bytes(src: int, dst: int, length: int | None = None, *, in_user_space: 
     return done
 
 
-def open_source(path: str | Path) -> int:
-    """A file of a volume opened for reading, never through a link at its name: the volume's
-    account could have made any name a link to a file of the host or of another tenant."""
-    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-
-
 def copy_file(src: str, dst: str, reflink: bool, progress: Progress | None = None) -> int:
     """``src`` into a new ``dst``: a reflink when asked and the filesystem can, else a paced copy."""
-    return _copy_from(open_source(src), dst, reflink, progress)
+    return _copy_from(safefiles.open_file(src), dst, reflink, progress)
 
 
 def _copy_from(src_fd: int, dst: str, reflink: bool, progress: Progress | None) -> int:
@@ -170,7 +166,7 @@ def reflink_file(src: str, dst: str) -> bool:
     """A new ``dst``, a reflink of ``src`` with its owner, mode and times; False (and no ``dst``)
     where the filesystem cannot -- never a byte copy, which could tear a page written meanwhile."""
     st = os.stat(src, follow_symlinks=False)
-    with open(open_source(src), "rb") as s, open(dst, "xb") as d:
+    with open(safefiles.open_file(src), "rb") as s, open(dst, "xb") as d:
         done = reflink_fd(s.fileno(), d.fileno())
     if not done:
         os.unlink(dst)
@@ -256,7 +252,7 @@ def _walk_at(root: Path, ignore: Ignore | None) -> Iterator[tuple[str, os.stat_r
     while we walk is never entered, so every entry is one of the tree's own. The dir fd is open
     until the next entry: open an entry by (name, dir_fd=...), never by its path."""
     try:
-        os.close(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))  # ELOOP on a link
+        os.close(safefiles.open_dir(root))  # ELOOP on a link
     except FileNotFoundError:
         return
     for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from shared import safefiles
+
 _children: list[subprocess.Popen[bytes]] = []
 
 
@@ -37,7 +39,7 @@ class RunAs:
         """Everything below ``root`` becomes the account's. Never through a link: the tree may be
         the account's already (a volume), and a directory it swapped for a link to /etc must not
         give it /etc. ``root`` itself must be a directory (ELOOP or ENOTDIR otherwise)."""
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = safefiles.open_dir(root)
         try:
             os.fchown(fd, self.uid, self.gid)
         finally:

@@ -21,7 +21,7 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from shared import safefiles
 from shared.config import get_settings
-from shared.snapshots import copy_bytes, copy_file, open_source, reflink_at, reflink_fd
+from shared.snapshots import copy_bytes, copy_file, reflink_at, reflink_fd
 from shared.stacks.base import CopyTree, Credentials, NodeContext, OnlineCopy, Stack, write_private
 
 AOF_DIR = "appendonlydir"
@@ -138,7 +138,7 @@ def _open_cut(aof: Path) -> _AofCut | None:
         for name, _ in listed:
             if "/" in name or name in (".", ".."):  # the manifest is in the node's hands
                 raise RuntimeError(f"append-only manifest names a file outside its directory: {name!r}")
-            files.append((name, open_source(aof / name)))
+            files.append((name, safefiles.open_file(aof / name)))
         if safefiles.read_bytes(aof / MANIFEST) == text:
             return _AofCut(b"".join(line for _, line in listed), files, os.fstat(files[-1][1]).st_size)
     except FileNotFoundError:
