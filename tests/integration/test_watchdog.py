@@ -91,7 +91,10 @@ def test_job_whose_messages_were_lost_is_resumed(backend: Backend, source: str) 
 
 def test_job_that_keeps_stalling_is_reaped_with_compensation(backend: Backend, source: str) -> None:
     before = counts(backend)
-    job_id = start_clone("src", "dst", faults=[{"step": "assign_ips", "kind": "hang", "seconds": 10, "times": 5}])
+    # Each hang outlasts ENVCLONE_JOB_STALL_S (8 s) by 8 s: the watchdog (every 1 s) has that long to
+    # see the stall. With 10 s hangs, a slow round on a loaded CI machine missed its 2 s window twice
+    # in six runs, the hang ended and the job succeeded.
+    job_id = start_clone("src", "dst", faults=[{"step": "assign_ips", "kind": "hang", "seconds": 16, "times": 5}])
     job = wait_job(job_id, timeout=60)
     assert job.state == "failed" and "reaped: no progress" in job.error
     assert job.run == 2  # resumed once, then reaped
