@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 from enum import Enum
 from pathlib import Path
 
-from shared import snapshots
+from shared import safefiles, snapshots
 from shared.stacks.base import CopyTree
 
 ATTEMPTS = 3
@@ -86,9 +87,8 @@ class CheckpointMoved(Exception):
 
 def _files(data: Path) -> dict[Part, list[str]]:
     found: dict[Part, list[str]] = {p: [] for p in Part}
-    for dirpath, _, names in os.walk(data):
-        for name in names:
-            rel = os.path.relpath(os.path.join(dirpath, name), data)
+    for rel, st in snapshots._walk(data, None):  # the one walker: by directory fds, never through a link
+        if not stat.S_ISDIR(st.st_mode):
             found[part(rel)].append(rel)
     if found[Part.UNSUPPORTED]:
         raise NotReflinkable(f"cannot reflink-copy {sorted(found[Part.UNSUPPORTED])}")
@@ -97,7 +97,7 @@ def _files(data: Path) -> dict[Part, list[str]]:
 
 def _head(path: Path, size: int | None = None) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open(safefiles.open_file(path), "rb") as f:
             return f.read() if size is None else f.read(size)
     except FileNotFoundError:
         return b""
