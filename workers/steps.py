@@ -68,19 +68,21 @@ def start_clone(self: Task, job_id: str) -> None:
 
 
 @retry_db
-def _report_started(job_id: str) -> dict:
+def _report_started(job_id: str, run: int) -> dict:
     with session_scope() as session:
         job = session.get(CloneJob, job_id)
         if job is None:
             return {}
-        if not job.state.done:
+        # An older run's report stands down silently: its event would read as progress, and the
+        # watchdog, which measures stalls from the last event, would give a stuck run more time.
+        if not job.state.done and job.run == run:
             record_event(session, job, "report", state="running", worker=worker_id())
         return dict(job.options)
 
 
 @shared_task(name="envclone.report", **TASK_OPTS)
 def report(self: Task, job_id: str, run: int = 1) -> str:
-    options = _report_started(job_id)
+    options = _report_started(job_id, run)
     state = retry_db(outcome.finish_job)(job_id, run)
     # The other hosts of the job make their disks match (snapshots done with, a failed clone's nodes).
     dispatch_sweeps(self.app, {h for h in outcome.job_hosts(job_id) if not is_local(h)})

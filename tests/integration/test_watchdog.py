@@ -12,12 +12,13 @@ from sqlalchemy import select
 
 from shared.db import session_scope
 from shared.drivers import get_driver
-from shared.models import CloneJob, EnvironmentEvent
+from shared.models import CloneJob, EnvironmentEvent, JobEvent, utcnow
 from shared.planning import plan_clone
 from tests.fault_helpers import counts
 from tests.helpers import wait_for
-from tests.stack import Backend
+from tests.stack import Backend, publisher
 from tests.workflow_client import TENANT, create_environment, delete_environment, start_clone, valkey, wait_job
+from workers.workflow import dispatch_clone
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +42,11 @@ def source(backend: Backend) -> Iterator[str]:
     yield env.nodes[0].id
     delete_environment("src")
     assert counts(backend).volumes == frozenset() and counts(backend).leases == 0
+
+
+def events(job_id: str) -> list[str]:
+    with session_scope() as session:
+        return list(session.scalars(select(JobEvent.kind).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
 
 
 def test_source_down_too_long_is_restarted_and_the_job_fails_cleanly(backend: Backend, source: str) -> None:
@@ -78,8 +84,6 @@ def test_committed_but_never_sent_job_is_dispatched_by_the_outbox(backend: Backe
 
 
 def test_job_whose_messages_were_lost_is_resumed(backend: Backend, source: str) -> None:
-    from shared.models import utcnow
-
     with session_scope() as session:  # marked sent, but nothing reached the broker
         job = plan_clone(session, TENANT, "src", "dst", {})
         job.dispatched_at = utcnow()
@@ -89,11 +93,24 @@ def test_job_whose_messages_were_lost_is_resumed(backend: Backend, source: str) 
     delete_environment("dst")
 
 
+def test_report_of_an_older_run_is_not_progress(backend: Backend, source: str) -> None:
+    """A resumed job's first run still ends: its report must stand down without a trace. It used to
+    record "report running", which reset the stall clock and let a stuck second run finish."""
+    with session_scope() as session:
+        job = plan_clone(session, TENANT, "src", "dst", {})
+        job.run, job.dispatched_at, job_id = 2, utcnow(), job.id  # resumed: run 1 is stale
+    stale = publisher().signature("envclone.report", args=(job_id, 1)).apply_async()
+    wait_for(stale.ready, timeout=30, what="the stale report to run")
+    assert events(job_id) == []  # nothing recorded, so the watchdog's stall clock did not move
+    dispatch_clone(publisher(), job_id)
+    assert wait_job(job_id, timeout=60).state == "succeeded"
+    assert events(job_id).count("report") == 1  # run 2's own report
+    delete_environment("dst")
+
+
 def test_job_that_keeps_stalling_is_reaped_with_compensation(backend: Backend, source: str) -> None:
     before = counts(backend)
-    # Each hang outlasts ENVCLONE_JOB_STALL_S (8 s) by 8 s: the watchdog (every 1 s) has that long to
-    # see the stall. With 10 s hangs, a slow round on a loaded CI machine missed its 2 s window twice
-    # in six runs, the hang ended and the job succeeded.
+    # Each hang outlasts ENVCLONE_JOB_STALL_S (8 s) by 8 s: the watchdog (every 1 s) has that long to see it.
     job_id = start_clone("src", "dst", faults=[{"step": "assign_ips", "kind": "hang", "seconds": 16, "times": 5}])
     job = wait_job(job_id, timeout=60)
     assert job.state == "failed" and "reaped: no progress" in job.error
