@@ -11,7 +11,7 @@ from flask import g, request
 from sqlalchemy import Row, bindparam, select, update
 
 from api.errors import ApiError
-from shared.db import session_scope
+from shared.db import autocommit, session_scope
 from shared.models import ApiToken, utcnow
 
 PREFIX = "ec_"
@@ -62,9 +62,12 @@ def lookup(token: str) -> ApiToken | None:
         return row
 
 
-# Columns, not an entity, and built once: every request pays for this read.
-_TOKEN_ROW = select(ApiToken.id, ApiToken.tenant, ApiToken.revoked_at, ApiToken.expires_at,
-                    ApiToken.last_used_at).where(ApiToken.token_hash == bindparam("hash"))
+# Table columns, not an entity's, and built once: every request pays for this read, and a Core
+# statement skips the ORM's execution path.
+_TOKENS = ApiToken.__table__.c
+_TOKEN_ROW = select(_TOKENS.id, _TOKENS.tenant, _TOKENS.revoked_at, _TOKENS.expires_at,
+                    _TOKENS.last_used_at).where(_TOKENS.token_hash == bindparam("hash"))
+_TOUCH = update(ApiToken.__table__).where(_TOKENS.id == bindparam("token_id"))
 
 
 def authenticate() -> None:
@@ -74,13 +77,13 @@ def authenticate() -> None:
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "unauthorized", "missing bearer token", "Authorization")
     now = utcnow()
-    with session_scope() as session:
-        row = session.execute(_TOKEN_ROW, {"hash": _hash(token.strip())}).first()
+    with autocommit() as conn:  # a lone read (and at most once a minute a lone write)
+        row = conn.execute(_TOKEN_ROW, {"hash": _hash(token.strip())}).first()
         reason = refusal(row, now)
         if reason is not None or row is None:
             raise ApiError(401, "unauthorized", reason or "invalid token", "Authorization")
         if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
-            session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+            conn.execute(_TOUCH, {"token_id": row.id, "last_used_at": now})
         g.tenant = row.tenant
 
 

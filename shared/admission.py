@@ -11,33 +11,64 @@ allocation can find (an address pool run dry since) now fails the job with the c
 from __future__ import annotations
 
 import secrets
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import Connection, Insert, bindparam, insert, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from shared import placement
 from shared.clone import masking, neutralize
 from shared.errors import Conflict, PlanError, Problem
-from shared.models import CloneJob, Environment, Node, new_id, row_values
+from shared.models import CloneJob, Environment, Host, Node, new_id, row_values
 from shared.states import EnvState
 
 # Built once: every clone request runs them, and building a statement costs about as much as
-# running it. One statement reads the source, its nodes and whether the target name is taken.
+# running it; of table columns, so they take Core's execution path, not the ORM's. One statement
+# reads the source, its nodes, their hosts (all that placement reads unless the request moves a
+# node or its host is full) and whether the target name is taken.
+_ENVS, _NODES, _HOST = Environment.__table__.c, Node.__table__.c, Host.__table__.c
 _SOURCE_AND_NODES = (
-    select(Environment.id, Environment.name.label("env_name"), Environment.state, Environment.egress,
-           Environment.on_clone, Node.name, Node.stack, Node.host, Node.size_bytes)
-    .outerjoin(Node, (Node.environment_id == Environment.id) & (Environment.name == bindparam("source")))
-    .where(Environment.tenant == bindparam("tenant"), Environment.name.in_(bindparam("names", expanding=True)))
-    .order_by(Node.name))
+    select(_ENVS.id, _ENVS.name.label("env_name"), _ENVS.state, _ENVS.egress, _ENVS.on_clone,
+           _NODES.name, _NODES.stack, _NODES.host, _NODES.size_bytes,
+           *(c.label(f"host_{c.name}") for c in placement.HOST_COLUMNS))
+    .select_from(Environment.__table__)
+    .outerjoin(Node.__table__, (_NODES.environment_id == _ENVS.id) & (_ENVS.name == bindparam("source")))
+    .outerjoin(Host.__table__, _HOST.name == _NODES.host)
+    .where(_ENVS.tenant == bindparam("tenant"), _ENVS.name.in_(bindparam("names", expanding=True)))
+    .order_by(_NODES.name))
 _INSERT_ENV = insert(Environment.__table__)
 _INSERT_JOB = insert(CloneJob.__table__)
 
 
-def admit_clone(session: Session, tenant: str, source_name: str, target_name: str, options: dict[str, Any],
+@lru_cache(maxsize=8)
+def _insert_both(target_keys: tuple[str, ...], job_keys: tuple[str, ...]) -> Insert:
+    """INSERT of the job WITH the INSERT of its target, both of bound parameters (``t_<column>``,
+    ``j_<column>``): built once per set of columns, as building it cost more than running it."""
+    envs, jobs = Environment.__table__, CloneJob.__table__
+    target = insert(envs).values({k: bindparam(f"t_{k}", type_=envs.c[k].type) for k in target_keys})
+    return insert(jobs).values({k: bindparam(f"j_{k}", type_=jobs.c[k].type) for k in job_keys}
+                               ).add_cte(target.cte("target"))
+
+
+def _write(db: Session | Connection, target: dict[str, Any], job: dict[str, Any]) -> None:
+    """The two rows; on PostgreSQL in one statement (a data-modifying CTE), one round trip that is
+    atomic by itself, so the API needs no BEGIN and COMMIT for it. SQLite has no such CTE."""
+    dialect = db.get_bind().dialect if isinstance(db, Session) else db.dialect
+    if dialect.name == "postgresql":
+        db.execute(_insert_both(tuple(target), tuple(job)),
+                   {**{f"t_{k}": v for k, v in target.items()}, **{f"j_{k}": v for k, v in job.items()}})
+    else:
+        db.execute(_INSERT_ENV, target)
+        db.execute(_INSERT_JOB, job)
+
+
+def admit_clone(session: Session | Connection, tenant: str, source_name: str, target_name: str, options: dict[str, Any],
                 idempotency: tuple[str | None, str | None] = (None, None)) -> tuple[CloneJob, Environment]:
-    """Check the request against the rows and write its job and target environment (caller commits);
+    """Check the request against the rows and write its job and target environment (the caller
+    commits: a Session, or a Connection such as ``shared.db.autocommit``'s, whose reads each see the
+    latest rows and whose write of both rows is one statement);
     both are returned as transient objects holding what was written (not in the session).
     ``options["on_clone"]``: the request's actions, run after the source environment's own;
     ``options["mask"]``: masking rules (``shared.clone.masking``), with ``mask_seed``."""
@@ -55,7 +86,10 @@ def admit_clone(session: Session, tenant: str, source_name: str, target_name: st
     stacks = {n.name: n.stack for n in nodes}
     neutralize.check(options.get("on_clone", []), stacks, "on_clone")
     masking.check(options.get("mask", []), stacks, "mask")
-    where, hosts = placement.place_clone(session, nodes, options.get("target_host"), options.get("placement") or {})
+    read = [placement.HostRow(*(getattr(n, f"host_{c.name}") for c in placement.HOST_COLUMNS))
+            for n in nodes if n.host_name is not None]
+    where, hosts = placement.place_clone(session, nodes, options.get("target_host"), options.get("placement") or {},
+                                         read)
     for host in sorted(set(where.values())):
         if hosts.known and hosts.free(host) < 0:
             raise PlanError(Conflict("disk_full", f"host {host}: needs {hosts.promised[host]} bytes of disk, "
@@ -74,8 +108,7 @@ def admit_clone(session: Session, tenant: str, source_name: str, target_name: st
                             target_environment_id=target_values["id"], options=options,
                             idempotency_key=idempotency[0], request_hash=idempotency[1])
     # Core inserts, not the unit of work: its flush was the largest part of a request's CPU.
-    session.execute(_INSERT_ENV, target_values)
-    session.execute(_INSERT_JOB, job_values)
+    _write(session, target_values, job_values)
     # The rows as written, for the response; nothing below the job exists yet, and says so.
     job, target = CloneJob(**job_values), Environment(**target_values)
     set_committed_value(job, "nodes", [])

@@ -5,9 +5,10 @@ has room (a local copy or a reflink, nothing crosses the network), unless the re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
-from sqlalchemy import Row, select
+from sqlalchemy import Connection, Row, select
 from sqlalchemy.orm import Session
 
 from shared.config import get_settings
@@ -15,31 +16,56 @@ from shared.errors import Conflict, PlanError, Problem
 from shared.models import Host, Node
 from shared.states import HostState
 
-# Columns, not entities, and built once: every clone request reads them.
-_HOST_ROWS = select(Host.name, Host.state, Host.reflink, Host.free_bytes, Host.address_pool)
+# Table columns, not an entity's (Core's execution path), and built once: every clone request reads them.
+_HOSTS = Host.__table__.c
+HOST_COLUMNS = (_HOSTS.name, _HOSTS.state, _HOSTS.reflink, _HOSTS.free_bytes, _HOSTS.address_pool)
+_HOST_ROWS = select(*HOST_COLUMNS)
+
+
+class HostRow(NamedTuple):
+    """What placement reads of a host (the columns of ``HOST_COLUMNS``)."""
+
+    name: str
+    state: HostState
+    reflink: bool
+    free_bytes: int
+    address_pool: str | None
 
 
 class Hosts:
-    """The host rows of one plan, with the disk this plan has already promised on each."""
+    """The host rows of one plan, with the disk this plan has already promised on each.
+    ``read``: rows the caller already has (a clone request reads its source nodes' hosts with them);
+    every host is read only when the plan needs more than those."""
 
-    def __init__(self, session: Session) -> None:
-        self.rows = {h.name: h for h in session.execute(_HOST_ROWS)}
+    def __init__(self, session: Session | Connection, read: Iterable[HostRow] = ()) -> None:
+        self._session = session
+        self._read = {h.name: h for h in read}
+        self._all: dict[str, Row | HostRow] | None = None
         self.promised: dict[str, int] = {}
         self.placed: dict[str, int] = {}
 
     @property
+    def rows(self) -> dict[str, Row | HostRow]:
+        if self._all is None:
+            self._all = {h.name: h for h in self._session.execute(_HOST_ROWS)}
+        return self._all
+
+    def row(self, name: str) -> Row | HostRow | None:
+        return self._read.get(name) or self.rows.get(name)
+
+    @property
     def known(self) -> bool:
-        return bool(self.rows)
+        return bool(self._read) or bool(self.rows)
 
     def up(self) -> list[Row]:
         return [h for h in self.rows.values() if h.state == HostState.UP]
 
     def free(self, name: str) -> int:
-        host = self.rows.get(name)
+        host = self.row(name)
         return (host.free_bytes if host else 0) - self.promised.get(name, 0)
 
     def room_for(self, name: str, size: int) -> bool:
-        host = self.rows.get(name)
+        host = self.row(name)
         return host is not None and host.state == HostState.UP and self.free(name) >= size
 
     def take(self, name: str, size: int) -> str:
@@ -49,7 +75,7 @@ class Hosts:
 
     def check(self, name: str, field: str) -> str:
         """A host a request names must exist and be up."""
-        host = self.rows.get(name)
+        host = self.row(name)
         if host is None:
             raise PlanError(Conflict("unknown_host", f"no host named {name!r}; known: "
                                      f"{', '.join(sorted(self.rows)) or 'none'}", field), Problem.INVALID)
@@ -68,7 +94,7 @@ class Hosts:
 
     def copy_bytes(self, name: str, size: int) -> int:
         """Disk a copy of ``size`` bytes costs on ``name``: a snapshot and a volume, unless reflink."""
-        host = self.rows.get(name)
+        host = self.row(name)
         return 0 if host is not None and host.reflink else 2 * size
 
 
@@ -81,10 +107,10 @@ def place_new(session: Session, pins: Sequence[str | None]) -> list[str]:
             for i, pin in enumerate(pins)]
 
 
-def place_clone(session: Session, sources: Sequence[Node], target_host: str | None,
-                pins: dict[str, str]) -> tuple[dict[str, str], Hosts]:
-    """A host per clone node, keyed by node name."""
-    hosts = Hosts(session)
+def place_clone(session: Session | Connection, sources: Sequence[Node], target_host: str | None,
+                pins: dict[str, str], read: Iterable[HostRow] = ()) -> tuple[dict[str, str], Hosts]:
+    """A host per clone node, keyed by node name (``read``: as for ``Hosts``)."""
+    hosts = Hosts(session, read)
     unknown = set(pins) - {n.name for n in sources}
     if unknown:
         raise PlanError(Conflict("unknown_node", f"placement names no node of the source: "
@@ -114,5 +140,5 @@ def place_clone(session: Session, sources: Sequence[Node], target_host: str | No
 
 def pool_of(hosts: Hosts, name: str) -> str:
     """The address pool of a host: its nodes get addresses from it (its agent reports it)."""
-    host = hosts.rows.get(name)
+    host = hosts.row(name)
     return (host.address_pool if host is not None else None) or get_settings().address_pool

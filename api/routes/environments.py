@@ -33,7 +33,7 @@ from api.schemas import (
 from shared import ipam
 from shared.admission import admit_clone
 from shared.config import get_settings
-from shared.db import session_scope
+from shared.db import autocommit, session_scope
 from shared.models import CloneJob, Environment, EnvironmentEvent
 from shared.planning import NodeRequest, active_job, find_environment, plan_environment
 from shared.stacks import CATALOG
@@ -172,7 +172,8 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
                                 [a.stored() for a in body.on_clone], body.on_leak, [m.stored() for m in body.mask],
                                 body.target_host, dict(body.placement))
             return jsonify(serialize.to_json(PlanOut.model_validate(plan)))
-    key, digest = header.idempotency_key, _request_hash(path.name, body)
+    key = header.idempotency_key
+    digest = _request_hash(path.name, body) if key else None  # only a retried request is compared
     if key:
         with session_scope() as session:
             existing = _job_by_key(session, key)
@@ -193,8 +194,8 @@ def clone_environment(path: EnvPath, body: CloneIn, header: IdempotencyHeader) -
     if body.faults:
         options["faults"] = [f.model_dump() for f in body.faults]
     try:
-        with session_scope() as session:
-            job, target = admit_clone(session, tenant(), path.name, body.name, options, idempotency=(key, digest))
+        with autocommit() as conn:  # on PostgreSQL: two reads and one write, no BEGIN or COMMIT
+            job, target = admit_clone(conn, tenant(), path.name, body.name, options, idempotency=(key, digest))
             job_id = job.id
             response = _job_response(job, 202, target)  # what it is once sent: queued
     except IntegrityError:

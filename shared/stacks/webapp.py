@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -57,8 +56,10 @@ class WebappStack(Stack):
         write_private(ctx.volume / ENV_FILE, "\n".join(lines) + "\n")
         # The app's code is part of its volume, as an app server's is: it is cloned with the node and
         # runs as the node's own account, which need not reach this checkout.
+        # The account owns the volume by now, and so could have put a link where app/ goes (another
+        # node of its environment runs as it): the code is written without following one.
         (ctx.volume / APP_DIR).mkdir(exist_ok=True)
-        shutil.copy(Path(webapp_server.__file__), ctx.volume / APP_DIR / "webapp_server.py")
+        safefiles.replace_file(ctx.volume / APP_DIR / "webapp_server.py", Path(webapp_server.__file__).read_bytes())
 
     def file_action(self, ctx: NodeContext, kind: str, payload: Any) -> dict[str, Any]:
         """``config``: set or override keys of its .env (the last line of a key wins; duplicates go)."""

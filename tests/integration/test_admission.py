@@ -44,7 +44,7 @@ def test_request_writes_the_job_and_the_worker_the_rest(backend: Backend) -> Non
     statements: list[str] = []
 
     def seen(_conn, _cursor, statement: str, *_args) -> None:
-        statements.append(statement.split(None, 3)[:3][-1] if statement.startswith("INSERT") else statement[:6])
+        statements.append(statement)
 
     event.listen(get_engine(), "before_cursor_execute", seen)
     try:
@@ -54,8 +54,11 @@ def test_request_writes_the_job_and_the_worker_the_rest(backend: Backend) -> Non
     assert response.status_code == 202, response.json
     job = response.json
     assert job["state"] == "queued" and job["nodes"] == []
-    # Two rows written: the job and its target environment; no lease, node or step yet.
-    assert sorted(s for s in statements if s not in ("SELECT", "UPDATE")) == ["clone_jobs", "environments"]
+    # The token and the source (its nodes and their hosts with it) read, the token's last use noted,
+    # and both rows, the job and its target environment, written by one statement: four round trips.
+    # No lease, node or step yet.
+    assert [s.split(None, 1)[0] for s in statements] == ["SELECT", "UPDATE", "SELECT", "WITH"]
+    assert "INSERT INTO environments" in statements[-1] and "INSERT INTO clone_jobs" in statements[-1]
     assert _rows(Node) == 1 and _rows(JobNode) == 0 and _rows(StepRun) == 0 and lease_count() == 1
 
     backend.start_worker()

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from shared import snapshots
+from shared.stacks.base import NodeContext
 from shared.stacks.valkey import _open_cut
+from shared.stacks.webapp import WebappStack
 
 
 def test_a_copy_never_reads_through_a_link(tmp_path: Path) -> None:
@@ -53,3 +55,17 @@ def test_a_directory_swapped_for_a_link_during_a_copy_is_not_followed(tmp_path: 
 
     snapshots.copy_tree(src, tmp_path / "copy", reflink=False, ignore=swap_then_keep, live=True)
     assert (tmp_path / "copy" / "x" / "f").read_text() == "mine"
+
+
+def test_the_webapps_code_is_not_written_through_a_link(tmp_path: Path) -> None:
+    """Init writes the app's code into a volume its account already owns: an ``app`` link there
+    (to a directory of the host) must fail the init, not put a file where it points."""
+    elsewhere = tmp_path / "host-dir"
+    elsewhere.mkdir()
+    volume = tmp_path / "volume"
+    for sub in ("data", "config", "run"):
+        (volume / sub).mkdir(parents=True)
+    (volume / "app").symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        WebappStack().init(NodeContext(volume, "127.0.0.1", 8080, None), {}, {})
+    assert list(elsewhere.iterdir()) == []
