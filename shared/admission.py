@@ -1,7 +1,8 @@
-"""Admitting a clone request: what the API does between authentication and the publish, in one
-transaction and a handful of statements. It answers what the request can be told at once -- a
-source that does not exist or is not running, a name taken, a host or node it names that does not
-exist, options that do not fit the source's nodes, disk that no host has -- and writes two rows:
+"""Admitting a clone request: what the API does between authentication and the publish, in two
+reads and one write (on PostgreSQL one statement writes both rows and commits by itself). It
+answers what the request can be told at once -- a source that does not exist or is not running, a
+name taken, a host or node it names that does not exist, options that do not fit the source's
+nodes, disk that no host has -- and writes two rows:
 the job and its target environment (whose unique name reserves it).
 
 The rest (addresses, clone nodes, steps) is the start task's: ``planning.materialize_clone`` on a

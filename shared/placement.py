@@ -51,6 +51,8 @@ class Hosts:
         return self._all
 
     def row(self, name: str) -> Row | HostRow | None:
+        # The rows read with the source first: a later read of every host may hold a newer free_bytes,
+        # as any agent report would (disk is checked exactly when the worker materializes the clone).
         return self._read.get(name) or self.rows.get(name)
 
     @property

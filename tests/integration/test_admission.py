@@ -1,5 +1,5 @@
 """A clone request is admitted, not planned: the API writes the job and its target environment
-(one transaction) and publishes the start task; the worker that takes it writes the nodes, leases
+(one statement) and publishes the start task; the worker that takes it writes the nodes, leases
 and steps. What only that exact allocation can find fails the job with the conflict's code and
 leaves nothing leased. Real PostgreSQL, Redis and worker, through Flask's test client."""
 

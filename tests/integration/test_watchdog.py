@@ -101,7 +101,7 @@ def test_report_of_an_older_run_is_not_progress(backend: Backend, source: str) -
         job.run, job.dispatched_at, job_id = 2, utcnow(), job.id  # resumed: run 1 is stale
     stale = publisher().signature("envclone.report", args=(job_id, 1)).apply_async()
     wait_for(stale.ready, timeout=30, what="the stale report to run")
-    assert events(job_id) == []  # nothing recorded, so the watchdog's stall clock did not move
+    assert "report" not in events(job_id)  # so the watchdog's stall clock did not move
     dispatch_clone(publisher(), job_id)
     assert wait_job(job_id, timeout=60).state == "succeeded"
     assert events(job_id).count("report") == 1  # run 2's own report
