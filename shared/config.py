@@ -30,6 +30,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("./var")
     database_url: str = ""  # empty: SQLite file under data_dir
+    # Connections each process keeps open once it needed them: an API process serves many requests
+    # at once, and a connection opened past the kept ones is closed after one use (under 50
+    # clients, a third of the requests paid for a new PostgreSQL session). Opened only on demand.
+    db_pool_size: int = Field(default=16, ge=1)
+    db_pool_overflow: int = Field(default=16, ge=0)
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = ""  # empty: same as broker_url
     address_pool: str = "127.80.0.0/16"

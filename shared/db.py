@@ -73,7 +73,10 @@ def get_engine() -> Engine:
     settings = get_settings()
     if settings.resolved_database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return make_engine(settings.resolved_database_url)
+    # LIFO: the connection used last is used next, so the ones a burst opened sit idle (and are
+    # pinged before use), while the busy few never need a ping.
+    return make_engine(settings.resolved_database_url, pool_size=settings.db_pool_size,
+                       max_overflow=settings.db_pool_overflow, pool_use_lifo=True)
 
 
 @lru_cache(maxsize=1)
