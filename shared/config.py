@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # at once, and a connection opened past the kept ones is closed after one use (under 50
     # clients, a third of the requests paid for a new PostgreSQL session). Opened only on demand.
     db_pool_size: int = Field(default=16, ge=1)
-    db_pool_overflow: int = Field(default=16, ge=0)
+    db_pool_overflow: int = Field(default=4, ge=0)
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = ""  # empty: same as broker_url
     address_pool: str = "127.80.0.0/16"
