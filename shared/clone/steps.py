@@ -46,7 +46,7 @@ def _lock_ttl() -> float:
 
 def copies_online(ticket: Ticket) -> bool:
     """Whether this node is copied while it serves (``consistency: online`` and a stack that can):
-    then nothing is held, so neither the node lock nor a quiesce is taken."""
+    then the node is not quiesced (its lock is still taken, see ``quiesce``)."""
     if ticket.options.get("consistency", Consistency.ONLINE) != Consistency.ONLINE:
         return False
     with session_scope() as session:
@@ -54,10 +54,13 @@ def copies_online(ticket: Ticket) -> bool:
 
 
 def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
-    if copies_online(ticket):
-        return {"consistency": Consistency.ONLINE, "held": False}
+    # The node is this job's until its restart step, online or not: an online copy must not run
+    # inside another job's stop-mode window (Valkey's CLIENT UNPAUSE, after its short pause, ends
+    # every pause, that job's hold too; a MariaDB server runs one BACKUP STAGE at a time).
     with session_scope() as session:
         locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())  # NodeBusy: wait our turn
+    if copies_online(ticket):
+        return {"consistency": Consistency.ONLINE, "held": False}
     jn = _job_node(ticket)
     driver = get_driver()
     precopied = 0

@@ -12,16 +12,27 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy import select
 
 from shared import filelock
+from shared.db import session_scope
 from shared.drivers import NodeSpec, PermanentDriverError, get_driver
 from shared.drivers.local import LocalDriver
+from shared.models import JobNode
 from shared.stacks.postgres import BASEBACKUP_APP, RELAY_DIR_PREFIX, SUPERUSER, PostgresStack
 from tests.conftest import destroy_everything, make_data_root
 from tests.fault_helpers import counts, kill9, step_worker_pid
 from tests.helpers import wait_for
 from tests.stack import Backend
-from tests.workflow_client import clone, create_environment, delete_environment, start_clone, valkey, wait_job
+from tests.workflow_client import (
+    clone,
+    create_environment,
+    delete_environment,
+    environment,
+    start_clone,
+    valkey,
+    wait_job,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -187,6 +198,31 @@ def test_online_valkey_copy_is_one_moment_under_multi_load(backend: Backend) -> 
 
 
 # ---- the pg_basebackup method (ENVCLONE_PG_ONLINE_METHOD=basebackup), at driver level -------------
+def test_an_online_copy_waits_for_another_jobs_stop_mode_window_on_the_node(backend: Backend) -> None:
+    """A stop-mode clone holds the node's writes (CLIENT PAUSE) for its snapshot; an online clone of
+    the same node meanwhile would end that hold with its own short pause's CLIENT UNPAUSE. So it
+    waits for the other job's restart, and both copies come out whole."""
+    env = create_environment("held", [{"name": "cache", "stack": "valkey"}])
+    valkey(env).set("k", "v")
+    stop_id = start_clone("held", "held-stop", consistency="stop",
+                          faults=[{"step": "quiesce", "kind": "hang", "seconds": 4}])
+
+    def window_open() -> bool:
+        with session_scope() as session:
+            return session.scalars(select(JobNode.quiesced_at).where(JobNode.job_id == stop_id)).one() is not None
+
+    wait_for(window_open, timeout=60, what="the stop-mode clone to hold the source")
+    online = clone("held", "held-online", timeout=120)
+    stop = wait_job(stop_id, timeout=60)
+    assert stop.state == "succeeded" and online.state == "succeeded", (stop.error, online.error)
+    restarted = next(s for s in stop.steps if s.step == "restart").finished_at
+    assert next(s for s in online.steps if s.step == "snapshot").started_at >= restarted
+    for name in ("held-stop", "held-online"):
+        assert valkey(environment(name)).get("k") == b"v"
+        delete_environment(name)
+    delete_environment("held")
+
+
 @pytest.fixture
 def basebackup(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     from shared.config import get_settings
@@ -243,6 +279,7 @@ def _admin(driver: LocalDriver, node: str) -> str:
 _SNAPSHOT_IN_A_CHILD = """
 import sys
 from shared.drivers.local import LocalDriver
+from shared.models import JobNode
 LocalDriver(sys.argv[1]).snapshot_online("src", "snap")
 """
 
