@@ -24,6 +24,7 @@ from shared.drivers import PermanentDriverError, get_driver
 from shared.environments import fence_environment, template_lookup
 from shared.models import CloneJob, Environment, Host, JobNode, Node, Snapshot, utcnow
 from shared.stacks import CATALOG
+from shared.stacks.base import Stack
 from shared.states import Consistency, NodeState, SnapshotState, Step
 from shared.transfer_service import fetch_snapshot
 
@@ -44,22 +45,27 @@ def _lock_ttl() -> float:
     return s.task_time_limit_s + 2 * s.max_downtime_s
 
 
-def copies_online(ticket: Ticket) -> bool:
-    """Whether this node is copied while it serves (``consistency: online`` and a stack that can):
-    then the node is not quiesced (its lock is still taken, see ``quiesce``)."""
+def online_stack(ticket: Ticket) -> Stack | None:
+    """The node's stack if the node is copied while it serves (``consistency: online`` and a stack
+    that can): then it is not quiesced."""
     if ticket.options.get("consistency", Consistency.ONLINE) != Consistency.ONLINE:
-        return False
+        return None
     with session_scope() as session:
-        return CATALOG[session.get(Node, ticket.source_node_id).stack].online_copy_supported
+        stack = CATALOG[session.get(Node, ticket.source_node_id).stack]
+    return stack if stack.online_copy_supported else None
 
 
 def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
-    # The node is this job's until its restart step, online or not: an online copy must not run
-    # inside another job's stop-mode window (Valkey's CLIENT UNPAUSE, after its short pause, ends
-    # every pause, that job's hold too; a MariaDB server runs one BACKUP STAGE at a time).
+    # NodeBusy: wait our turn. A held window takes the node until its restart step; so does an
+    # online copy that must run alone (Stack.online_copy_exclusive); any other online copy runs
+    # beside others, but never inside another job's window (a stopped server cannot be copied).
+    online = online_stack(ticket)
     with session_scope() as session:
-        locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())  # NodeBusy: wait our turn
-    if copies_online(ticket):
+        if online is not None and not online.online_copy_exclusive:
+            locks.wait_for_window(session, ticket.source_node_id, ticket.job_id)
+        else:
+            locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
+    if online is not None:
         return {"consistency": Consistency.ONLINE, "held": False}
     jn = _job_node(ticket)
     driver = get_driver()
@@ -75,7 +81,7 @@ def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
 
 def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     jn = _job_node(ticket)
-    if copies_online(ticket):
+    if online_stack(ticket) is not None:
         info = get_driver().snapshot_online(ticket.source_node_id, jn.snapshot_id)
     else:
         info = get_driver().snapshot(ticket.source_node_id, jn.snapshot_id)

@@ -80,6 +80,9 @@ class Stack(ABC):
     online_quiesce: bool = False
     # Can be copied while it serves, refusing nothing (``online_copy``): a clone's default.
     online_copy_supported: bool = False
+    # Its online copy must run alone at the node: two of them, or one beside another job's held
+    # window, get in each other's way. Others run side by side, just never inside a held window.
+    online_copy_exclusive: bool = False
     # Files the server writes beside its state, which a held copy neither needs nor may see change
     # (globs on volume-relative paths).
     side_files: tuple[str, ...] = ()

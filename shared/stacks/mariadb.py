@@ -264,6 +264,8 @@ class MariaDBStack(DatabaseStack):
             cur.fetchone()
         return "accepting connections"
 
+    online_copy_exclusive = True  # a server runs one BACKUP STAGE at a time
+
     @property
     def online_copy_supported(self) -> bool:  # type: ignore[override]
         """Copied while serving when mariadb-backup is installed (it must match the server's version,

@@ -235,6 +235,7 @@ class ValkeyStack(Stack):
     default_port = 6379
     online_quiesce = True
     online_copy_supported = True
+    online_copy_exclusive = True  # its short pause ends with CLIENT UNPAUSE, which ends every pause
     side_files = ("data/dump.rdb", "data/temp-*.rdb")  # a BGSAVE online copy's fork snapshot (AOF: none)
     server_files = ("data/*",)  # the append-only files: the dataset itself
     server_actions = frozenset({"delete_keys"})
