@@ -10,7 +10,7 @@ from typing import NoReturn
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared import fence, hosts, identity, ipam, locks, templates
+from shared import fence, hosts, identity, ipam, templates
 from shared.clone.outcome import delete_snapshots, job_hosts
 from shared.config import get_settings
 from shared.db import session_scope
@@ -217,14 +217,14 @@ def reconcile_nodes() -> int:
     settings = get_settings()
     driver, fixed = get_driver(), 0
     with session_scope() as session:
-        held = locks.held(session)
+        # Only what a job stopped: a node locked by an online copy serves, and if it died it comes back.
         down_on_purpose = set(session.scalars(select(JobNode.source_node_id).where(
             JobNode.quiesced_at.is_not(None), JobNode.restarted_at.is_(None))))
         rows = session.execute(select(Node, Environment).join(Environment, Environment.id == Node.environment_id)
                                .where(Node.state == NodeState.RUNNING, Environment.state == EnvState.RUNNING,
                                       Node.host == settings.host_name)).all()
         for node, env in rows:
-            if node.id in held or node.id in down_on_purpose or driver.health(node.id).running:
+            if node.id in down_on_purpose or driver.health(node.id).running:
                 continue
             try:
                 driver.restart(node.id, settings.health_timeout_s)

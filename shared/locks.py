@@ -44,7 +44,3 @@ def wait_for_window(session: Session, node_id: str, job_id: str) -> None:
 
 def release(session: Session, node_id: str, job_id: str) -> None:
     session.execute(delete(NodeLock).where(NodeLock.node_id == node_id, NodeLock.job_id == job_id))
-
-
-def held(session: Session) -> set[str]:
-    return set(session.scalars(select(NodeLock.node_id).where(NodeLock.expires_at > utcnow())))

@@ -58,7 +58,8 @@ def online_stack(ticket: Ticket) -> Stack | None:
 def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     # NodeBusy: wait our turn. A held window takes the node until its restart step; so does an
     # online copy that must run alone (Stack.online_copy_exclusive); any other online copy runs
-    # beside others, but never inside another job's window (a stopped server cannot be copied).
+    # beside others, but does not start inside another job's window (a stopped server cannot be
+    # copied; a window that opens during such a copy fails it, and the step's retries take it again).
     online = online_stack(ticket)
     with session_scope() as session:
         if online is not None and not online.online_copy_exclusive:
@@ -81,7 +82,13 @@ def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
 
 def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     jn = _job_node(ticket)
-    if online_stack(ticket) is not None:
+    online = online_stack(ticket)
+    if online is not None:
+        if online.online_copy_exclusive:
+            # Taken again (this job's own lock: its time starts over): nothing caps how long an
+            # online snapshot waits in a queue or retries, as the watchdog caps a held window.
+            with session_scope() as session:
+                locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
         info = get_driver().snapshot_online(ticket.source_node_id, jn.snapshot_id)
     else:
         info = get_driver().snapshot(ticket.source_node_id, jn.snapshot_id)

@@ -215,7 +215,7 @@ def test_two_clones_of_one_source_take_turns_at_the_node(clean: Backend) -> None
     from shared.errors import PlanError
 
     create_environment("src", [{"name": "cache", "stack": "valkey"}])
-    # Stop mode: each job holds the node for its copy (online copies hold nothing, so need no turns).
+    # Stop mode: each job holds the node for its copy.
     first, second = start_clone("src", "dst1", consistency="stop"), start_clone("src", "dst2", consistency="stop")
     with pytest.raises(PlanError) as err:
         start_clone("src", "dst1")

@@ -93,7 +93,8 @@ def test_twenty_clones_of_one_source_at_once(backend: Backend) -> None:
     addresses = [n.address for i in range(20) for n in environment(f"stage-{i:02d}").nodes]
     assert len(addresses) == 60 and len(set(addresses) | {n.address for n in src.nodes}) == 63
 
-    # Online copies: twenty jobs at once and not one of them stopped or held a source node.
+    # Online copies: twenty jobs at once and not one of them stopped a source node (Valkey's took
+    # turns at the node lock, each for its few-ms pause's sake).
     assert all(jn.quiesced_at is None and jn.downtime_ms is None for j in jobs for jn in j.nodes)
 
     # Each clone holds exactly its own snapshot's data (a scratch copy of the snapshot agrees).

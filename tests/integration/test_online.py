@@ -197,7 +197,6 @@ def test_online_valkey_copy_is_one_moment_under_multi_load(backend: Backend) -> 
     delete_environment("kv")
 
 
-# ---- the pg_basebackup method (ENVCLONE_PG_ONLINE_METHOD=basebackup), at driver level -------------
 @pytest.mark.parametrize(("stack", "node"), [("valkey", "cache"), ("postgres", "db")])
 def test_an_online_copy_waits_for_another_jobs_stop_mode_window_on_the_node(backend: Backend, stack: str,
                                                                            node: str) -> None:
@@ -228,6 +227,7 @@ def test_an_online_copy_waits_for_another_jobs_stop_mode_window_on_the_node(back
     delete_environment("held")
 
 
+# ---- the pg_basebackup method (ENVCLONE_PG_ONLINE_METHOD=basebackup), at driver level -------------
 @pytest.fixture
 def basebackup(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     from shared.config import get_settings
@@ -284,7 +284,6 @@ def _admin(driver: LocalDriver, node: str) -> str:
 _SNAPSHOT_IN_A_CHILD = """
 import sys
 from shared.drivers.local import LocalDriver
-from shared.models import JobNode
 LocalDriver(sys.argv[1]).snapshot_online("src", "snap")
 """
 
