@@ -36,7 +36,7 @@ def acquire(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
 
 def wait_for_window(session: Session, node_id: str, job_id: str) -> None:
     """NodeBusy while another job holds the node: a copy that takes no lock of its own (it runs
-    beside others) still never runs inside another job's held window."""
+    beside others) still does not start inside another job's held window."""
     row = session.get(NodeLock, node_id)
     if row is not None and row.job_id != job_id and row.expires_at > utcnow():
         raise NodeBusy(node_id, row.job_id)
