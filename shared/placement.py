@@ -59,7 +59,7 @@ class Hosts:
     def known(self) -> bool:
         return bool(self._read) or bool(self.rows)
 
-    def up(self) -> list[Row]:
+    def up(self) -> list[Row | HostRow]:
         return [h for h in self.rows.values() if h.state == HostState.UP]
 
     def free(self, name: str) -> int:

@@ -2,8 +2,8 @@
 
 kombu's Redis channel builds a new ``redis.Redis`` for every message it publishes (its response
 callbacks alone are ~160 dict entries): one per clone request (the task; the API sends no task-sent
-event), about 0.5 ms of the API's CPU each. A client over the channel's own connection pool is thread-safe and is
-dropped with the channel, so keeping one changes nothing else."""
+event), about 0.5 ms of the API's CPU each. A client over the channel's own connection pool is
+thread-safe and is dropped with the channel, so keeping one changes nothing else."""
 
 from __future__ import annotations
 
