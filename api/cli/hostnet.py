@@ -298,11 +298,19 @@ async def _serve(bind: str, ports: list[int]) -> None:
             sock = w.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # broker round trips
-        results = await asyncio.gather(_pipe(down_r, up_w), _pipe(up_r, down_w), return_exceptions=True)
-        for w in (down_w, up_w):
-            if any(isinstance(r, BaseException) for r in results):
-                w.transport.abort()  # a reset on one side resets the other
-            else:
+        pipes = {asyncio.ensure_future(_pipe(down_r, up_w)), asyncio.ensure_future(_pipe(up_r, down_w))}
+        done, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
+        if any(p.exception() is not None for p in done):
+            # A reset on one side resets the other at once, not when the other side next speaks: a
+            # client killed mid-transaction would leave its session (and its row locks) to the
+            # server until then, which, idle in a transaction, is never.
+            for w in (down_w, up_w):
+                w.transport.abort()
+            for p in pending:
+                p.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        else:
+            for w in (down_w, up_w):
                 w.close()
 
     # Python 3.11's start_server keeps no reference to a connection's task: one whose sockets are

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from api.cli.hostnet import Cluster, HostNet, available
@@ -210,6 +211,55 @@ def test_the_relay_reaches_the_roots_redis_and_postgresql(cluster: Cluster, host
     finally:
         relay.terminate()
         assert relay.wait(10) == 0
+
+
+# A client that holds a row lock, asks one more question and dies before reading the answer: its
+# kernel resets the connection (unread data), the way a killed agent's socket can end.
+_DIES_HOLDING_A_LOCK = """
+import select, sys, psycopg
+conn = psycopg.connect(sys.argv[1])
+conn.execute("SELECT id FROM relay_lock_probe WHERE id = 1 FOR UPDATE")
+conn.pgconn.send_query(b"SELECT 1")
+select.select([conn.pgconn.socket], [], [], 10)  # the answer is here, unread
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_client_reset_mid_transaction_ends_its_session_through_the_relay(cluster: Cluster) -> None:
+    """A reset on one side is passed on at once: the server ends the session and its locks go. The
+    relay used to wait for the server to speak first, so the dead client's transaction (and every
+    row it had locked) lived until the relay stopped."""
+    relay = cluster.relay([5432])
+    direct = "postgresql://root@127.0.0.1:5432/test"
+    with psycopg.connect(direct, autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS relay_lock_probe")
+        admin.execute("CREATE TABLE relay_lock_probe (id int PRIMARY KEY)")
+        admin.execute("INSERT INTO relay_lock_probe VALUES (1)")
+    client = subprocess.Popen([PY, "-c", _DIES_HOLDING_A_LOCK, f"postgresql://root@{cluster.bridge_ip}:5432/test"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == b"holding\n"
+
+        def locked() -> bool:
+            with psycopg.connect(direct) as conn:
+                try:
+                    conn.execute("SELECT id FROM relay_lock_probe WHERE id = 1 FOR UPDATE NOWAIT")
+                except psycopg.errors.LockNotAvailable:
+                    return True
+                return False
+
+        assert locked()  # the row is the client's
+        client.kill()
+        client.wait(10)
+        wait_for(lambda: not locked(), timeout=10, what="the dead client's lock to go")
+    finally:
+        client.kill()
+        client.wait(10)
+        relay.terminate()
+        assert relay.wait(10) == 0
+        with psycopg.connect(direct, autocommit=True) as admin:
+            admin.execute("DROP TABLE IF EXISTS relay_lock_probe")
 
 
 def names_of(prefix: str, base: str) -> dict[str, list[str]]:
