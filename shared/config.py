@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     retry_cap_s: float = 30.0
     health_timeout_s: float = 60.0
     max_downtime_s: float = 120.0
+    # PostgreSQL ends a session of ours that sits idle inside a transaction this long, and its row
+    # locks go with it: a process hung mid-transaction, or a host gone without a reset (power, a
+    # cut network: the server would wait hours for TCP to notice), cannot hold rows others wait on
+    # for longer. 0: never. Server-side TCP keepalives also drop such a host's idle sessions.
+    db_idle_tx_timeout_s: float = Field(default=300.0, ge=0)
     broker_wait_s: float = 180.0  # a step waits this long for the broker before its chain goes on
     db_wait_s: float = 180.0  # a worker waits this long for the state database before a step gives up
 
@@ -100,6 +105,9 @@ class Settings(BaseSettings):
     job_stall_s: float = 0.0  # 0: task time limit + retry cap + 2 minutes
     max_resumes: int = 3
     dispatch_grace_s: float = 30.0
+    # A watchdog round waits this long for a row another transaction holds, then leaves that job
+    # (or rule) to its next round: one stuck holder must not silence supervision of everything.
+    watchdog_lock_wait_s: float = Field(default=5.0, gt=0)
     lock_wait_s: float = 1800.0
 
     # Fault injection: off unless enabled; ``faults`` applies to every job,

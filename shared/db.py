@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -68,15 +69,57 @@ def make_engine(url: str, *, foreign_keys: bool = True, **extra: Any) -> Engine:
     return engine
 
 
+# Within ``bounded_lock_waits``: how long a PostgreSQL transaction waits for a lock, in ms.
+_LOCK_WAIT_MS: ContextVar[int | None] = ContextVar("envclone_lock_wait_ms", default=None)
+
+
+def _bound_lock_waits(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        ms = _LOCK_WAIT_MS.get()
+        if ms is not None:
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(ms)}")
+
+
+def _server_side_limits(idle_tx_timeout_s: float) -> str:
+    """libpq ``options``: settings of every session we open (see ``Settings.db_idle_tx_timeout_s``)."""
+    limits = {"tcp_keepalives_idle": 60, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 6}
+    if idle_tx_timeout_s:
+        limits["idle_in_transaction_session_timeout"] = int(idle_tx_timeout_s * 1000)
+    return " ".join(f"-c {k}={v}" for k, v in limits.items())
+
+
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
     settings = get_settings()
-    if settings.resolved_database_url.startswith("sqlite"):
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        extra: dict[str, Any] = {}
+    else:
+        extra = {"connect_args": {"options": _server_side_limits(settings.db_idle_tx_timeout_s)}}
     # LIFO: the connection used last is used next, so the ones a burst opened sit idle (and are
     # pinged before use), while the busy few never need a ping.
-    return make_engine(settings.resolved_database_url, pool_size=settings.db_pool_size,
-                       max_overflow=settings.db_pool_overflow, pool_use_lifo=True)
+    engine = make_engine(url, pool_size=settings.db_pool_size, max_overflow=settings.db_pool_overflow,
+                         pool_use_lifo=True, **extra)
+    if engine.dialect.name == "postgresql":
+        _bound_lock_waits(engine)
+    return engine
+
+
+@contextmanager
+def bounded_lock_waits(seconds: float) -> Iterator[None]:
+    """Every transaction begun within waits at most ``seconds`` for a lock another holds, then
+    fails with a lock timeout (``is_lock_timeout``). PostgreSQL only: SQLite waits its busy timeout."""
+    token = _LOCK_WAIT_MS.set(max(1, round(seconds * 1000)))
+    try:
+        yield
+    finally:
+        _LOCK_WAIT_MS.reset(token)
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) == "55P03"
 
 
 @lru_cache(maxsize=1)

@@ -19,10 +19,16 @@ def sweep_task(self: Task) -> dict[str, int]:
 
 @shared_task(name="envclone.host_round", bind=True, ignore_result=True)
 def host_round(self: Task) -> dict[str, int]:
-    sources = supervision.restart_overdue_sources()
-    nodes = reconcile_nodes()
-    swept = sweep.sweep_host()
-    report_local_host()
+    sources = nodes = 0
+    swept: dict[str, int] = {}
+    with supervision.rounds():
+        with supervision.next_round_if_locked("restarting overdue sources"):
+            sources = supervision.restart_overdue_sources()
+        with supervision.next_round_if_locked("reconciling nodes"):
+            nodes = reconcile_nodes()
+        with supervision.next_round_if_locked("the sweep"):
+            swept = sweep.sweep_host()
+        report_local_host()
     if not fence.unavailable_reason() and not fence.present():
         rebuild_fences()  # the ruleset was flushed (or the machine restarted) under us
     return {"sources_restarted": sources, "nodes_restarted": nodes, **swept}

@@ -27,16 +27,21 @@ def _live_hosts() -> set[str]:
 def run_once(task: Task) -> dict[str, int]:
     app = task.app
     settings = get_settings()
-    hosts.mark_silent_hosts_down()
-    with session_scope() as session:
-        down = set(session.scalars(select(Host.name).where(Host.state == HostState.DOWN)))
-    ended = supervision.fail_jobs_on_down_hosts(down)
-    resumed, reaped = supervision.resume_or_give_up_stalled_jobs(lambda job_id: dispatch_clone(app, job_id))
-    live = _live_hosts()
-    for job_id in ended:
-        dispatch_sweeps(app, outcome.job_hosts(job_id) & live)
-    sent = send_pending(lambda j: dispatch_clone(app, j), lambda e: dispatch_create_environment(app, e),
-                        lambda e: dispatch_delete_environment(app, e))
+    ended: list[str] = []
+    resumed = reaped = sent = 0
+    with supervision.rounds():
+        with supervision.next_round_if_locked("marking silent hosts down"):
+            hosts.mark_silent_hosts_down()
+        with session_scope() as session:
+            down = set(session.scalars(select(Host.name).where(Host.state == HostState.DOWN)))
+        ended = supervision.fail_jobs_on_down_hosts(down)
+        resumed, reaped = supervision.resume_or_give_up_stalled_jobs(lambda job_id: dispatch_clone(app, job_id))
+        live = _live_hosts()
+        for job_id in ended:
+            dispatch_sweeps(app, outcome.job_hosts(job_id) & live)
+        with supervision.next_round_if_locked("the outbox"):
+            sent = send_pending(lambda j: dispatch_clone(app, j), lambda e: dispatch_create_environment(app, e),
+                                lambda e: dispatch_delete_environment(app, e))
     for name in sorted(live):  # expires: a round an agent could not take in time is not worth running late
         app.signature("envclone.host_round").set(queue=hosts.queue(name), expires=settings.watchdog_interval_s,
                                                  argsrepr=f"host={name} step=round").apply_async()

@@ -2,12 +2,16 @@
 
 * a source quiesced longer than ENVCLONE_MAX_DOWNTIME_S is restarted and its open window steps fail;
 * a job with no progress for ENVCLONE_JOB_STALL_S is run again (its steps are idempotent, tasks of
-  the older run stand down); after ENVCLONE_MAX_RESUMES it is given up: failed, with compensation."""
+  the older run stand down); after ENVCLONE_MAX_RESUMES it is given up: failed, with compensation.
+
+A round runs under ``rounds()``: it waits a bounded time for a row another transaction holds, and
+leaves what it could not lock to its next round, where a lock wait used to hold every later round."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import func, select
@@ -16,12 +20,32 @@ from shared.clone.events import record_event
 from shared.clone.outcome import fail_open_steps, finish_job
 from shared.clone.sources import restart_source
 from shared.config import get_settings
-from shared.db import session_scope
+from shared.db import bounded_lock_waits, is_lock_timeout, session_scope
 from shared.drivers import DriverError
 from shared.models import CloneJob, JobEvent, JobNode, Node, utcnow
 from shared.states import JOB_DONE, Step, StepState
 
 log = logging.getLogger("envclone.watchdog")
+
+
+@contextmanager
+def rounds() -> Iterator[None]:
+    """A round of watchdog rules: no lock is waited for longer than ENVCLONE_WATCHDOG_LOCK_WAIT_S."""
+    with bounded_lock_waits(get_settings().watchdog_lock_wait_s):
+        yield
+
+
+@contextmanager
+def next_round_if_locked(what: str) -> Iterator[None]:
+    """The work within is dropped, and left to the next round, when a row it needs stays locked by
+    another transaction (a process hung inside one, a host gone without a reset): the rest of the
+    round goes on."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_lock_timeout(exc):
+            raise
+        log.warning("%s left to the next round: a row it needs is held by another transaction", what)
 
 
 def restart_overdue_sources() -> int:
@@ -61,18 +85,26 @@ def fail_jobs_on_down_hosts(down: set[str]) -> list[str]:
             select(CloneJob.id).distinct().join(JobNode, JobNode.job_id == CloneJob.id)
             .join(Node, (Node.id == JobNode.source_node_id) | (Node.id == JobNode.clone_node_id))
             .where(CloneJob.state.not_in(JOB_DONE), Node.host.in_(sorted(down)))))
+    ended = []
     for job_id in jobs:
-        with session_scope() as session:
-            job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
-            if job.state.done:
-                continue
-            reason = f"host {', '.join(sorted(down))} is down"
-            for step in fail_open_steps(session, job_id, reason):
-                record_event(session, job, "step", node=step.node_name, step=step.step, state=StepState.FAILED,
-                             error=reason)
-        finish_job(job_id)
-        log.error("job=%s failed: a host it needs is down (%s)", job_id, ", ".join(sorted(down)))
-    return jobs
+        with next_round_if_locked(f"job={job_id} (its host is down)"):
+            if _fail_on_down_host(job_id, down):
+                ended.append(job_id)
+    return ended
+
+
+def _fail_on_down_host(job_id: str, down: set[str]) -> bool:
+    with session_scope() as session:
+        job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
+        if job.state.done:
+            return False
+        reason = f"host {', '.join(sorted(down))} is down"
+        for step in fail_open_steps(session, job_id, reason):
+            record_event(session, job, "step", node=step.node_name, step=step.step, state=StepState.FAILED,
+                         error=reason)
+    finish_job(job_id)
+    log.error("job=%s failed: a host it needs is down (%s)", job_id, ", ".join(sorted(down)))
+    return True
 
 
 def resume_or_give_up_stalled_jobs(dispatch: Callable[[str], object]) -> tuple[int, int]:
@@ -88,20 +120,22 @@ def resume_or_give_up_stalled_jobs(dispatch: Callable[[str], object]) -> tuple[i
             .where(CloneJob.state.not_in(JOB_DONE), CloneJob.dispatched_at.is_not(None),
                    func.coalesce(last.c.at, CloneJob.created_at) < cutoff)).scalars())
     for job_id in stalled:
-        with session_scope() as session:
-            job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
-            resumes = session.scalar(select(func.count()).where(JobEvent.job_id == job_id, JobEvent.kind == "resumed"))
-            resume = resumes < settings.max_resumes
+        with next_round_if_locked(f"job={job_id} (stalled)"):
+            with session_scope() as session:
+                job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
+                resumes = session.scalar(select(func.count()).where(JobEvent.job_id == job_id,
+                                                                    JobEvent.kind == "resumed"))
+                resume = resumes < settings.max_resumes
+                if resume:
+                    job.run += 1  # tasks of the older run now stand down
+                    record_event(session, job, "resumed", reason=f"no progress for {stall_s:.0f}s")
+                else:
+                    fail_open_steps(session, job_id, f"reaped: no progress for {stall_s:.0f}s after {resumes} resumes")
             if resume:
-                job.run += 1  # tasks of the older run now stand down
-                record_event(session, job, "resumed", reason=f"no progress for {stall_s:.0f}s")
+                dispatch(job_id)
+                resumed += 1
             else:
-                fail_open_steps(session, job_id, f"reaped: no progress for {stall_s:.0f}s after {resumes} resumes")
-        if resume:
-            dispatch(job_id)
-            resumed += 1
-        else:
-            finish_job(job_id)
-            reaped += 1
-        log.warning("job=%s stalled: %s", job_id, "resumed" if resume else "given up")
+                finish_job(job_id)
+                reaped += 1
+            log.warning("job=%s stalled: %s", job_id, "resumed" if resume else "given up")
     return resumed, reaped

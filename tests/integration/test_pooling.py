@@ -11,11 +11,12 @@ import pytest
 import redis
 from kombu import Connection
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shared import db
 from tests.conftest import PG_ADMIN_URL, create_database, drop_database
-from tests.stack import claim_redis_db, release_redis_db
+from tests.helpers import wait_for
+from tests.stack import claim_redis_db, release_redis_db, reset_caches
 from workers import publish_transport
 
 pytestmark = pytest.mark.integration
@@ -30,6 +31,51 @@ def engine() -> Iterator[Engine]:
     finally:
         engine.dispose()
         drop_database(name)
+
+
+@pytest.fixture
+def envclone_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Engine]]:
+    """The engine envclone's own processes use (``get_engine``), on a database of its own."""
+    name, url = create_database()
+    monkeypatch.setenv("ENVCLONE_DATABASE_URL", url)
+    monkeypatch.setenv("ENVCLONE_DB_IDLE_TX_TIMEOUT_S", "2")
+    reset_caches()
+    try:
+        yield url, db.get_engine()
+    finally:
+        monkeypatch.undo()
+        reset_caches()
+        drop_database(name)
+
+
+def test_a_session_hung_inside_a_transaction_is_ended_and_its_row_locks_freed(
+        envclone_engine: tuple[str, Engine]) -> None:
+    """A process hung mid-transaction (or a host gone without a reset) holds its rows only for
+    ENVCLONE_DB_IDLE_TX_TIMEOUT_S: the server ends its session, not TCP hours later."""
+    url, engine = envclone_engine
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE probe (id int PRIMARY KEY)"))
+        conn.execute(text("INSERT INTO probe VALUES (1)"))
+    hung = engine.connect()
+    hung.begin()
+    hung.execute(text("SELECT id FROM probe WHERE id = 1 FOR UPDATE"))
+    settings = {k: hung.execute(text(f"SHOW {k}")).scalar_one()
+                for k in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle")}
+    assert settings == {"idle_in_transaction_session_timeout": "2s", "tcp_keepalives_idle": "60"}
+
+    def free() -> bool:
+        with psycopg.connect(url.replace("+psycopg", "")) as other:
+            try:
+                other.execute("SELECT id FROM probe WHERE id = 1 FOR UPDATE NOWAIT")
+            except psycopg.errors.LockNotAvailable:
+                return False
+            return True
+
+    wait_for(free, timeout=30, what="the hung transaction's row lock to go")
+    with pytest.raises(DBAPIError) as ended:  # the hung process learns it on its next statement
+        hung.execute(text("SELECT 1"))
+    assert ended.value.connection_invalidated  # and the pool drops that connection
+    hung.close()
 
 
 def _backend_pid(engine: Engine) -> int:

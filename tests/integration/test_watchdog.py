@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from shared.db import session_scope
 from shared.drivers import get_driver
@@ -28,6 +30,7 @@ WATCHDOG_ENV = {
     "ENVCLONE_JOB_STALL_S": "8",  # above the slowest step on a loaded 2-core machine
     "ENVCLONE_MAX_RESUMES": "1",
     "ENVCLONE_DISPATCH_GRACE_S": "1",
+    "ENVCLONE_WATCHDOG_LOCK_WAIT_S": "1",
 }
 
 
@@ -120,3 +123,52 @@ def test_job_that_keeps_stalling_is_reaped_with_compensation(backend: Backend, s
     assert counts(backend) == before  # the clone that assign_ips had started is gone
     assert get_driver().health(source).healthy
     delete_environment("dst")
+
+
+# An envclone process that hangs inside a transaction holding one job's row (as a host gone without
+# a reset would: its session stays open on the server).
+_HANGS_HOLDING_A_JOB = """
+import sys
+from sqlalchemy import select, text
+from shared.db import session_scope
+from shared.models import CloneJob
+with session_scope() as session:
+    session.execute(select(CloneJob).where(CloneJob.id == sys.argv[1]).with_for_update()).scalar_one()
+    print(session.execute(text("SELECT pg_backend_pid()")).scalar_one(), flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_job_row_held_by_a_hung_process_silences_neither_the_watchdog_nor_that_job(backend: Backend,
+                                                                                       source: str) -> None:
+    """The watchdog waits a bounded time for the held job and goes on with the rest: it used to wait
+    for good, and every later round found its lock taken. Once the row is free, the held job is
+    resumed. (The server ending such a transaction by itself: test_pooling.)"""
+    with session_scope() as session:
+        held = plan_clone(session, TENANT, "src", "dst", {})  # sent, and soon stalled: no news of it
+        held.dispatched_at = utcnow()
+        held_id = held.id
+    hung = subprocess.Popen([sys.executable, "-c", _HANGS_HOLDING_A_JOB, held_id], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env={**os.environ, "ENVCLONE_DB_IDLE_TX_TIMEOUT_S": "0"})
+    try:
+        assert hung.stdout is not None
+        hung_pid = int(hung.stdout.readline())
+
+        def watchdog_waits_on_it() -> bool:
+            with session_scope() as session:
+                return bool(session.scalar(text("SELECT count(*) FROM pg_stat_activity "
+                                                "WHERE :pid = ANY(pg_blocking_pids(pid))"), {"pid": hung_pid}))
+
+        wait_for(watchdog_waits_on_it, timeout=60, what="the watchdog to reach the held job")
+        with session_scope() as session:  # committed, never sent: the outbox's, a later rule's
+            other_id = plan_clone(session, TENANT, "src", "dst2", {}).id
+        assert wait_job(other_id, timeout=60).state == "succeeded"
+        with session_scope() as session:
+            assert session.get(CloneJob, held_id).run == 1  # not resumed meanwhile: its row was held
+    finally:
+        hung.kill()  # its session ends, and the row is free
+        hung.wait(10)
+    job = wait_job(held_id, timeout=60)
+    assert job.state == "succeeded" and job.run == 2
+    delete_environment("dst")
+    delete_environment("dst2")
