@@ -1,5 +1,8 @@
-"""Per-source-node locks: at most one job holds a node between its quiesce and its restart, so two
-clones of one source never stop it twice at once; the second waits its turn."""
+"""Per-source-node locks. A job *takes* a node for a held window (stop mode: quiesce to restart) or
+for an online copy that must run alone; a job *shares* it while an online copy that runs beside
+others reads it (PostgreSQL's backup). A node taken by one job is neither taken nor shared by
+another, and a shared node is not taken: two clones of one source never stop it twice at once, and
+no window stops a server another job is copying. Whoever finds the node busy waits its turn."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.models import NodeLock, utcnow
+from shared.models import Node, NodeLock, NodeShare, utcnow
 
 
 class NodeBusy(Exception):
@@ -18,7 +21,19 @@ class NodeBusy(Exception):
         self.node_id, self.holder = node_id, holder
 
 
+def _one_at_a_time(session: Session, node_id: str) -> None:
+    # Taking and sharing each read the other's rows before writing their own: decided one at a
+    # time per node (the node's row lock), or a take and a share could each miss the other.
+    session.execute(select(Node.id).where(Node.id == node_id).with_for_update(key_share=True))
+
+
 def acquire(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
+    """Take the node (NodeBusy while another job has taken or shares it)."""
+    _one_at_a_time(session, node_id)
+    sharer = session.scalar(select(NodeShare.job_id).where(
+        NodeShare.node_id == node_id, NodeShare.job_id != job_id, NodeShare.expires_at > utcnow()).limit(1))
+    if sharer is not None:
+        raise NodeBusy(node_id, sharer)
     expires = utcnow() + timedelta(seconds=ttl_s)
     row = session.execute(select(NodeLock).where(NodeLock.node_id == node_id).with_for_update()).scalar_one_or_none()
     if row is None:
@@ -34,13 +49,25 @@ def acquire(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
     row.job_id, row.acquired_at, row.expires_at = job_id, utcnow(), expires
 
 
-def wait_for_window(session: Session, node_id: str, job_id: str) -> None:
-    """NodeBusy while another job holds the node: a copy that takes no lock of its own (it runs
-    beside others) still does not start inside another job's held window."""
+def share(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
+    """Share the node with other sharers (NodeBusy while another job has taken it)."""
+    _one_at_a_time(session, node_id)
     row = session.get(NodeLock, node_id)
     if row is not None and row.job_id != job_id and row.expires_at > utcnow():
         raise NodeBusy(node_id, row.job_id)
+    expires = utcnow() + timedelta(seconds=ttl_s)
+    mine = session.get(NodeShare, (node_id, job_id))
+    if mine is None:
+        session.add(NodeShare(node_id=node_id, job_id=job_id, expires_at=expires))
+    else:
+        mine.expires_at = expires
+
+
+def unshare(session: Session, node_id: str, job_id: str) -> None:
+    session.execute(delete(NodeShare).where(NodeShare.node_id == node_id, NodeShare.job_id == job_id))
 
 
 def release(session: Session, node_id: str, job_id: str) -> None:
+    """Whatever the job holds of the node."""
     session.execute(delete(NodeLock).where(NodeLock.node_id == node_id, NodeLock.job_id == job_id))
+    unshare(session, node_id, job_id)

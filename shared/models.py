@@ -258,6 +258,17 @@ class NodeLock(Base):
     expires_at: Mapped[datetime] = mapped_column()
 
 
+class NodeShare(Base):
+    """A job copying a source node beside others while it serves (shared.locks.share): no job takes
+    the node for a held window meanwhile. Expires as NodeLock does."""
+
+    __tablename__ = "node_shares"
+
+    node_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
 class EnvironmentEvent(Base):
     """What happened to an environment outside a job: e.g. the reconciler restarted a dead node."""
 

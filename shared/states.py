@@ -68,8 +68,10 @@ class Step(StrEnum):
         return CLONE_STEPS.index(self)
 
 
-# Where a fault can be injected: any step, or the report.
-FaultPoint = StrEnum("FaultPoint", {**{s.name: s.value for s in Step}, "REPORT": "report"})
+# Where a fault can be injected: any step, the report, or an online copy as it starts, the node
+# shared (a hang there is a copy that takes its time).
+FaultPoint = StrEnum("FaultPoint", {**{s.name: s.value for s in Step}, "REPORT": "report",
+                                    "ONLINE_COPY": "online_copy"})
 
 
 class FaultKind(StrEnum):

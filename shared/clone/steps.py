@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared import identity, locks
-from shared.clone import masking, neutralize, safety
+from shared.clone import faults, masking, neutralize, safety
 from shared.clone.events import record_event
 from shared.clone.gate import Ticket, job_node
 from shared.clone.sources import restart_source
@@ -25,7 +25,7 @@ from shared.environments import fence_environment, template_lookup
 from shared.models import CloneJob, Environment, Host, JobNode, Node, Snapshot, utcnow
 from shared.stacks import CATALOG
 from shared.stacks.base import Stack
-from shared.states import Consistency, NodeState, SnapshotState, Step
+from shared.states import Consistency, FaultPoint, NodeState, SnapshotState, Step
 from shared.transfer_service import fetch_snapshot
 
 Notify = Callable[..., None]  # best-effort progress to watchers outside the database (Flower)
@@ -57,14 +57,11 @@ def online_stack(ticket: Ticket) -> Stack | None:
 
 def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     # NodeBusy: wait our turn. A held window takes the node until its restart step; so does an
-    # online copy that must run alone (Stack.online_copy_exclusive); any other online copy runs
-    # beside others, but does not start inside another job's window (a stopped server cannot be
-    # copied; a window that opens during such a copy fails it, and the step's retries take it again).
+    # online copy that must run alone (Stack.online_copy_exclusive). Any other online copy shares
+    # the node in its snapshot step, for as long as it copies.
     online = online_stack(ticket)
-    with session_scope() as session:
-        if online is not None and not online.online_copy_exclusive:
-            locks.wait_for_window(session, ticket.source_node_id, ticket.job_id)
-        else:
+    if online is None or online.online_copy_exclusive:
+        with session_scope() as session:
             locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
     if online is not None:
         return {"consistency": Consistency.ONLINE, "held": False}
@@ -84,12 +81,22 @@ def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     jn = _job_node(ticket)
     online = online_stack(ticket)
     if online is not None:
-        if online.online_copy_exclusive:
-            # Taken again (this job's own lock: its time starts over): nothing caps how long an
-            # online snapshot waits in a queue or retries, as the watchdog caps a held window.
-            with session_scope() as session:
+        with session_scope() as session:
+            if online.online_copy_exclusive:
+                # Taken again (this job's own lock: its time starts over): nothing caps how long an
+                # online snapshot waits in a queue or retries, as the watchdog caps a held window.
                 locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
-        info = get_driver().snapshot_online(ticket.source_node_id, jn.snapshot_id)
+            else:
+                # Shared while it copies: a copy never starts inside another job's held window (a
+                # stopped server cannot be copied), and no window opens during it.
+                locks.share(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
+        try:
+            faults.hang_after(FaultPoint.ONLINE_COPY, ticket.node_name, ticket.attempt, ticket.options)
+            info = get_driver().snapshot_online(ticket.source_node_id, jn.snapshot_id)
+        finally:
+            if not online.online_copy_exclusive:
+                with session_scope() as session:
+                    locks.unshare(session, ticket.source_node_id, ticket.job_id)
     else:
         info = get_driver().snapshot(ticket.source_node_id, jn.snapshot_id)
     if _job_node(ticket).restarted_at is not None:

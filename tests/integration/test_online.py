@@ -18,7 +18,7 @@ from shared import filelock
 from shared.db import session_scope
 from shared.drivers import NodeSpec, PermanentDriverError, get_driver
 from shared.drivers.local import LocalDriver
-from shared.models import JobNode
+from shared.models import JobNode, StepRun
 from shared.stacks.postgres import BASEBACKUP_APP, RELAY_DIR_PREFIX, SUPERUSER, PostgresStack
 from tests.conftest import destroy_everything, make_data_root
 from tests.fault_helpers import counts, kill9, step_worker_pid
@@ -219,12 +219,39 @@ def test_an_online_copy_waits_for_another_jobs_stop_mode_window_on_the_node(back
     stop = wait_job(stop_id, timeout=60)
     assert stop.state == "succeeded" and online.state == "succeeded", (stop.error, online.error)
     restarted = next(s for s in stop.steps if s.step == "restart").finished_at
-    assert next(s for s in online.steps if s.step == "snapshot").started_at >= restarted
+    snap = next(s for s in online.steps if s.step == "snapshot")
+    # It waited for the other job (Valkey as it quiesces, PostgreSQL as its copy starts), which
+    # costs no attempt, and copied once the window was over.
+    assert stop_id in {s.detail.get("waiting_for") for s in online.steps}
+    assert snap.attempts == 1 and snap.finished_at >= restarted
     for name in ("held-stop", "held-online"):
         if stack == "valkey":
             assert valkey(environment(name)).get("k") == b"v"
         delete_environment(name)
     delete_environment("held")
+
+
+def test_a_stop_mode_window_waits_for_an_online_copy_of_the_node(backend: Backend) -> None:
+    """A PostgreSQL online copy shares the node while it copies: a stop-mode clone of the same node
+    waits for it instead of stopping the server under the copy (which failed the copy, to be
+    retried). The online copy is slowed as it starts (a hang fault, the node shared)."""
+    create_environment("copied", [{"name": "db", "stack": "postgres"}])
+    online_id = start_clone("copied", "copied-online",
+                            faults=[{"step": "online_copy", "kind": "hang", "seconds": 4}])
+
+    def copying() -> bool:
+        with session_scope() as session:
+            return session.scalar(select(StepRun.state).where(StepRun.job_id == online_id,
+                                                              StepRun.step == "snapshot")) == "running"
+
+    wait_for(copying, timeout=60, what="the online clone to start its copy")
+    stop = clone("copied", "copied-stop", consistency="stop", timeout=120)
+    online = wait_job(online_id, timeout=60)
+    assert stop.state == "succeeded" and online.state == "succeeded", (stop.error, online.error)
+    assert next(s for s in online.steps if s.step == "snapshot").attempts == 1  # never stopped under it
+    assert next(s for s in stop.steps if s.step == "quiesce").detail.get("waiting_for") == online_id
+    for name in ("copied-stop", "copied-online", "copied"):
+        delete_environment(name)
 
 
 # ---- the pg_basebackup method (ENVCLONE_PG_ONLINE_METHOD=basebackup), at driver level -------------

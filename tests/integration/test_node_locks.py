@@ -1,0 +1,105 @@
+"""Taking and sharing a source node (shared.locks) against real PostgreSQL, with real concurrent
+processes: a taken node is neither taken nor shared by another job, a shared node is not taken."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from shared import locks
+from shared.db import make_engine
+from shared.models import Environment, Node
+
+pytestmark = pytest.mark.integration
+
+TTL = 600.0
+
+
+def _nodes(engine: Engine, count: int) -> list[str]:
+    with Session(engine) as session, session.begin():
+        env = Environment(tenant="t", name="src")
+        nodes = [Node(environment=env, name=f"n{i}", stack="valkey", address="127.0.0.1", port=6379)
+                 for i in range(count)]
+        session.add_all(nodes)
+        session.flush()
+        return [n.id for n in nodes]
+
+
+def _try(engine: Engine, how: str, node: str, job: str) -> str | None:
+    """The holder that refused us, or None."""
+    try:
+        with Session(engine) as session, session.begin():
+            (locks.acquire if how == "take" else locks.share)(session, node, job, TTL)
+    except locks.NodeBusy as busy:
+        return busy.holder
+    return None
+
+
+def _do(engine: Engine, how: str, node: str, job: str) -> None:
+    with Session(engine) as session, session.begin():
+        getattr(locks, how)(session, node, job)
+
+
+def test_take_and_share_exclude_each_other(pg_database: str) -> None:
+    engine = make_engine(pg_database)
+    node, = _nodes(engine, 1)
+    assert _try(engine, "share", node, "a") is None
+    assert _try(engine, "share", node, "b") is None  # sharers run side by side
+    assert _try(engine, "take", node, "c") in {"a", "b"}
+    assert _try(engine, "share", node, "a") is None  # renewing one's own share
+    _do(engine, "unshare", node, "a")
+    assert _try(engine, "take", node, "c") == "b"
+    _do(engine, "release", node, "b")  # a release drops the job's share too
+    assert _try(engine, "take", node, "c") is None
+    assert _try(engine, "take", node, "c") is None  # its own lock, taken again
+    assert _try(engine, "share", node, "d") == "c"
+    assert _try(engine, "take", node, "e") == "c"
+    _do(engine, "release", node, "c")
+    assert _try(engine, "share", node, "d") is None
+    engine.dispose()
+
+
+def test_an_expired_share_or_lock_holds_nothing(pg_database: str) -> None:
+    engine = make_engine(pg_database)
+    node, = _nodes(engine, 1)
+    with Session(engine) as session, session.begin():
+        locks.share(session, node, "lost", ttl_s=-1)  # its holder died long ago
+    assert _try(engine, "take", node, "c") is None
+    with Session(engine) as session, session.begin():
+        locks.acquire(session, node, "c", ttl_s=-1)
+    assert _try(engine, "share", node, "d") is None
+    engine.dispose()
+
+
+def _racer(url: str, how: str, job: str, nodes: list[str], barrier, out) -> None:
+    engine = make_engine(url)
+    won = []
+    for node in nodes:
+        barrier.wait()  # every process at the same node at the same moment
+        if _try(engine, how, node, job) is None:
+            won.append(node)
+    out.put((how, job, won))
+    engine.dispose()
+
+
+def test_concurrent_takes_and_shares_never_overlap(pg_database: str) -> None:
+    engine = make_engine(pg_database)
+    nodes = _nodes(engine, 25)
+    ctx = mp.get_context("spawn")
+    racers = [("take", "t1"), ("take", "t2"), ("share", "s1"), ("share", "s2")]
+    barrier, out = ctx.Barrier(len(racers)), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(pg_database, how, job, nodes, barrier, out)) for how, job in racers]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    for node in nodes:
+        takers = [job for how, job, won in results if how == "take" and node in won]
+        sharers = [job for how, job, won in results if how == "share" and node in won]
+        assert (len(takers), len(sharers)) in {(1, 0), (0, 1), (0, 2)}, (node, takers, sharers)
+    engine.dispose()
