@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.states import FaultKind, FaultPoint
@@ -23,6 +23,11 @@ class FaultSpec(BaseModel):
     times: int = Field(default=1, ge=1)
     kind: FaultKind = FaultKind.TRANSIENT
     seconds: float = Field(default=0.0, ge=0, le=600)
+
+
+# The longest our own transactions sit idle, past a health check: a node's stop, or an account's
+# removal with its retries (shared.identity).
+IDLE_TX_MARGIN_S = 120.0
 
 
 class Settings(BaseSettings):
@@ -121,6 +126,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else []
         return value
+
+    @model_validator(mode="after")
+    def _idle_tx_outlasts_our_own_waits(self) -> Settings:
+        # Our own transactions stay open across one server restart (stop, start, health check) or
+        # one account removal: the server must not end them as hung.
+        floor = self.health_timeout_s + IDLE_TX_MARGIN_S
+        if 0 < self.db_idle_tx_timeout_s < floor:
+            raise ValueError(f"ENVCLONE_DB_IDLE_TX_TIMEOUT_S must be 0 or at least {floor:.0f} "
+                             f"(ENVCLONE_HEALTH_TIMEOUT_S + {IDLE_TX_MARGIN_S:.0f})")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -10,7 +10,7 @@ from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -110,7 +110,7 @@ def get_engine() -> Engine:
 @contextmanager
 def bounded_lock_waits(seconds: float) -> Iterator[None]:
     """Every transaction begun within waits at most ``seconds`` for a lock another holds, then
-    fails with a lock timeout (``is_lock_timeout``). PostgreSQL only: SQLite waits its busy timeout."""
+    fails with a lock timeout (``is_lock_conflict``). PostgreSQL only: SQLite waits its busy timeout."""
     token = _LOCK_WAIT_MS.set(max(1, round(seconds * 1000)))
     try:
         yield
@@ -118,8 +118,17 @@ def bounded_lock_waits(seconds: float) -> Iterator[None]:
         _LOCK_WAIT_MS.reset(token)
 
 
-def is_lock_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) == "55P03"
+def wait_for_locks_from_here(session: Session) -> None:
+    """The transaction is about to record what it did outside the database (a server restarted):
+    from here it waits for locks as long as it takes. A lock timeout now would roll back the record
+    of an act that stays done."""
+    if _LOCK_WAIT_MS.get() is not None and session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL lock_timeout = 0"))
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """A lock timeout (bounded_lock_waits) or a deadlock PostgreSQL broke by failing this side."""
+    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in ("55P03", "40P01")
 
 
 @lru_cache(maxsize=1)

@@ -6,6 +6,7 @@ no window stops a server another job is copying. Whoever finds the node busy wai
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 from sqlalchemy import delete, select
@@ -49,22 +50,26 @@ def acquire(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
     row.job_id, row.acquired_at, row.expires_at = job_id, utcnow(), expires
 
 
-def share(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
-    """Share the node with other sharers (NodeBusy while another job has taken it)."""
+def share(session: Session, node_id: str, job_id: str, ttl_s: float) -> str:
+    """Share the node with other sharers (NodeBusy while another job has taken it). Returns the
+    token that ``unshare`` needs: a later share by the same job (a newer run) replaces it."""
     _one_at_a_time(session, node_id)
     row = session.get(NodeLock, node_id)
     if row is not None and row.job_id != job_id and row.expires_at > utcnow():
         raise NodeBusy(node_id, row.job_id)
-    expires = utcnow() + timedelta(seconds=ttl_s)
+    expires, token = utcnow() + timedelta(seconds=ttl_s), uuid.uuid4().hex
     mine = session.get(NodeShare, (node_id, job_id))
     if mine is None:
-        session.add(NodeShare(node_id=node_id, job_id=job_id, expires_at=expires))
+        session.add(NodeShare(node_id=node_id, job_id=job_id, token=token, expires_at=expires))
     else:
-        mine.expires_at = expires
+        mine.token, mine.expires_at = token, expires
+    return token
 
 
-def unshare(session: Session, node_id: str, job_id: str) -> None:
-    session.execute(delete(NodeShare).where(NodeShare.node_id == node_id, NodeShare.job_id == job_id))
+def unshare(session: Session, node_id: str, job_id: str, token: str | None = None) -> None:
+    """End the job's share of the node (only if it is still ``token``'s, when given)."""
+    query = delete(NodeShare).where(NodeShare.node_id == node_id, NodeShare.job_id == job_id)
+    session.execute(query if token is None else query.where(NodeShare.token == token))
 
 
 def release(session: Session, node_id: str, job_id: str) -> None:

@@ -266,6 +266,9 @@ class NodeShare(Base):
 
     node_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Whose share this is now: a newer run of the job that shared it again, or another delivery of
+    # the step, is not unshared by the older one that ends after it.
+    token: Mapped[str] = mapped_column(String(32))
     expires_at: Mapped[datetime] = mapped_column()
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from shared.db import session_scope
 from shared.drivers import get_driver
-from shared.models import JobEvent, NodeLock, StepRun
+from shared.models import JobEvent, NodeLock, NodeShare, StepRun
 from tests.stack import Backend
 from tests.workflow_client import lease_count
 
@@ -22,12 +22,12 @@ class Counts:
     volumes: frozenset[str]
     snapshots: frozenset[str]
     leases: int
-    locks: int  # NodeLock rows: a job that ended must not still hold a source node
+    locks: int  # NodeLock and NodeShare rows: a job that ended must not still hold a source node
 
 
 def lock_count() -> int:
     with session_scope() as session:
-        return session.scalar(select(func.count()).select_from(NodeLock))
+        return sum(session.scalar(select(func.count()).select_from(m)) for m in (NodeLock, NodeShare))
 
 
 def counts(backend: Backend) -> Counts:

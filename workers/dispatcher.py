@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
+from shared.clone.supervision import next_round_if_locked
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.models import CloneJob, Environment, utcnow
@@ -44,12 +45,13 @@ def send_pending(send_job: Callable[[str], object], send_create: Callable[[str],
     work: list[tuple[type, str, Callable[[str], object]]] = [(CloneJob, j, send_job) for j in jobs]
     work += [(Environment, e.id, send_create if e.state == EnvState.CREATING else send_delete) for e in envs]
     for model, row_id, send in work:
-        if not mark_dispatched(model, row_id):
-            continue
-        try:
-            send(row_id)
-            sent += 1
-        except Exception:
-            _unclaim(model, row_id)
-            raise
+        with next_round_if_locked(f"{model.__tablename__}={row_id} (outbox)"):
+            if not mark_dispatched(model, row_id):
+                continue
+            try:
+                send(row_id)
+                sent += 1
+            except Exception:
+                _unclaim(model, row_id)
+                raise
     return sent

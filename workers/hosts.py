@@ -28,7 +28,8 @@ def host_round(self: Task) -> dict[str, int]:
             nodes = reconcile_nodes()
         with supervision.next_round_if_locked("the sweep"):
             swept = sweep.sweep_host()
-        report_local_host()
+        with supervision.next_round_if_locked("the host's report"):
+            report_local_host()
     if not fence.unavailable_reason() and not fence.present():
         rebuild_fences()  # the ruleset was flushed (or the machine restarted) under us
     return {"sources_restarted": sources, "nodes_restarted": nodes, **swept}

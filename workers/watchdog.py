@@ -39,9 +39,8 @@ def run_once(task: Task) -> dict[str, int]:
         live = _live_hosts()
         for job_id in ended:
             dispatch_sweeps(app, outcome.job_hosts(job_id) & live)
-        with supervision.next_round_if_locked("the outbox"):
-            sent = send_pending(lambda j: dispatch_clone(app, j), lambda e: dispatch_create_environment(app, e),
-                                lambda e: dispatch_delete_environment(app, e))
+        sent = send_pending(lambda j: dispatch_clone(app, j), lambda e: dispatch_create_environment(app, e),
+                            lambda e: dispatch_delete_environment(app, e))
     for name in sorted(live):  # expires: a round an agent could not take in time is not worth running late
         app.signature("envclone.host_round").set(queue=hosts.queue(name), expires=settings.watchdog_interval_s,
                                                  argsrepr=f"host={name} step=round").apply_async()

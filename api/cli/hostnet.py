@@ -300,7 +300,8 @@ async def _serve(bind: str, ports: list[int]) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # broker round trips
         pipes = {asyncio.ensure_future(_pipe(down_r, up_w)), asyncio.ensure_future(_pipe(up_r, down_w))}
         done, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
-        if any(p.exception() is not None for p in done):
+        errors = [p.exception() for p in done]  # each one read: none is logged as never retrieved
+        if any(e is not None for e in errors):
             # A reset on one side resets the other at once, not when the other side next speaks: a
             # client killed mid-transaction would leave its session (and its row locks) to the
             # server until then, which, idle in a transaction, is never.

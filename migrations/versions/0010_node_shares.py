@@ -17,6 +17,7 @@ def upgrade() -> None:
         'node_shares',
         sa.Column('node_id', sa.String(length=32), nullable=False),
         sa.Column('job_id', sa.String(length=32), nullable=False),
+        sa.Column('token', sa.String(length=32), nullable=False),
         sa.Column('expires_at', sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint('node_id', 'job_id'),
     )

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from shared import hosts, locks
 from shared.config import get_settings
+from shared.db import wait_for_locks_from_here
 from shared.drivers import DriverError, get_driver
 from shared.models import JobNode, Node, utcnow
 
@@ -36,6 +37,7 @@ def restart_source(session: Session, jn: JobNode) -> bool:
         if not hosts.is_local(host):
             raise SourceElsewhere(f"the source is on host {host}; its agent restores it")
         get_driver().restart(jn.source_node_id, get_settings().health_timeout_s)
+        wait_for_locks_from_here(session)
         jn.restarted_at = utcnow()
         jn.downtime_ms = int((jn.restarted_at - jn.quiesced_at).total_seconds() * 1000)
         brought_back = True

@@ -5,6 +5,7 @@ returns is kept in the step's ``detail``."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from shared.transfer_service import fetch_snapshot
 Notify = Callable[..., None]  # best-effort progress to watchers outside the database (Flower)
 PROGRESS_EVERY_S = 0.5
 REDACTED = "[redacted]"
+log = logging.getLogger("envclone.steps")
 
 
 def _job_node(ticket: Ticket) -> JobNode:
@@ -81,6 +83,7 @@ def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     jn = _job_node(ticket)
     online = online_stack(ticket)
     if online is not None:
+        token = None
         with session_scope() as session:
             if online.online_copy_exclusive:
                 # Taken again (this job's own lock: its time starts over): nothing caps how long an
@@ -89,14 +92,14 @@ def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
             else:
                 # Shared while it copies: a copy never starts inside another job's held window (a
                 # stopped server cannot be copied), and no window opens during it.
-                locks.share(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
+                token = locks.share(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
         try:
+            faults.fail_before(FaultPoint.ONLINE_COPY, ticket.node_name, ticket.attempt, ticket.options)
             faults.hang_after(FaultPoint.ONLINE_COPY, ticket.node_name, ticket.attempt, ticket.options)
             info = get_driver().snapshot_online(ticket.source_node_id, jn.snapshot_id)
         finally:
-            if not online.online_copy_exclusive:
-                with session_scope() as session:
-                    locks.unshare(session, ticket.source_node_id, ticket.job_id)
+            if token is not None:
+                _unshare(ticket, token)
     else:
         info = get_driver().snapshot(ticket.source_node_id, jn.snapshot_id)
     if _job_node(ticket).restarted_at is not None:
@@ -117,6 +120,15 @@ def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
         # The freshest size of the source, for the next plan of a clone of it.
         session.get(Node, ticket.source_node_id).size_bytes = info.size_bytes
     return {"method": info.method, "size_bytes": info.size_bytes, "window_ms": info.window_ms}
+
+
+def _unshare(ticket: Ticket, token: str) -> None:
+    try:
+        with session_scope() as session:
+            locks.unshare(session, ticket.source_node_id, ticket.job_id, token)
+    except Exception as exc:  # never in place of the copy's own outcome: the restart step or the TTL ends it
+        log.warning("job=%s node=%s the share of the source outlives its copy: %s", ticket.job_id,
+                    ticket.node_name, exc)
 
 
 def restart(ticket: Ticket, _notify: Notify) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 
@@ -20,7 +20,7 @@ from shared.clone.events import record_event
 from shared.clone.outcome import fail_open_steps, finish_job
 from shared.clone.sources import restart_source
 from shared.config import get_settings
-from shared.db import bounded_lock_waits, is_lock_timeout, session_scope
+from shared.db import bounded_lock_waits, is_lock_conflict, session_scope
 from shared.drivers import DriverError
 from shared.models import CloneJob, JobEvent, JobNode, Node, utcnow
 from shared.states import JOB_DONE, Step, StepState
@@ -43,35 +43,54 @@ def next_round_if_locked(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not is_lock_timeout(exc):
+        if not is_lock_conflict(exc):
             raise
-        log.warning("%s left to the next round: a row it needs is held by another transaction", what)
+        log.warning("%s left to the next round: a row it needs is held by another transaction (%s)", what,
+                    type(getattr(exc, "orig", exc)).__name__)
 
 
 def restart_overdue_sources() -> int:
-    """Run by each host's agent for the sources on its own host."""
+    """Run by each host's agent for the sources on its own host, one source at a time: a row held
+    elsewhere leaves that source to the next round, and no other."""
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.max_downtime_s)
-    fixed = 0
     with session_scope() as session:
         overdue = session.execute(
-            select(JobNode, CloneJob).join(CloneJob, CloneJob.id == JobNode.job_id)
+            select(JobNode.job_id, JobNode.source_node_id).join(CloneJob, CloneJob.id == JobNode.job_id)
             .join(Node, Node.id == JobNode.source_node_id)
             .where(JobNode.quiesced_at < cutoff, JobNode.restarted_at.is_(None), Node.host == settings.host_name,
-                   CloneJob.state.not_in(JOB_DONE)).with_for_update(of=JobNode)).all()
-        for jn, job in overdue:
-            try:
-                restart_source(session, jn)
-            except DriverError as exc:
-                log.error("job=%s node=%s watchdog could not restart the source: %s", job.id, jn.name, exc)
-                continue
-            reason = f"watchdog: source was down longer than {settings.max_downtime_s:.0f}s; restarted"
-            for step in fail_open_steps(session, job.id, reason, [Step.QUIESCE, Step.SNAPSHOT], jn.source_node_id):
-                record_event(session, job, "step", node=jn.name, step=step.step, state=StepState.FAILED,
-                             error=reason)
-            log.warning("job=%s node=%s %s", job.id, jn.name, reason)
-            fixed += 1
+                   CloneJob.state.not_in(JOB_DONE))).all()
+    fixed = 0
+    for job_id, node_id in overdue:
+        with next_round_if_locked(f"job={job_id} node={node_id} (source down too long)"):
+            fixed += _restart_overdue(job_id, node_id, cutoff)
     return fixed
+
+
+def _restart_overdue(job_id: str, node_id: str, cutoff: datetime) -> int:
+    # The source first, in a transaction of its own (once it is restarted, recording that waits for
+    # locks as long as it takes: restart_source); the job's bookkeeping after, which a held job
+    # row cannot undo: the job's steps also see ``restarted_at`` and fail by themselves.
+    reason = f"watchdog: source was down longer than {get_settings().max_downtime_s:.0f}s; restarted"
+    with session_scope() as session:
+        jn = session.execute(select(JobNode).where(JobNode.job_id == job_id, JobNode.source_node_id == node_id)
+                             .with_for_update()).scalar_one()
+        if jn.restarted_at is not None or jn.quiesced_at is None or jn.quiesced_at >= cutoff:
+            return 0  # brought back meanwhile
+        try:
+            restart_source(session, jn)
+        except DriverError as exc:
+            log.error("job=%s node=%s watchdog could not restart the source: %s", job_id, jn.name, exc)
+            return 0
+        name = jn.name
+    log.warning("job=%s node=%s %s", job_id, name, reason)
+    with next_round_if_locked(f"job={job_id} node={name} (failing its window's steps)"):
+        with session_scope() as session:
+            job = session.execute(select(CloneJob).where(CloneJob.id == job_id).with_for_update()).scalar_one()
+            for step in fail_open_steps(session, job_id, reason, [Step.QUIESCE, Step.SNAPSHOT], node_id):
+                record_event(session, job, "step", node=name, step=step.step, state=StepState.FAILED,
+                             error=reason)
+    return 1
 
 
 def fail_jobs_on_down_hosts(down: set[str]) -> list[str]:

@@ -62,6 +62,24 @@ def test_take_and_share_exclude_each_other(pg_database: str) -> None:
     engine.dispose()
 
 
+def test_an_older_share_of_a_job_does_not_end_a_newer_one(pg_database: str) -> None:
+    """A resumed run (or a second delivery of the step) shares the node again; the older copy that
+    ends after it must not end the newer copy's share."""
+    engine = make_engine(pg_database)
+    node, = _nodes(engine, 1)
+    with Session(engine) as session, session.begin():
+        older = locks.share(session, node, "a", TTL)
+    with Session(engine) as session, session.begin():
+        newer = locks.share(session, node, "a", TTL)
+    with Session(engine) as session, session.begin():
+        locks.unshare(session, node, "a", older)
+    assert _try(engine, "take", node, "c") == "a"
+    with Session(engine) as session, session.begin():
+        locks.unshare(session, node, "a", newer)
+    assert _try(engine, "take", node, "c") is None
+    engine.dispose()
+
+
 def test_an_expired_share_or_lock_holds_nothing(pg_database: str) -> None:
     engine = make_engine(pg_database)
     node, = _nodes(engine, 1)

@@ -237,7 +237,7 @@ def test_a_stop_mode_window_waits_for_an_online_copy_of_the_node(backend: Backen
     retried). The online copy is slowed as it starts (a hang fault, the node shared)."""
     create_environment("copied", [{"name": "db", "stack": "postgres"}])
     online_id = start_clone("copied", "copied-online",
-                            faults=[{"step": "online_copy", "kind": "hang", "seconds": 4}])
+                            faults=[{"step": "online_copy", "kind": "hang", "seconds": 10}])
 
     def copying() -> bool:
         with session_scope() as session:

@@ -33,35 +33,35 @@ def engine() -> Iterator[Engine]:
         drop_database(name)
 
 
-@pytest.fixture
-def envclone_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Engine]]:
-    """The engine envclone's own processes use (``get_engine``), on a database of its own."""
+def test_our_sessions_end_a_hung_transaction_and_drop_a_vanished_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine envclone's processes use (``get_engine``) gives every session the server-side
+    limits of ENVCLONE_DB_IDLE_TX_TIMEOUT_S and the TCP keepalives."""
     name, url = create_database()
     monkeypatch.setenv("ENVCLONE_DATABASE_URL", url)
-    monkeypatch.setenv("ENVCLONE_DB_IDLE_TX_TIMEOUT_S", "2")
     reset_caches()
     try:
-        yield url, db.get_engine()
+        with db.get_engine().connect() as conn:
+            got = {k: conn.execute(text(f"SHOW {k}")).scalar_one()
+                   for k in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle")}
+        assert got == {"idle_in_transaction_session_timeout": "5min", "tcp_keepalives_idle": "60"}
     finally:
         monkeypatch.undo()
         reset_caches()
         drop_database(name)
 
 
-def test_a_session_hung_inside_a_transaction_is_ended_and_its_row_locks_freed(
-        envclone_engine: tuple[str, Engine]) -> None:
+def test_a_session_hung_inside_a_transaction_is_ended_and_its_row_locks_freed(engine: Engine) -> None:
     """A process hung mid-transaction (or a host gone without a reset) holds its rows only for
-    ENVCLONE_DB_IDLE_TX_TIMEOUT_S: the server ends its session, not TCP hours later."""
-    url, engine = envclone_engine
-    with engine.begin() as conn:
+    ENVCLONE_DB_IDLE_TX_TIMEOUT_S (2 s here, on an engine with our sessions' limits): the server
+    ends its session, not TCP hours later."""
+    url = engine.url.render_as_string(hide_password=False)
+    limited = db.make_engine(url, connect_args={"options": db._server_side_limits(2)})
+    with limited.begin() as conn:
         conn.execute(text("CREATE TABLE probe (id int PRIMARY KEY)"))
         conn.execute(text("INSERT INTO probe VALUES (1)"))
-    hung = engine.connect()
+    hung = limited.connect()
     hung.begin()
     hung.execute(text("SELECT id FROM probe WHERE id = 1 FOR UPDATE"))
-    settings = {k: hung.execute(text(f"SHOW {k}")).scalar_one()
-                for k in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle")}
-    assert settings == {"idle_in_transaction_session_timeout": "2s", "tcp_keepalives_idle": "60"}
 
     def free() -> bool:
         with psycopg.connect(url.replace("+psycopg", "")) as other:
@@ -76,6 +76,7 @@ def test_a_session_hung_inside_a_transaction_is_ended_and_its_row_locks_freed(
         hung.execute(text("SELECT 1"))
     assert ended.value.connection_invalidated  # and the pool drops that connection
     hung.close()
+    limited.dispose()
 
 
 def _backend_pid(engine: Engine) -> int:

@@ -14,7 +14,7 @@ from sqlalchemy import select, text
 
 from shared.db import session_scope
 from shared.drivers import get_driver
-from shared.models import CloneJob, EnvironmentEvent, JobEvent, utcnow
+from shared.models import CloneJob, EnvironmentEvent, JobEvent, JobNode, utcnow
 from shared.planning import plan_clone
 from tests.fault_helpers import counts
 from tests.helpers import wait_for
@@ -172,3 +172,35 @@ def test_a_job_row_held_by_a_hung_process_silences_neither_the_watchdog_nor_that
     assert job.state == "succeeded" and job.run == 2
     delete_environment("dst")
     delete_environment("dst2")
+
+
+def test_a_source_down_too_long_comes_back_while_a_hung_process_holds_its_jobs_row(backend: Backend,
+                                                                                    source: str) -> None:
+    """Bringing the source back comes first: its restart is recorded in a transaction that needs no
+    job row, so a hung holder of that row delays only the job's bookkeeping."""
+    before = counts(backend)
+    job_id = start_clone("src", "dst", consistency="stop", faults=[{"step": "quiesce", "kind": "hang", "seconds": 8}])
+
+    def window_open() -> bool:
+        with session_scope() as session:
+            return session.scalars(select(JobNode.quiesced_at).where(JobNode.job_id == job_id)).one() is not None
+
+    wait_for(window_open, timeout=60, what="the stop-mode clone to hold the source")
+    hung = subprocess.Popen([sys.executable, "-c", _HANGS_HOLDING_A_JOB, job_id], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env={**os.environ, "ENVCLONE_DB_IDLE_TX_TIMEOUT_S": "0"})
+    try:
+        assert hung.stdout is not None and int(hung.stdout.readline())
+
+        def restart_recorded() -> bool:
+            with session_scope() as session:
+                return session.scalars(select(JobNode.restarted_at).where(JobNode.job_id == job_id)).one() is not None
+
+        wait_for(restart_recorded, timeout=30, what="the watchdog to record the source's restart")
+        assert get_driver().health(source).healthy
+    finally:
+        hung.kill()
+        hung.wait(10)
+    job = wait_job(job_id, timeout=60)
+    assert job.state == "failed" and "source was down longer than 2s" in (job.error or ""), job.error
+    assert counts(backend) == before
+    delete_environment("dst")
