@@ -2,7 +2,11 @@
 for an online copy that must run alone; a job *shares* it while an online copy that runs beside
 others reads it (PostgreSQL's backup). A node taken by one job is neither taken nor shared by
 another, and a shared node is not taken: two clones of one source never stop it twice at once, and
-no window stops a server another job is copying. Whoever finds the node busy waits its turn."""
+no window stops a server another job is copying. Whoever finds the node busy waits its turn.
+
+Takers go first: a taker that finds only sharers in its way keeps the node claimed while it waits,
+so no new copy starts and the copies under way are all it waits for. Without that, a stream of
+online copies of a busy source kept a stop-mode clone waiting until ``lock_wait_s`` failed it."""
 
 from __future__ import annotations
 
@@ -28,13 +32,11 @@ def _one_at_a_time(session: Session, node_id: str) -> None:
     session.execute(select(Node.id).where(Node.id == node_id).with_for_update(key_share=True))
 
 
-def acquire(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
-    """Take the node (NodeBusy while another job has taken or shares it)."""
+def take(session: Session, node_id: str, job_id: str, ttl_s: float) -> NodeBusy | None:
+    """Take the node: None once it is this job's, else who is in the way. While only sharers are
+    (their copies under way), the node stays claimed for this job -- commit the session even then:
+    the claim is this job's place, ahead of every later sharer and taker."""
     _one_at_a_time(session, node_id)
-    sharer = session.scalar(select(NodeShare.job_id).where(
-        NodeShare.node_id == node_id, NodeShare.job_id != job_id, NodeShare.expires_at > utcnow()).limit(1))
-    if sharer is not None:
-        raise NodeBusy(node_id, sharer)
     expires = utcnow() + timedelta(seconds=ttl_s)
     row = session.execute(select(NodeLock).where(NodeLock.node_id == node_id).with_for_update()).scalar_one_or_none()
     if row is None:
@@ -43,22 +45,28 @@ def acquire(session: Session, node_id: str, job_id: str, ttl_s: float) -> None:
                 session.add(NodeLock(node_id=node_id, job_id=job_id, expires_at=expires))
         except IntegrityError:
             holder = session.scalar(select(NodeLock.job_id).where(NodeLock.node_id == node_id)) or "?"
-            raise NodeBusy(node_id, holder) from None
-        return
-    if row.job_id != job_id and row.expires_at > utcnow():
-        raise NodeBusy(node_id, row.job_id)
-    row.job_id, row.acquired_at, row.expires_at = job_id, utcnow(), expires
+            return NodeBusy(node_id, holder)
+    elif row.job_id != job_id and row.expires_at > utcnow():
+        return NodeBusy(node_id, row.job_id)
+    else:
+        row.job_id, row.acquired_at, row.expires_at = job_id, utcnow(), expires
+    sharer = session.scalar(select(NodeShare.job_id).where(
+        NodeShare.node_id == node_id, NodeShare.job_id != job_id, NodeShare.expires_at > utcnow()).limit(1))
+    return None if sharer is None else NodeBusy(node_id, sharer)
 
 
 def share(session: Session, node_id: str, job_id: str, ttl_s: float) -> str:
-    """Share the node with other sharers (NodeBusy while another job has taken it). Returns the
+    """Share the node with other sharers (NodeBusy while another job has taken or claimed it). Returns the
     token that ``unshare`` needs: a later share by the same job (a newer run) replaces it."""
     _one_at_a_time(session, node_id)
+    mine = session.get(NodeShare, (node_id, job_id))
     row = session.get(NodeLock, node_id)
     if row is not None and row.job_id != job_id and row.expires_at > utcnow():
-        raise NodeBusy(node_id, row.job_id)
+        # A live share of ours (a re-run of this job's copy) is renewed: the other job was refused
+        # the node while that share lived, so its row is only a claim, waiting for this very copy.
+        if mine is None or mine.expires_at <= utcnow():
+            raise NodeBusy(node_id, row.job_id)
     expires, token = utcnow() + timedelta(seconds=ttl_s), uuid.uuid4().hex
-    mine = session.get(NodeShare, (node_id, job_id))
     if mine is None:
         session.add(NodeShare(node_id=node_id, job_id=job_id, token=token, expires_at=expires))
     else:

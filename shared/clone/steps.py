@@ -47,6 +47,14 @@ def _lock_ttl() -> float:
     return s.task_time_limit_s + 2 * s.max_downtime_s
 
 
+def _take(ticket: Ticket) -> None:
+    """Take the source node, or raise NodeBusy once the claim that keeps this job's place is saved."""
+    with session_scope() as session:
+        busy = locks.take(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
+    if busy is not None:
+        raise busy
+
+
 def online_stack(ticket: Ticket) -> Stack | None:
     """The node's stack if the node is copied while it serves (``consistency: online`` and a stack
     that can): then it is not quiesced."""
@@ -63,8 +71,7 @@ def quiesce(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     # the node in its snapshot step, for as long as it copies.
     online = online_stack(ticket)
     if online is None or online.online_copy_exclusive:
-        with session_scope() as session:
-            locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
+        _take(ticket)
     if online is not None:
         return {"consistency": Consistency.ONLINE, "held": False}
     jn = _job_node(ticket)
@@ -84,14 +91,15 @@ def snapshot(ticket: Ticket, _notify: Notify) -> dict[str, Any]:
     online = online_stack(ticket)
     if online is not None:
         token = None
-        with session_scope() as session:
-            if online.online_copy_exclusive:
-                # Taken again (this job's own lock: its time starts over): nothing caps how long an
-                # online snapshot waits in a queue or retries, as the watchdog caps a held window.
-                locks.acquire(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
-            else:
-                # Shared while it copies: a copy never starts inside another job's held window (a
-                # stopped server cannot be copied), and no window opens during it.
+        if online.online_copy_exclusive:
+            # Taken again (this job's own lock: its time starts over): nothing caps how long an
+            # online snapshot waits in a queue or retries, as the watchdog caps a held window.
+            _take(ticket)
+        else:
+            # Shared while it copies: a copy never starts inside another job's held window (a
+            # stopped server cannot be copied), nor while a window waits for the node; and no
+            # window opens during it.
+            with session_scope() as session:
                 token = locks.share(session, ticket.source_node_id, ticket.job_id, _lock_ttl())
         try:
             faults.fail_before(FaultPoint.ONLINE_COPY, ticket.node_name, ticket.attempt, ticket.options)

@@ -29,13 +29,16 @@ def _nodes(engine: Engine, count: int) -> list[str]:
 
 
 def _try(engine: Engine, how: str, node: str, job: str) -> str | None:
-    """The holder that refused us, or None."""
+    """The holder that refused us, or None. A refused take's claim is committed, as the step does."""
     try:
         with Session(engine) as session, session.begin():
-            (locks.acquire if how == "take" else locks.share)(session, node, job, TTL)
-    except locks.NodeBusy as busy:
-        return busy.holder
-    return None
+            if how == "take":
+                busy = locks.take(session, node, job, TTL)
+            else:
+                busy, _token = None, locks.share(session, node, job, TTL)
+    except locks.NodeBusy as refused:
+        return refused.holder
+    return None if busy is None else busy.holder
 
 
 def _do(engine: Engine, how: str, node: str, job: str) -> None:
@@ -48,17 +51,47 @@ def test_take_and_share_exclude_each_other(pg_database: str) -> None:
     node, = _nodes(engine, 1)
     assert _try(engine, "share", node, "a") is None
     assert _try(engine, "share", node, "b") is None  # sharers run side by side
-    assert _try(engine, "take", node, "c") in {"a", "b"}
+    assert _try(engine, "take", node, "c") in {"a", "b"}  # c now claims the node, waiting for a and b
     assert _try(engine, "share", node, "a") is None  # renewing one's own share
     _do(engine, "unshare", node, "a")
     assert _try(engine, "take", node, "c") == "b"
-    _do(engine, "release", node, "b")  # a release drops the job's share too
+    _do(engine, "unshare", node, "b")
     assert _try(engine, "take", node, "c") is None
     assert _try(engine, "take", node, "c") is None  # its own lock, taken again
     assert _try(engine, "share", node, "d") == "c"
     assert _try(engine, "take", node, "e") == "c"
     _do(engine, "release", node, "c")
     assert _try(engine, "share", node, "d") is None
+    _do(engine, "release", node, "d")  # a release drops the job's share too
+    assert _try(engine, "take", node, "e") is None
+    engine.dispose()
+
+
+def test_a_taker_waiting_for_sharers_keeps_its_place(pg_database: str) -> None:
+    """A window waiting for the copies under way claims the node: a copy or a window that comes
+    later waits behind it (else a stream of online copies starves the window)."""
+    engine = make_engine(pg_database)
+    node, = _nodes(engine, 1)
+    assert _try(engine, "share", node, "a") is None
+    assert _try(engine, "take", node, "w") == "a"  # waits for a's copy, and claims the node
+    assert _try(engine, "share", node, "b") == "w"  # b came later: behind w
+    assert _try(engine, "take", node, "x") == "w"
+    assert _try(engine, "share", node, "a") is None  # a's copy run again keeps its share
+    _do(engine, "unshare", node, "a")
+    assert _try(engine, "take", node, "w") is None  # w's turn, with no copy under way
+    assert _try(engine, "share", node, "b") == "w"
+    _do(engine, "release", node, "w")
+    assert _try(engine, "share", node, "b") is None
+    engine.dispose()
+
+
+def test_an_expired_share_is_not_renewed_past_a_claim(pg_database: str) -> None:
+    engine = make_engine(pg_database)
+    node, = _nodes(engine, 1)
+    with Session(engine) as session, session.begin():
+        locks.share(session, node, "lost", ttl_s=-1)
+    assert _try(engine, "take", node, "w") is None  # an expired share holds nothing
+    assert _try(engine, "share", node, "lost") == "w"  # nor lets its job in beside a taken node
     engine.dispose()
 
 
@@ -87,7 +120,7 @@ def test_an_expired_share_or_lock_holds_nothing(pg_database: str) -> None:
         locks.share(session, node, "lost", ttl_s=-1)  # its holder died long ago
     assert _try(engine, "take", node, "c") is None
     with Session(engine) as session, session.begin():
-        locks.acquire(session, node, "c", ttl_s=-1)
+        assert locks.take(session, node, "c", ttl_s=-1) is None
     assert _try(engine, "share", node, "d") is None
     engine.dispose()
 

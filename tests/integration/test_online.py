@@ -254,6 +254,37 @@ def test_a_stop_mode_window_waits_for_an_online_copy_of_the_node(backend: Backen
         delete_environment(name)
 
 
+def _step(job_id: str, step: str) -> StepRun:
+    with session_scope() as session:
+        row = session.scalars(select(StepRun).where(StepRun.job_id == job_id, StepRun.step == step)).one()
+        session.expunge(row)
+        return row
+
+
+def test_an_online_copy_that_comes_after_a_waiting_window_waits_behind_it(backend: Backend) -> None:
+    """A stop-mode clone waiting for an online copy keeps its place: an online copy of the same
+    node started after it waits for its window, so a stream of copies cannot starve the window
+    until lock_wait_s fails it. The first copy is slowed as it starts (a hang fault, shared)."""
+    create_environment("queued", [{"name": "db", "stack": "postgres"}])
+    first_id = start_clone("queued", "queued-first",
+                           faults=[{"step": "online_copy", "kind": "hang", "seconds": 10}])
+    wait_for(lambda: _step(first_id, "snapshot").state == "running", timeout=60,
+             what="the first online clone to start its copy")
+    stop_id = start_clone("queued", "queued-stop", consistency="stop")
+    wait_for(lambda: _step(stop_id, "quiesce").detail.get("waiting_for") == first_id, timeout=60,
+             what="the stop-mode clone to wait for that copy")
+    later_id = start_clone("queued", "queued-later")
+    stop, later, first = wait_job(stop_id, 120), wait_job(later_id, 120), wait_job(first_id, 60)
+    assert {stop.state, later.state, first.state} == {"succeeded"}, (stop.error, later.error, first.error)
+    copied = _step(later_id, "snapshot")
+    assert copied.detail.get("waiting_for") == stop_id
+    with session_scope() as session:
+        restarted = session.scalar(select(JobNode.restarted_at).where(JobNode.job_id == stop_id))
+    assert restarted is not None and copied.finished_at > restarted  # copied after the window, not in it
+    for name in ("queued-later", "queued-stop", "queued-first", "queued"):
+        delete_environment(name)
+
+
 # ---- the pg_basebackup method (ENVCLONE_PG_ONLINE_METHOD=basebackup), at driver level -------------
 @pytest.fixture
 def basebackup(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
