@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -89,6 +90,16 @@ def _server_side_limits(idle_tx_timeout_s: float) -> str:
     return " ".join(f"-c {k}={v}" for k, v in limits.items())
 
 
+def session_options(url: str, idle_tx_timeout_s: float) -> str:
+    """libpq ``options`` of our sessions: our limits, then what the deployment set (DATABASE_URL's
+    ``options``, else PGOPTIONS) -- which our connect argument would otherwise replace. The server
+    applies them in order, so a setting the deployment names wins over ours."""
+    theirs = make_url(url).query.get("options") or os.environ.get("PGOPTIONS", "")
+    if isinstance(theirs, tuple):  # ``options`` given twice in the URL
+        theirs = " ".join(theirs)
+    return " ".join(part for part in (_server_side_limits(idle_tx_timeout_s), theirs.strip()) if part)
+
+
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
     settings = get_settings()
@@ -97,7 +108,7 @@ def get_engine() -> Engine:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         extra: dict[str, Any] = {}
     else:
-        extra = {"connect_args": {"options": _server_side_limits(settings.db_idle_tx_timeout_s)}}
+        extra = {"connect_args": {"options": session_options(url, settings.db_idle_tx_timeout_s)}}
     # LIFO: the connection used last is used next, so the ones a burst opened sit idle (and are
     # pinged before use), while the busy few never need a ping.
     engine = make_engine(url, pool_size=settings.db_pool_size, max_overflow=settings.db_pool_overflow,

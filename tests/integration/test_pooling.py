@@ -33,17 +33,25 @@ def engine() -> Iterator[Engine]:
         drop_database(name)
 
 
-def test_our_sessions_end_a_hung_transaction_and_drop_a_vanished_client(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("theirs", "idle", "statement"), [
+    ("", "5min", "0"),
+    ("?options=-c%20statement_timeout%3D7000%20-c%20idle_in_transaction_session_timeout%3D600000", "10min", "7s"),
+])
+def test_our_sessions_end_a_hung_transaction_and_drop_a_vanished_client(
+        monkeypatch: pytest.MonkeyPatch, theirs: str, idle: str, statement: str) -> None:
     """The engine envclone's processes use (``get_engine``) gives every session the server-side
-    limits of ENVCLONE_DB_IDLE_TX_TIMEOUT_S and the TCP keepalives."""
+    limits of ENVCLONE_DB_IDLE_TX_TIMEOUT_S and the TCP keepalives; options the deployment put in
+    its DATABASE_URL are kept, and a setting it names wins over ours."""
     name, url = create_database()
-    monkeypatch.setenv("ENVCLONE_DATABASE_URL", url)
+    monkeypatch.setenv("ENVCLONE_DATABASE_URL", url + theirs)
+    monkeypatch.delenv("PGOPTIONS", raising=False)
     reset_caches()
     try:
         with db.get_engine().connect() as conn:
             got = {k: conn.execute(text(f"SHOW {k}")).scalar_one()
-                   for k in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle")}
-        assert got == {"idle_in_transaction_session_timeout": "5min", "tcp_keepalives_idle": "60"}
+                   for k in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle", "statement_timeout")}
+        assert got == {"idle_in_transaction_session_timeout": idle, "tcp_keepalives_idle": "60",
+                       "statement_timeout": statement}
     finally:
         monkeypatch.undo()
         reset_caches()

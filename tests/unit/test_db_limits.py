@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config import Settings
-from shared.db import _server_side_limits
+from shared.db import _server_side_limits, session_options
 
 
 def test_the_server_ends_hung_transactions_and_drops_vanished_clients() -> None:
@@ -14,6 +14,17 @@ def test_the_server_ends_hung_transactions_and_drops_vanished_clients() -> None:
         "-c tcp_keepalives_idle=60", "tcp_keepalives_interval=10", "tcp_keepalives_count=6",
         "idle_in_transaction_session_timeout=300000"]
     assert "idle_in_transaction" not in _server_side_limits(0)  # 0: never
+
+
+def test_the_deployments_own_session_options_are_kept_after_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = _server_side_limits(300)
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    assert session_options("postgresql+psycopg://h/db", 300) == ours
+    url = "postgresql+psycopg://h/db?options=-c%20search_path%3Dapp"
+    assert session_options(url, 300) == f"{ours} -c search_path=app"
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=7000")
+    assert session_options("postgresql+psycopg://h/db", 300) == f"{ours} -c statement_timeout=7000"
+    assert session_options(url, 300) == f"{ours} -c search_path=app"  # the URL's, as libpq would
 
 
 @pytest.mark.parametrize("seconds", [0, 180, 300])
