@@ -91,13 +91,14 @@ def _server_side_limits(idle_tx_timeout_s: float) -> str:
 
 
 def session_options(url: str, idle_tx_timeout_s: float) -> str:
-    """libpq ``options`` of our sessions: our limits, then what the deployment set (DATABASE_URL's
-    ``options``, else PGOPTIONS) -- which our connect argument would otherwise replace. The server
-    applies them in order, so a setting the deployment names wins over ours."""
+    """libpq ``options`` of our sessions: what the deployment set (DATABASE_URL's ``options``, else
+    PGOPTIONS, as libpq chooses), which our connect argument would otherwise replace, then our
+    limits. The server applies them in order, so for the settings we set ours win: our restarts'
+    records rely on them (Settings checks db_idle_tx_timeout_s); change them through ENVCLONE_."""
     theirs = make_url(url).query.get("options") or os.environ.get("PGOPTIONS", "")
-    if isinstance(theirs, tuple):  # ``options`` given twice in the URL
-        theirs = " ".join(theirs)
-    return " ".join(part for part in (_server_side_limits(idle_tx_timeout_s), theirs.strip()) if part)
+    if isinstance(theirs, tuple):  # ``options`` given twice in the URL: libpq keeps the last
+        theirs = theirs[-1]
+    return " ".join(part for part in (theirs.strip(), _server_side_limits(idle_tx_timeout_s)) if part)
 
 
 @lru_cache(maxsize=1)

@@ -26,6 +26,12 @@ class NodeBusy(Exception):
         self.node_id, self.holder = node_id, holder
 
 
+# A claim (a taker waiting for sharers) lapses this soon unless its taker asks again (every <= 3 s,
+# shared.clone.retry.lock_wait_delay): a taker that stopped asking must not hold copies off for a
+# held window's whole TTL.
+CLAIM_TTL_S = 60.0
+
+
 def _one_at_a_time(session: Session, node_id: str) -> None:
     # Taking and sharing each read the other's rows before writing their own: decided one at a
     # time per node (the node's row lock), or a take and a share could each miss the other.
@@ -52,7 +58,11 @@ def take(session: Session, node_id: str, job_id: str, ttl_s: float) -> NodeBusy 
         row.job_id, row.acquired_at, row.expires_at = job_id, utcnow(), expires
     sharer = session.scalar(select(NodeShare.job_id).where(
         NodeShare.node_id == node_id, NodeShare.job_id != job_id, NodeShare.expires_at > utcnow()).limit(1))
-    return None if sharer is None else NodeBusy(node_id, sharer)
+    if sharer is None:
+        return None
+    mine = session.get(NodeLock, node_id)
+    mine.expires_at = min(expires, utcnow() + timedelta(seconds=CLAIM_TTL_S))
+    return NodeBusy(node_id, sharer)
 
 
 def share(session: Session, node_id: str, job_id: str, ttl_s: float) -> str:

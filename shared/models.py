@@ -248,7 +248,8 @@ class Snapshot(Base):
 
 class NodeLock(Base):
     """One job at a time may hold a source node between quiesce and restart (expires, so a lost
-    holder cannot block the node forever; the watchdog restarts the node first)."""
+    holder cannot block the node forever; the watchdog restarts the node first). While other jobs
+    still share the node, the row is only a claim: its job waits for them, and keeps its place."""
 
     __tablename__ = "node_locks"
 

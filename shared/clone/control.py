@@ -89,6 +89,7 @@ def _resume(session: Session, job: CloneJob) -> None:
         resume = resume_index([s.state for s in steps], snapshot_ok, clone_ok)
         for step in steps[resume:]:
             step.state, step.error, step.started_at, step.finished_at = StepState.PENDING, None, None, None
+            step.detail = {k: v for k, v in step.detail.items() if k != "waiting_since"}  # waits anew
         if resume <= Step.QUIESCE.seq:
             if snap_local:
                 driver.delete_snapshot(jn.snapshot_id)

@@ -15,7 +15,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared import locks
 from shared.clone.events import record_event
+from shared.clone.sources import held_down
 from shared.config import get_settings
 from shared.db import retry_db, session_scope
 from shared.drivers import PermanentDriverError
@@ -101,8 +103,8 @@ def _close(session: Session, job: CloneJob, row: StepRun, state: StepState, erro
            detail: dict[str, Any] | None = None) -> None:
     row.state, row.error = state, error
     row.finished_at = utcnow() if state.done else None
-    if detail:
-        row.detail = {**row.detail, **detail}
+    # A wait for a busy node ends with the step's run: the next run's wait is counted anew.
+    row.detail = {**{k: v for k, v in row.detail.items() if k != "waiting_since"}, **(detail or {})}
     record_event(session, job, "step", node=row.node_name, step=row.step, state=state, attempt=row.attempts,
                  error=error)
     log.info("job=%s node=%s step=%s state=%s attempt=%s%s", job.id, row.node_name, row.step, state,
@@ -125,11 +127,18 @@ def close_step(ticket: Ticket, state: StepState, error: str | None = None,
 
 
 @retry_db
-def hand_back(ticket: Ticket, busy: NodeBusy, lock_wait_s: float) -> int:
+def hand_back(ticket: Ticket, busy: NodeBusy, lock_wait_s: float) -> int | None:
     """Another job holds the source node: give the attempt back and say how often we waited.
-    PermanentDriverError once the node was busy for longer than ``lock_wait_s``."""
+    PermanentDriverError once the node was busy for longer than ``lock_wait_s``. None: the step was
+    closed or its run replaced meanwhile (the watchdog); then it does not wait, and the claim it may
+    have left on the node goes with a job that has ended."""
     with session_scope() as session:
         row = step_row(session, ticket.job_id, ticket.source_node_id, ticket.step)
+        job = session.get(CloneJob, ticket.job_id)
+        if row.state.done or job.run != ticket.run:
+            if job.state.done and not held_down(job_node(session, ticket.job_id, ticket.source_node_id)):
+                locks.release(session, ticket.source_node_id, ticket.job_id)
+            return None
         row.attempts = max(0, row.attempts - 1)
         since = row.detail.get("waiting_since") or time.time()
         waited = time.time() - since

@@ -39,9 +39,11 @@ def run_step(job_id: str, source_node_id: str, step: Step, run: int, notify: Not
         faults.hang_after(step, ticket.node_name, ticket.attempt, ticket.options)
     except NodeBusy as busy:
         try:
-            return Again(policy.lock_wait_delay(gate.hand_back(ticket, busy, policy.lock_wait_s)), busy)
+            waits = gate.hand_back(ticket, busy, policy.lock_wait_s)
         except PermanentDriverError as exc:
             failure = exc
+        else:
+            return None if waits is None else Again(policy.lock_wait_delay(waits), busy)
     except RETRYABLE as exc:
         delay = policy.delay(ticket.attempt)
         if delay is not None:

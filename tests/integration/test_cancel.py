@@ -10,8 +10,10 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 
+from shared import locks
+from shared.clone import gate
 from shared.clone.control import request_cancel
-from shared.clone.gate import step_row
+from shared.clone.gate import Ticket, step_row
 from shared.db import session_scope
 from shared.drivers import get_driver
 from shared.models import CloneJob, JobEvent, NodeLock
@@ -126,3 +128,26 @@ def test_cancel_inside_the_quiesce_window_restarts_the_source_in_its_restart_ste
     assert _node_locks() == 0
     assert backend.volumes() == volumes and backend.snapshots() == set()
     delete_environment("window-copy")
+
+
+def test_a_step_that_finds_its_job_ended_as_it_waits_leaves_no_claim(backend: Backend, source: str) -> None:
+    """A quiesce step still running when its job ended (the watchdog's reaper, a cancel) claims the
+    node behind an online copy, then hands its attempt back: it must not wait, nor leave the claim
+    to hold later copies off."""
+    with session_scope() as session:
+        job_id = plan_clone(session, TENANT, "src", "ended-copy", {"consistency": "stop"}).id
+    _cancel(job_id)
+    dispatch_clone(publisher(), job_id)
+    assert wait_job(job_id, timeout=60).state == "cancelled"
+    with session_scope() as session:
+        token = locks.share(session, source, "copying", 600)
+    with session_scope() as session:
+        busy = locks.take(session, source, job_id, 600)  # what the late step body does
+    assert busy is not None and busy.holder == "copying" and _node_locks() == 1
+    late = Ticket(job_id, source, "db", Step.QUIESCE, 1, {}, run=1)
+    assert gate.hand_back(late, busy, lock_wait_s=1800) is None  # no wait
+    assert _node_locks() == 0
+    with session_scope() as session:
+        assert step_row(session, job_id, source, Step.QUIESCE).state == "cancelled"  # still closed
+        locks.unshare(session, source, "copying", token)
+    delete_environment("ended-copy")

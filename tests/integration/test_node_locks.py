@@ -154,3 +154,20 @@ def test_concurrent_takes_and_shares_never_overlap(pg_database: str) -> None:
         sharers = [job for how, job, won in results if how == "share" and node in won]
         assert (len(takers), len(sharers)) in {(1, 0), (0, 1), (0, 2)}, (node, takers, sharers)
     engine.dispose()
+
+
+def test_a_claim_its_taker_stopped_renewing_lapses_before_a_window_would(
+        pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A taker asks again every few seconds while it waits; a claim it stopped renewing lapses
+    after CLAIM_TTL_S, not after a held window's TTL."""
+    engine = make_engine(pg_database)
+    node, = _nodes(engine, 1)
+    monkeypatch.setattr(locks, "CLAIM_TTL_S", -1.0)  # as if the taker last asked long ago
+    assert _try(engine, "share", node, "a") is None
+    assert _try(engine, "take", node, "w") == "a"
+    assert _try(engine, "share", node, "b") is None  # the lapsed claim holds nothing
+    for job in ("a", "b"):
+        _do(engine, "unshare", node, job)
+    assert _try(engine, "take", node, "w") is None  # taken: the window's own TTL, not a claim's
+    assert _try(engine, "share", node, "b") == "w"
+    engine.dispose()

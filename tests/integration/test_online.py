@@ -18,7 +18,7 @@ from shared import filelock
 from shared.db import session_scope
 from shared.drivers import NodeSpec, PermanentDriverError, get_driver
 from shared.drivers.local import LocalDriver
-from shared.models import JobNode, StepRun
+from shared.models import JobNode, NodeShare, StepRun
 from shared.stacks.postgres import BASEBACKUP_APP, RELAY_DIR_PREFIX, SUPERUSER, PostgresStack
 from tests.conftest import destroy_everything, make_data_root
 from tests.fault_helpers import counts, kill9, step_worker_pid
@@ -239,12 +239,7 @@ def test_a_stop_mode_window_waits_for_an_online_copy_of_the_node(backend: Backen
     online_id = start_clone("copied", "copied-online",
                             faults=[{"step": "online_copy", "kind": "hang", "seconds": 10}])
 
-    def copying() -> bool:
-        with session_scope() as session:
-            return session.scalar(select(StepRun.state).where(StepRun.job_id == online_id,
-                                                              StepRun.step == "snapshot")) == "running"
-
-    wait_for(copying, timeout=60, what="the online clone to start its copy")
+    wait_for(lambda: _sharing(online_id), timeout=60, what="the online clone to start its copy")
     stop = clone("copied", "copied-stop", consistency="stop", timeout=120)
     online = wait_job(online_id, timeout=60)
     assert stop.state == "succeeded" and online.state == "succeeded", (stop.error, online.error)
@@ -252,6 +247,12 @@ def test_a_stop_mode_window_waits_for_an_online_copy_of_the_node(backend: Backen
     assert next(s for s in stop.steps if s.step == "quiesce").detail.get("waiting_for") == online_id
     for name in ("copied-stop", "copied-online", "copied"):
         delete_environment(name)
+
+
+def _sharing(job_id: str) -> bool:
+    """The job's online copy has the node shared (the step's running state comes just before)."""
+    with session_scope() as session:
+        return session.scalar(select(NodeShare.job_id).where(NodeShare.job_id == job_id)) is not None
 
 
 def _step(job_id: str, step: str) -> StepRun:
@@ -267,17 +268,17 @@ def test_an_online_copy_that_comes_after_a_waiting_window_waits_behind_it(backen
     until lock_wait_s fails it. The first copy is slowed as it starts (a hang fault, shared)."""
     create_environment("queued", [{"name": "db", "stack": "postgres"}])
     first_id = start_clone("queued", "queued-first",
-                           faults=[{"step": "online_copy", "kind": "hang", "seconds": 10}])
-    wait_for(lambda: _step(first_id, "snapshot").state == "running", timeout=60,
-             what="the first online clone to start its copy")
+                           faults=[{"step": "online_copy", "kind": "hang", "seconds": 20}])
+    wait_for(lambda: _sharing(first_id), timeout=60, what="the first online clone to start its copy")
     stop_id = start_clone("queued", "queued-stop", consistency="stop")
     wait_for(lambda: _step(stop_id, "quiesce").detail.get("waiting_for") == first_id, timeout=60,
              what="the stop-mode clone to wait for that copy")
     later_id = start_clone("queued", "queued-later")
+    wait_for(lambda: _step(later_id, "snapshot").detail.get("waiting_for") == stop_id, timeout=60,
+             what="the later online clone to wait behind the stop-mode clone")
     stop, later, first = wait_job(stop_id, 120), wait_job(later_id, 120), wait_job(first_id, 60)
     assert {stop.state, later.state, first.state} == {"succeeded"}, (stop.error, later.error, first.error)
     copied = _step(later_id, "snapshot")
-    assert copied.detail.get("waiting_for") == stop_id
     with session_scope() as session:
         restarted = session.scalar(select(JobNode.restarted_at).where(JobNode.job_id == stop_id))
     assert restarted is not None and copied.finished_at > restarted  # copied after the window, not in it

@@ -16,15 +16,15 @@ def test_the_server_ends_hung_transactions_and_drops_vanished_clients() -> None:
     assert "idle_in_transaction" not in _server_side_limits(0)  # 0: never
 
 
-def test_the_deployments_own_session_options_are_kept_after_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_deployments_own_session_options_are_kept_before_ours(monkeypatch: pytest.MonkeyPatch) -> None:
     ours = _server_side_limits(300)
     monkeypatch.delenv("PGOPTIONS", raising=False)
     assert session_options("postgresql+psycopg://h/db", 300) == ours
     url = "postgresql+psycopg://h/db?options=-c%20search_path%3Dapp"
-    assert session_options(url, 300) == f"{ours} -c search_path=app"
+    assert session_options(url, 300) == f"-c search_path=app {ours}"
     monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=7000")
-    assert session_options("postgresql+psycopg://h/db", 300) == f"{ours} -c statement_timeout=7000"
-    assert session_options(url, 300) == f"{ours} -c search_path=app"  # the URL's, as libpq would
+    assert session_options("postgresql+psycopg://h/db", 300) == f"-c statement_timeout=7000 {ours}"
+    assert session_options(url, 300) == f"-c search_path=app {ours}"  # the URL's, as libpq would
 
 
 @pytest.mark.parametrize("seconds", [0, 180, 300])
