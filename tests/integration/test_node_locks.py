@@ -85,16 +85,6 @@ def test_a_taker_waiting_for_sharers_keeps_its_place(pg_database: str) -> None:
     engine.dispose()
 
 
-def test_an_expired_share_is_not_renewed_past_a_claim(pg_database: str) -> None:
-    engine = make_engine(pg_database)
-    node, = _nodes(engine, 1)
-    with Session(engine) as session, session.begin():
-        locks.share(session, node, "lost", ttl_s=-1)
-    assert _try(engine, "take", node, "w") is None  # an expired share holds nothing
-    assert _try(engine, "share", node, "lost") == "w"  # nor lets its job in beside a taken node
-    engine.dispose()
-
-
 def test_an_older_share_of_a_job_does_not_end_a_newer_one(pg_database: str) -> None:
     """A resumed run (or a second delivery of the step) shares the node again; the older copy that
     ends after it must not end the newer copy's share."""
@@ -119,6 +109,7 @@ def test_an_expired_share_or_lock_holds_nothing(pg_database: str) -> None:
     with Session(engine) as session, session.begin():
         locks.share(session, node, "lost", ttl_s=-1)  # its holder died long ago
     assert _try(engine, "take", node, "c") is None
+    assert _try(engine, "share", node, "lost") == "c"  # nor is it renewed beside a taken node
     with Session(engine) as session, session.begin():
         assert locks.take(session, node, "c", ttl_s=-1) is None
     assert _try(engine, "share", node, "d") is None
