@@ -10,7 +10,6 @@ import threading
 import time
 from itertools import pairwise
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pymysql
 import pytest
@@ -22,6 +21,7 @@ from shared.identity import account_name
 from shared.stacks import get_stack, mariadb
 from shared.stacks.mariadb import mariadb_backup, mariadb_binaries
 from tests.helpers import wait_for
+from tests.loads import mysql_connect as connect
 from tests.workflow_client import clone, create_environment, delete_environment, environment
 
 try:
@@ -34,13 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(MISSING is not None, r
 
 BACKEND = {"pool": "127.111.0.0/16"}
 SRC, COPY = "127.111.250.1", "127.111.250.2"  # driver tests: far above what the pool hands out first
-
-
-def connect(url: str, **kw: object) -> pymysql.Connection:
-    u = urlsplit(url)
-    return pymysql.connect(host=u.hostname, port=u.port or 3306, user=unquote(u.username or ""),
-                           password=unquote(u.password or ""), database=u.path.lstrip("/") or None,
-                           connect_timeout=5, autocommit=True, **kw)
 
 
 def login(address: str, user: str, password: str, port: int = 3306) -> str:
