@@ -1,7 +1,8 @@
-"""Stop-mode clones under a real client's load, one stack at a time, through a real worker: the copy
-is one consistent moment that holds every transaction acknowledged before the source stopped, and
-the source serves the same clients again once the window closes. (Online clones under load:
-test_online, test_valkey_online, test_mariadb.)"""
+"""Clones under a real client's load, for each stack and each consistency mode, through a real
+worker: the copy is one consistent moment holding every transaction acknowledged before it was
+taken (stop mode: before the source stopped; online: before the snapshot step began), an online
+clone costs the clients not one failed transaction or refused connection, and after a stop-mode
+window the source serves the same clients again."""
 
 from __future__ import annotations
 
@@ -41,12 +42,13 @@ def _wall(at: datetime) -> float:
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
+@pytest.mark.parametrize("mode", ["stop", "online"])
 @pytest.mark.parametrize("stack", list(LOADS))
-def test_a_stop_mode_clone_under_load_holds_every_transaction_acknowledged_before_the_stop(
-        backend: Backend, stack: str) -> None:
+def test_a_clone_under_load_holds_every_transaction_acknowledged_before_it_was_taken(
+        backend: Backend, stack: str, mode: str) -> None:
     if (why := _missing(stack)) is not None:
         pytest.skip(why)
-    name = f"busy-{stack}"
+    name = f"busy-{stack}-{mode}"
     src = create_environment(name, [{"name": "db", "stack": stack}])
     url = get_driver().url(src.nodes[0].id)
     if stack == "postgres":
@@ -56,23 +58,29 @@ def test_a_stop_mode_clone_under_load_holds_every_transaction_acknowledged_befor
     load.start()
     try:
         wait_for(lambda: len(load.acks) > 50, timeout=30, what="the load to commit transactions")
-        job = clone(name, f"{name}-copy", consistency="stop", timeout=180)
+        job = clone(name, f"{name}-copy", consistency=mode, timeout=180)
         ended = time.time()
-        wait_for(lambda: load.acked_after(ended), timeout=60, what="the source to serve the load again")
+        wait_for(lambda: load.acked_after(ended), timeout=60, what="the source to serve the load after the clone")
     finally:
         load.finish()
     assert job.state == "succeeded", job.error
-    jn = job.nodes[0]
-    assert jn.quiesced_at is not None and jn.downtime_ms is not None  # a held window, recorded
-    assert not next(s for s in job.steps if s.step == "snapshot").detail["method"].startswith("online")
-    before_stop = load.acked_before(_wall(jn.quiesced_at))
-    assert len(before_stop) > 50
+    jn, snapshot = job.nodes[0], next(s for s in job.steps if s.step == "snapshot")
+    if mode == "stop":
+        assert jn.quiesced_at is not None and jn.downtime_ms is not None  # a held window, recorded
+        assert not snapshot.detail["method"].startswith("online")
+        taken = _wall(jn.quiesced_at)
+    else:
+        assert jn.quiesced_at is None and snapshot.detail["method"].startswith("online")
+        assert load.errors == 0  # not one transaction failed, not one connection refused
+        taken = _wall(snapshot.started_at)
+    before = load.acked_before(taken)
+    assert len(before) > 50
     copy_url = get_driver().url(next(n.id for n in environment(f"{name}-copy").nodes if n.name == "db"))
     committed = LOADS[stack].committed(copy_url)  # the stack's invariant, checked on the copy
     if isinstance(committed, int):  # Valkey's pairs are counted, not named
-        assert committed >= len(before_stop)
+        assert committed >= len(before)
     else:
-        assert before_stop <= committed, sorted(before_stop - committed)[:10]
-    LOADS[stack].committed(url)  # and on the source, after the window and the load
+        assert before <= committed, sorted(before - committed)[:10]
+    LOADS[stack].committed(url)  # and on the source, after the clone and the load
     delete_environment(f"{name}-copy")
     delete_environment(name)
