@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from shared import snapshots
 from shared.config import get_settings
 from shared.stacks import mariadb_reflink
 from shared.stacks.base import CopyTree, Credentials, DatabaseStack, NodeContext, OnlineCopy, write_private
+from shared.stacks.mariadb_hold import CommitHold
 
 SUPERUSER = "root"
 APP_USER = APP_DB = "app"
@@ -76,20 +78,53 @@ def _account(user: str) -> str:
     return f"{_lit(user)}@'%'"
 
 
-def _run_as_node(ctx: NodeContext, argv: list[str], stdin: str | None = None, timeout: float = 120) -> str:
-    kwargs: dict[str, object] = {}
+def _run_as_node(ctx: NodeContext, argv: list[str], stdin: str | None = None, timeout: float = 120,
+                 on_line: Callable[[str], None] | None = None) -> str:
+    """Run as the node's account in its volume; its output. ``on_line`` sees each line of it as it
+    is written (stdout and stderr together)."""
+    kwargs: dict[str, Any] = {"text": True, "umask": 0o077, "cwd": ctx.volume, "env": {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "LC_ALL": "C", "HOME": str(ctx.volume)}}
     if ctx.run_as:
-        kwargs = {"user": ctx.run_as.uid, "group": ctx.run_as.gid, "extra_groups": []}
+        kwargs |= {"user": ctx.run_as.uid, "group": ctx.run_as.gid, "extra_groups": []}
     try:
-        out = subprocess.run(argv, check=True, capture_output=True, text=True, input=stdin, umask=0o077,
-                             cwd=ctx.volume, timeout=timeout,
-                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin",
-                                  "LC_ALL": "C", "HOME": str(ctx.volume)},
-                             **kwargs)  # type: ignore[arg-type]
+        if on_line is not None:
+            return _stream(argv, timeout, on_line, kwargs)
+        out = subprocess.run(argv, check=True, capture_output=True, input=stdin, timeout=timeout, **kwargs)
     except subprocess.CalledProcessError as exc:
-        errors = [ln for ln in (exc.stderr + exc.stdout).splitlines() if "ERROR" in ln]
-        raise RuntimeError(f"{Path(argv[0]).name} failed: {' | '.join(errors)[-500:] or exc.stderr[-500:]}") from exc
+        said = (exc.stderr or "") + (exc.stdout or "")
+        errors = [ln for ln in said.splitlines() if "ERROR" in ln]
+        raise RuntimeError(f"{Path(argv[0]).name} failed: {' | '.join(errors)[-500:] or said[-500:]}") from exc
     return out.stdout + out.stderr
+
+
+def _stream(argv: list[str], timeout: float, on_line: Callable[[str], None], kwargs: dict[str, Any]) -> str:
+    lines: list[str] = []
+    with subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          **kwargs) as proc:
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            proc.kill()
+
+        killer = threading.Timer(timeout, expire)  # subprocess.run's timeout, while we read here
+        killer.start()
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                on_line(line)
+                lines.append(line)
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            killer.cancel()
+    output = "".join(lines)
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(argv, timeout, output)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv, output, "")
+    return output
 
 
 def mask_statement(table: str, column: str, kind: str, seed: str) -> tuple[str, tuple[str, ...]]:
@@ -284,7 +319,7 @@ class MariaDBStack(DatabaseStack):
 
     def online_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> OnlineCopy:
         """The reflink copy (shared/stacks/mariadb_reflink.py) where the method is reflink and it
-        applies, else mariadb-backup. Neither holds a commit."""
+        applies: it holds no commit. Else mariadb-backup, which holds commits for its last step."""
         if self.online_method(dest.parent) == "reflink":
             try:
                 self._reflink_copy(ctx, dest, copy)
@@ -294,8 +329,7 @@ class MariaDBStack(DatabaseStack):
             except BaseException:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise
-        self._backup(ctx, dest, copy)
-        return OnlineCopy("backup")
+        return OnlineCopy("backup", self._backup(ctx, dest, copy))
 
     def _reflink_copy(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
         """Every file reflinked under BACKUP STAGE BLOCK_DDL, which this session holds: a worker
@@ -309,12 +343,13 @@ class MariaDBStack(DatabaseStack):
             mariadb_reflink.copy_data_dir(ctx.data_dir, dest / "data", copy)
             cur.execute("BACKUP STAGE END")
 
-    def _backup(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> None:
+    def _backup(self, ctx: NodeContext, dest: Path, copy: CopyTree) -> int:
         """mariadb-backup while the server serves: InnoDB files are copied as they change while the
         redo log is followed, and writes wait only while it holds BACKUP STAGE BLOCK_COMMIT (the
         non-InnoDB tables and the tail of the redo log); ``--prepare`` then applies the redo, so the
         copy opens as that one moment without crash recovery. It runs as the node's account, into
-        the volume's run/ (never copied), with root's password in a 0600 file there, not in argv."""
+        the volume's run/ (never copied), with root's password in a 0600 file there, not in argv.
+        Returns how long commits were held (mariadb_hold)."""
         tool = mariadb_backup()
         if tool is None:
             raise FileNotFoundError("no mariadb-backup: install it (apt-get install mariadb-backup)")
@@ -329,18 +364,20 @@ class MariaDBStack(DatabaseStack):
         ]) + "\n")
         if ctx.run_as:
             os.chown(cnf, ctx.run_as.uid, ctx.run_as.gid)
-        window = snapshots.write_behind_bytes()
+        window, hold = snapshots.write_behind_bytes(), CommitHold()
         try:
             # What it writes is written back while it writes, a window at a time, so the served
             # node's commits never queue behind gigabytes of its dirty pages.
             with snapshots.TreeFlusher(work, window).running() if window else nullcontext():
                 # The redo log is followed every 10 ms, not every second: BLOCK_COMMIT waits for it.
                 _run_as_node(ctx, [tool, f"--defaults-file={cnf}", "--backup", f"--target-dir={work}",
-                                   "--log-copy-interval=10", f"--tmpdir={run}"], timeout=3600)
+                                   "--log-copy-interval=10", f"--tmpdir={run}"], timeout=3600, on_line=hold.seen)
+                hold.done()
                 _run_as_node(ctx, [tool, f"--defaults-file={cnf}", "--prepare", f"--target-dir={work}",
                                    f"--tmpdir={run}"], timeout=3600)
             copy(ctx.volume, dest, lambda rel: rel.split(os.sep)[0] in ("run", "data"))
             os.rename(work, dest / "data")  # one filesystem: the data root
+            return hold.held_ms
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

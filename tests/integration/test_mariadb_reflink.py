@@ -102,7 +102,9 @@ def copy_under_load(driver: LocalDriver, url: str) -> tuple[str, str, Writer, se
         aria.stopped.set()
         writer.join(30)
         aria.join(30)
-    assert not writer.errors and info.window_ms == 0
+    assert not writer.errors
+    # The reflink copy holds no commit; mariadb-backup, where it took over, holds them for its last step.
+    assert info.window_ms == 0 if info.method == "online-reflink" else info.window_ms > 0
     driver.provision("snap", "copy")
     driver.assign_address("copy", COPY, 3306)
     driver.set_credentials("copy", get_stack("mariadb").new_credentials(driver._node("src")[1].secrets()))
