@@ -448,9 +448,10 @@ def clone(driver: LocalDriver, source: str, stack: str, mode: str, tag: str) -> 
     return {"method": info.method, "snapshot_bytes": info.size_bytes, "window_ms": info.window_ms,
             "phases_s": phases,
             "clone_s": t["end"] - t["start"], "snapshot_done_s": t["source_back"] - t["start"],
+            # Online: the hold the stack reports (a Valkey pause, mariadb-backup's BLOCK_COMMIT).
             "source_held_ms": (t["source_back"] - t["quiesce"]) * 1000
-            if "quiesce" in t else 0.0, "t0": t["start"], "t1": t["end"], "copy_id": copy_id, "snap": snap,
-            "credentials": credentials}
+            if "quiesce" in t else float(info.window_ms),
+            "t0": t["start"], "t1": t["end"], "copy_id": copy_id, "snap": snap, "credentials": credentials}
 
 
 ONLINE_METHOD_ENV = {"postgres": "ENVCLONE_PG_ONLINE_METHOD", "valkey": "ENVCLONE_VALKEY_ONLINE_METHOD",
