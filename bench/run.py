@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -387,6 +388,8 @@ def main() -> None:
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))
+    if args.data_root is None:
+        shutil.rmtree(root, ignore_errors=True)  # the runs removed their nodes; the empty skeleton too
 
 
 if __name__ == "__main__":
