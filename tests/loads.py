@@ -44,6 +44,11 @@ class Load(threading.Thread):
     def transaction(self, conn: Any, n: int) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def committed(url: str) -> set[int]:
+        """The transactions in the copy at ``url``, after checking the load's invariant there."""
+        raise NotImplementedError
+
     def run(self) -> None:
         threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
         for t in threads:
@@ -75,6 +80,7 @@ class Load(threading.Thread):
     def finish(self) -> None:
         self.stop.set()
         self.join(timeout=30)
+        assert not self.is_alive(), "the load did not stop"
 
 
 def _close(conn: Any) -> None:
@@ -86,37 +92,39 @@ def _close(conn: Any) -> None:
 
 
 class Tpcb(Load):
-    """pgbench's TPC-B transaction on its schema (``pgbench -i`` first), the delta being the
-    transaction's number: the sums of account, teller and branch balances each equal the sum of the
-    history's deltas, and the history names every transaction committed."""
+    """pgbench's TPC-B transaction on its schema (``pgbench -i`` first): the sums of account, teller
+    and branch balances each equal the sum of the history's deltas, and the history names every
+    transaction committed (its number in ``filler``; the delta stays small, as the balances are
+    32-bit)."""
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.url, connect_timeout=5)
 
     def transaction(self, conn: psycopg.Connection, n: int) -> None:
-        aid, tid, bid = n % 100000 + 1, n % 10 + 1, 1
+        aid, tid, bid, delta = n % 100000 + 1, n % 10 + 1, 1, n % 97 + 1
         with conn.transaction():
-            conn.execute("UPDATE pgbench_accounts SET abalance = abalance + %s WHERE aid = %s", (n, aid))
-            conn.execute("UPDATE pgbench_tellers SET tbalance = tbalance + %s WHERE tid = %s", (n, tid))
-            conn.execute("UPDATE pgbench_branches SET bbalance = bbalance + %s WHERE bid = %s", (n, bid))
-            conn.execute("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (%s, %s, %s, %s, now())",
-                         (tid, bid, aid, n))
+            conn.execute("UPDATE pgbench_accounts SET abalance = abalance + %s WHERE aid = %s", (delta, aid))
+            conn.execute("UPDATE pgbench_tellers SET tbalance = tbalance + %s WHERE tid = %s", (delta, tid))
+            conn.execute("UPDATE pgbench_branches SET bbalance = bbalance + %s WHERE bid = %s", (delta, bid))
+            conn.execute("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime, filler)"
+                         " VALUES (%s, %s, %s, %s, now(), %s)", (tid, bid, aid, delta, str(n)))
 
     @staticmethod
     def committed(url: str) -> set[int]:
         """The transactions in a copy, after checking its invariant (AssertionError if it breaks)."""
         with psycopg.connect(url) as conn:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # both reads see one moment
             sums = conn.execute(
                 "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(tbalance) FROM pgbench_tellers),"
                 " (SELECT sum(bbalance) FROM pgbench_branches), (SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
             ).fetchone()
             assert sums[0] == sums[1] == sums[2] == sums[3], sums
-            return {d for (d,) in conn.execute("SELECT delta FROM pgbench_history")}
+            return {int(f) for (f,) in conn.execute("SELECT filler FROM pgbench_history")}
 
 
 class Pairs(Load):
-    """MULTI INCR a INCR b EXEC: a == b in every consistent moment, and each is the number of
-    transactions committed."""
+    """MULTI INCR a INCR b SADD seen n EXEC: a == b == the number of transactions in ``seen`` in
+    every consistent moment, and ``seen`` names them."""
 
     def connect(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5)
@@ -125,14 +133,19 @@ class Pairs(Load):
         pipe = conn.pipeline(transaction=True)
         pipe.incr("a")
         pipe.incr("b")
+        pipe.sadd("seen", n)
         pipe.execute()
 
     @staticmethod
-    def committed(url: str) -> int:
+    def committed(url: str) -> set[int]:
         with redis.Redis.from_url(url) as client:
-            a, b = (int(v or 0) for v in client.mget("a", "b"))
-        assert a == b, (a, b)
-        return a
+            pipe = client.pipeline(transaction=True)  # one moment
+            pipe.mget("a", "b")
+            pipe.smembers("seen")
+            (a, b), seen = pipe.execute()
+        numbers = {int(m) for m in seen}
+        assert int(a or 0) == int(b or 0) == len(numbers), (a, b, len(numbers))
+        return numbers
 
 
 ACCOUNTS, OPENING = 100, 100
@@ -174,6 +187,7 @@ class Transfers(Load):
     @staticmethod
     def committed(url: str) -> set[int]:
         with mysql_connect(url) as conn, conn.cursor() as cur:
+            cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")  # both reads see one moment
             cur.execute("SELECT n FROM ledger")
             ledger = {n for (n,) in cur.fetchall()}
             cur.execute("SELECT id, balance FROM acct")

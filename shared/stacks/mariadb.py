@@ -86,14 +86,16 @@ def _run_as_node(ctx: NodeContext, argv: list[str], stdin: str | None = None, ti
         "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "LC_ALL": "C", "HOME": str(ctx.volume)}}
     if ctx.run_as:
         kwargs |= {"user": ctx.run_as.uid, "group": ctx.run_as.gid, "extra_groups": []}
+    if on_line is not None and stdin is not None:
+        raise ValueError("a streamed command reads no stdin")
     try:
         if on_line is not None:
             return _stream(argv, timeout, on_line, kwargs)
         out = subprocess.run(argv, check=True, capture_output=True, input=stdin, timeout=timeout, **kwargs)
     except subprocess.CalledProcessError as exc:
-        said = (exc.stderr or "") + (exc.stdout or "")
-        errors = [ln for ln in said.splitlines() if "ERROR" in ln]
-        raise RuntimeError(f"{Path(argv[0]).name} failed: {' | '.join(errors)[-500:] or said[-500:]}") from exc
+        errors = [ln for ln in ((exc.stderr or "") + (exc.stdout or "")).splitlines() if "ERROR" in ln]
+        tail = (exc.stderr or exc.stdout or "")[-500:]  # stderr's, or the streamed output's
+        raise RuntimeError(f"{Path(argv[0]).name} failed: {' | '.join(errors)[-500:] or tail}") from exc
     return out.stdout + out.stderr
 
 
@@ -120,7 +122,7 @@ def _stream(argv: list[str], timeout: float, on_line: Callable[[str], None], kwa
         finally:
             killer.cancel()
     output = "".join(lines)
-    if timed_out.is_set():
+    if proc.returncode and timed_out.is_set():
         raise subprocess.TimeoutExpired(argv, timeout, output)
     if proc.returncode:
         raise subprocess.CalledProcessError(proc.returncode, argv, output, "")

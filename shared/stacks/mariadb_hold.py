@@ -17,7 +17,8 @@ HOLD_ENDS = "All tables unlocked"
 
 class CommitHold:
     """Feed it mariadb-backup's output lines as they come (``seen``); ``held_ms`` is the hold, 0 if
-    none was seen, rounded up so that any hold shows."""
+    none was seen, rounded up so that any hold shows. Times are when the lines are read: a reader
+    that lags behind both markers would under-report (the reader does nothing else)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock

@@ -13,6 +13,7 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from shared.config import get_settings
 from shared.drivers import NodeSpec, get_driver
 from shared.drivers.local import LocalDriver
 from shared.identity import account_name
@@ -186,9 +187,20 @@ class Writer(threading.Thread):
 
 
 @pytest.mark.skipif(mariadb_backup() is None, reason="mariadb-backup is not installed")
-def test_mariadb_online_copy_under_transfers_is_one_consistent_moment(driver: LocalDriver) -> None:
+def test_mariadb_online_copy_under_transfers_is_one_consistent_moment(
+        driver: LocalDriver, monkeypatch: pytest.MonkeyPatch) -> None:
     """mariadb-backup copies the node while it serves: transfers go on during the copy, the copy
     holds every transfer acknowledged before it began and a balanced ledger."""
+    monkeypatch.setenv("ENVCLONE_MARIADB_ONLINE_METHOD", "backup")  # not reflink, where /tmp can
+    get_settings.cache_clear()
+    try:
+        _online_copy_under_transfers(driver)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def _online_copy_under_transfers(driver: LocalDriver) -> None:
     driver.create_node(NodeSpec("src", "mariadb", SRC, 3306))
     stack = get_stack("mariadb")
     assert stack.online_copy_supported
