@@ -1,7 +1,8 @@
-"""Test helpers: deadline waits (never bare sleeps) and leak accounting."""
+"""Test helpers: deadline waits (never bare sleeps), leak accounting and process races."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import select
 import subprocess
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -69,3 +70,18 @@ def worker_stopped_at(script: str, root: Path, env: dict[str, str], ready: str) 
         if worker.poll() is None:
             worker.kill()
             worker.wait(timeout=10)
+
+
+def race(target: Callable[..., None], arg_sets: list[tuple[Any, ...]], timeout: float = 120.0) -> list[Any]:
+    """Run ``target(*args, barrier, out)`` in a spawned process per ``args``, all released at once by
+    ``barrier``; what each put on ``out``, once every process exited cleanly."""
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(len(arg_sets)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, out)) for args in arg_sets]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return results

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -11,6 +9,7 @@ from sqlalchemy.orm import Session
 from shared import ipam
 from shared.db import make_engine
 from shared.models import AddressLease
+from tests.helpers import race
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +28,8 @@ def _lease_worker(url: str, count: int, barrier, out) -> None:
 
 
 def test_concurrent_leases_never_collide_and_exhaustion_is_clear(pg_database: str) -> None:
-    ctx = mp.get_context("spawn")
     procs, per = 4, 15
-    barrier, out = ctx.Barrier(procs), ctx.Queue()
-    workers = [ctx.Process(target=_lease_worker, args=(pg_database, per, barrier, out)) for _ in range(procs)]
-    for w in workers:
-        w.start()
-    results = [out.get(timeout=60) for _ in workers]
-    for w in workers:
-        w.join(timeout=30)
-        assert w.exitcode == 0
+    results = race(_lease_worker, [(pg_database, per)] * procs, timeout=60)
     leased = [a for r in results for a in r]
     assert len(leased) == procs * per == len(set(leased))
 

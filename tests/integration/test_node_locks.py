@@ -3,8 +3,6 @@ processes: a taken node is neither taken nor shared by another job, a shared nod
 
 from __future__ import annotations
 
-import multiprocessing as mp
-
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -12,6 +10,7 @@ from sqlalchemy.orm import Session
 from shared import locks
 from shared.db import make_engine
 from shared.models import Environment, Node
+from tests.helpers import race
 
 pytestmark = pytest.mark.integration
 
@@ -130,16 +129,8 @@ def _racer(url: str, how: str, job: str, nodes: list[str], barrier, out) -> None
 def test_concurrent_takes_and_shares_never_overlap(pg_database: str) -> None:
     engine = make_engine(pg_database)
     nodes = _nodes(engine, 25)
-    ctx = mp.get_context("spawn")
     racers = [("take", "t1"), ("take", "t2"), ("share", "s1"), ("share", "s2")]
-    barrier, out = ctx.Barrier(len(racers)), ctx.Queue()
-    procs = [ctx.Process(target=_racer, args=(pg_database, how, job, nodes, barrier, out)) for how, job in racers]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results = race(_racer, [(pg_database, how, job, nodes) for how, job in racers])
     for node in nodes:
         takers = [job for how, job, won in results if how == "take" and node in won]
         sharers = [job for how, job, won in results if how == "share" and node in won]
