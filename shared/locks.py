@@ -46,9 +46,10 @@ def take(session: Session, node_id: str, job_id: str, ttl_s: float) -> NodeBusy 
     expires = utcnow() + timedelta(seconds=ttl_s)
     row = session.execute(select(NodeLock).where(NodeLock.node_id == node_id).with_for_update()).scalar_one_or_none()
     if row is None:
+        row = NodeLock(node_id=node_id, job_id=job_id, expires_at=expires)
         try:
             with session.begin_nested():
-                session.add(NodeLock(node_id=node_id, job_id=job_id, expires_at=expires))
+                session.add(row)
         except IntegrityError:
             holder = session.scalar(select(NodeLock.job_id).where(NodeLock.node_id == node_id)) or "?"
             return NodeBusy(node_id, holder)
@@ -60,8 +61,7 @@ def take(session: Session, node_id: str, job_id: str, ttl_s: float) -> NodeBusy 
         NodeShare.node_id == node_id, NodeShare.job_id != job_id, NodeShare.expires_at > utcnow()).limit(1))
     if sharer is None:
         return None
-    mine = session.get(NodeLock, node_id)
-    mine.expires_at = min(expires, utcnow() + timedelta(seconds=CLAIM_TTL_S))
+    row.expires_at = min(expires, utcnow() + timedelta(seconds=CLAIM_TTL_S))
     return NodeBusy(node_id, sharer)
 
 
