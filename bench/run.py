@@ -6,6 +6,7 @@ their baselines, ratios, targets met or missed) and downtime.png.
     python -m bench.run --only realclient --realclient-sizes 1024 --realclient-roots default,xfs
     python -m bench.run --only crosshost --crosshost-mib 1024   # root: hosts as namespaces
     python -m bench.run --only transfer   # snapshot pull between two network namespaces vs tar | socat
+    python -m bench.run --only floor      # the realclient loads with no clone: the machine's own gaps
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from bench import common
 
 ALL = ("downtime", "orchestration", "throughput", "copy", "streams", "masking", "realclient", "pgonline", "enqueue",
-       "crosshost", "transfer")
+       "crosshost", "transfer", "floor")
 
 
 def plot(downtime: list[dict[str, Any]], path: Path) -> None:
@@ -183,6 +184,8 @@ def markdown(results: dict[str, Any]) -> str:
         out += transfer_markdown(results["transfer"])
     if "pgonline" in results:
         out += pg_online_markdown(results["pgonline"])
+    if "floor" in results:
+        out += floor_markdown(results["floor"])
     return "\n".join(out) + "\n"
 
 
@@ -202,6 +205,22 @@ def pg_online_markdown(rows: list[dict[str, Any]]) -> list[str]:
                               f"{r['p99_before_ms']:.1f} -> {r['p99_during_ms']:.1f} ms ({ratio_:.1f}x)",
                               f"{r['copy_s']:.2f} s", f"{r['clone_s']:.1f} s",
                               "holds" if r["invariant_holds"] else "BROKEN"))
+    return out + [""]
+
+
+def floor_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["## The machine's floor: the realclient loads with no clone", "",
+           "Each stack's realclient load against one of our nodes, filled and restarted as realclient does, with "
+           "nothing else running, for a clone-length window; arms alternating on the same node: durable as the "
+           "node is configured (MariaDB: redo flushed at each commit; Valkey: appendfsync everysec) and with that "
+           "flush off. A clone's longest gap cannot be told from the durable arm's on this machine.", "",
+           common.row("stack", "size", "commits", "window", "longest client gap", "gaps > 20 ms", "gaps > 50 ms",
+                      "p99", "transactions"),
+           common.row(*["---"] * 9)]
+    for r in rows:
+        out.append(common.row(r["stack"], f"{r['size_mib']} MiB", "durable" if r["durable"] else "flush off",
+                              f"{r['window_s']:.0f} s", f"{r['longest_gap_ms']:.0f} ms", r["gaps_over_20ms"],
+                              r["gaps_over_50ms"], f"{r['p99_ms']:.1f} ms", r["transactions"]))
     return out + [""]
 
 
@@ -317,6 +336,9 @@ def main() -> None:
     parser.add_argument("--pgonline-mib", type=int, default=1024, help="pgonline PostgreSQL size in MiB")
     parser.add_argument("--pgonline-roots", default="default,xfs", help="pgonline data roots: default,xfs")
     parser.add_argument("--pgonline-rounds", type=int, default=1, help="pgonline: both methods this many times")
+    parser.add_argument("--floor-mib", type=int, default=4096, help="floor: data size of each node in MiB")
+    parser.add_argument("--floor-stacks", default="mariadb,valkey", help="floor: stacks")
+    parser.add_argument("--floor-rounds", type=int, default=2, help="floor: pairs of windows (durable, flush off)")
     parser.add_argument("--data-root", type=Path, default=None, help="default data root (a fresh temp dir)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -385,6 +407,11 @@ def main() -> None:
         key = lambda r: (r["root"], r["size_mib"], r["pg_online_method"], r.get("round", 1))  # noqa: E731
         kept = [r for r in results.get("pgonline", []) if key(r) not in {key(f) for f in fresh}]
         results["pgonline"] = sorted(kept + fresh, key=key)
+    if "floor" in only:
+        from bench import floor
+
+        results["floor"] = floor.run(args.floor_stacks.split(","), args.floor_mib, rounds=args.floor_rounds,
+                                     data_root=root / "floor")
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))

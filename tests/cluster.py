@@ -24,6 +24,11 @@ from tests.stack import claim_redis_db, leave_backend, stop_group, use_backend
 
 # PID 1 of a host's PID namespace: reaps what it inherits (nodes whose agent died), lives until the
 # host is torn down. Agents are started beside it (nsenter), so killing an agent kills no node.
+# An agent silent this long marks its host down: long enough for a killed agent's replacement to
+# boot on a loaded two-core machine (6 s was not, under three test processes), short enough that a
+# host gone for good fails its job within a test's patience.
+HOST_DOWN_S = 10
+
 _HOLDER = ("import os, signal\nsignal.signal(signal.SIGCHLD, lambda *a: None)\nwhile True:\n"
            "    try:\n        os.wait()\n    except ChildProcessError:\n        signal.pause()\n")
 
@@ -103,7 +108,7 @@ class Cluster:
             "ENVCLONE_RETRY_CAP_S": "1",
             "ENVCLONE_HEALTH_TIMEOUT_S": "30",
             "ENVCLONE_FAULT_INJECTION": "1",
-            "ENVCLONE_HOST_DOWN_S": "6",
+            "ENVCLONE_HOST_DOWN_S": str(HOST_DOWN_S),
             "ENVCLONE_WATCHDOG_INTERVAL_S": "1",
             "ENVCLONE_DATA_DIR": str(self.root / "general"),
             "ENVCLONE_HOST_NAME": "none",

@@ -18,7 +18,7 @@ from shared.db import session_scope
 from shared.models import JobNode, Node, StepRun
 from shared.stacks import CATALOG
 from shared.states import JobState, Step
-from tests.cluster import Cluster
+from tests.cluster import HOST_DOWN_S, Cluster
 from tests.helpers import wait_for
 from tests.workflow_client import clone, create_environment, delete_environment, environment, start_clone, wait_job
 
@@ -239,7 +239,7 @@ def test_a_host_gone_for_good_fails_the_job_cleanly(cluster: Cluster) -> None:
 
     wait_for(cache_provisioned, timeout=120, what="the cache clone's volume on host-2")
     cluster.kill_agent(host2)
-    job = wait_job(job_id, timeout=6 + 30)  # ENVCLONE_HOST_DOWN_S + a margin
+    job = wait_job(job_id, timeout=HOST_DOWN_S + 30)
     assert job.state == JobState.FAILED and "host-2 is down" in (job.error or ""), job.error
     # Nothing of the clone is left on the hosts that are up.
     def left() -> dict[str, object]:
