@@ -24,7 +24,7 @@ node-runtime:
 
 test: install
 	$(PY) -m ruff check api workers shared tests bench migrations
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(PY) -m ruff check api workers shared tests bench migrations

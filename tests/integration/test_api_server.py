@@ -31,7 +31,7 @@ from tests.helpers import wait_for
 from tests.stack import Backend
 from tests.workflow_client import drop_parked, lease_count, parked_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 BACKEND = {"pool": "127.107.0.0/16"}  # the module's shared back end (conftest's ``backend``)
 
 

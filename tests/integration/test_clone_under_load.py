@@ -20,7 +20,7 @@ from tests.loads import Load, Pairs, Tpcb, Transfers
 from tests.stack import Backend
 from tests.workflow_client import clone, create_environment, delete_environment, environment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 BACKEND = {"pool": "127.119.0.0/16"}  # a pool no other module uses
 LOADS: dict[str, type[Load]] = {"postgres": Tpcb, "valkey": Pairs, "mariadb": Transfers}

@@ -26,7 +26,7 @@ from tests.workflow_client import (
     wait_job,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 
 BACKEND = {"pool": "127.100.0.0/16", "extra_env": {"ENVCLONE_WATCHDOG_INTERVAL_S": "1"}}

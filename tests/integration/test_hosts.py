@@ -22,7 +22,7 @@ from tests.cluster import HOST_DOWN_S, Cluster
 from tests.helpers import wait_for
 from tests.workflow_client import clone, create_environment, delete_environment, environment, start_clone, wait_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 SOURCE_STEPS = {Step.QUIESCE, Step.SNAPSHOT, Step.RESTART}
 

@@ -20,7 +20,7 @@ from tests.stack import Backend, publisher
 from tests.workflow_client import SHOP, TENANT, create_environment, delete_environment, environment, valkey_at, wait_job
 from workers.workflow import dispatch_clone
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 BACKEND = {"pool": "127.106.0.0/16", "concurrency": 4}
 

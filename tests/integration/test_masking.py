@@ -22,7 +22,7 @@ from tests.stack import Backend, publisher
 from tests.workflow_client import TENANT, environment, lease_count, plan_only, wait_job
 from workers.workflow import dispatch_clone
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 BACKEND = {"pool": "127.116.0.0/16"}
 USERS = 100_000

@@ -34,7 +34,7 @@ from tests.workflow_client import (
     wait_job,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 BACKEND = {"pool": "127.113.0.0/16"}
 PGBENCH = shutil.which("pgbench")

@@ -19,7 +19,7 @@ from shared.models import ApiToken, utcnow
 from tests.helpers import wait_for
 from tests.stack import Backend
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 BACKEND = {"pool": "127.115.0.0/16"}
 

@@ -24,7 +24,7 @@ from tests.conftest import destroy_everything, make_data_root
 from tests.helpers import processes_under, wait_for
 from tests.integration.test_api_server import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 # The start task builds the per-node canvas on a worker; Flower shows the job from it on.
 STEP_TASKS = ["envclone.start_clone", "envclone.quiesce", "envclone.snapshot", "envclone.restart", "envclone.provision",

@@ -22,7 +22,7 @@ from tests.stack import Backend, publisher
 from tests.workflow_client import TENANT, create_environment, delete_environment, start_clone, valkey, wait_job
 from workers.workflow import dispatch_clone
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 WATCHDOG_ENV = {
     "ENVCLONE_WATCHDOG_INTERVAL_S": "1",
