@@ -410,8 +410,11 @@ def main() -> None:
     if "floor" in only:
         from bench import floor
 
-        results["floor"] = floor.run(args.floor_stacks.split(","), args.floor_mib, rounds=args.floor_rounds,
-                                     data_root=root / "floor")
+        fresh = floor.run(args.floor_stacks.split(","), args.floor_mib, rounds=args.floor_rounds,
+                          data_root=root / "floor")
+        key = lambda r: (r["stack"], r["size_mib"], r["round"], r["durable"])  # noqa: E731
+        kept = [r for r in results.get("floor", []) if key(r) not in {key(f) for f in fresh}]
+        results["floor"] = kept + fresh
     common.save("results", results)
     (out / "results.md").write_text(markdown(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + (", downtime.png" if "downtime" in only else ""))

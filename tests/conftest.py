@@ -25,7 +25,7 @@ PG_ADMIN_URL = os.environ.get("ENVCLONE_TEST_PG", "postgresql://root@127.0.0.1:5
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules marked ``long`` first, each module's tests kept together and in order. xdist hands
     out whole files in collection order (``make test`` passes --no-loadscope-reorder; by default it
-    orders files by their count of tests, which put the longest file, three tests, near the end),
+    orders files by their count of tests, which put the longest file, two tests, near the end),
     so the files left for the end are short ones and no worker idles while another runs a long one."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
