@@ -27,7 +27,6 @@ from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 import pymysql
@@ -43,6 +42,7 @@ from shared.snapshots import tree_size
 from shared.stacks import get_stack
 from shared.stacks.mariadb import mariadb_backup
 from shared.stacks.postgres import APP_DB, SUPERUSER, postgres_bindir
+from tests import loads
 
 # Off the test suites' address pools (127.80-115.x): tests may run on the machine at the same time.
 ADDRESSES = {"postgres": ("127.120.0.1", 5432), "valkey": ("127.120.0.2", 6379), "mariadb": ("127.120.0.3", 3306)}
@@ -54,10 +54,8 @@ TARGET_GAP_MS = {"postgres": 50, "valkey": 20, "mariadb": 50}
 
 
 def mysql_connect(url: str) -> pymysql.Connection:
-    u = urlsplit(url)
-    return pymysql.connect(host=u.hostname, port=u.port, user=unquote(u.username or ""),
-                           password=unquote(u.password or ""), database=u.path.lstrip("/"), autocommit=True,
-                           connect_timeout=1, read_timeout=600, write_timeout=600)
+    # tests.loads' connection; a bench client waits out a long stall rather than time out of it.
+    return loads.mysql_connect(url, connect_timeout=1, read_timeout=600, write_timeout=600)
 
 
 # ---- probes ------------------------------------------------------------------------------------

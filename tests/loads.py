@@ -20,7 +20,7 @@ def mysql_connect(url: str, **kw: Any) -> pymysql.Connection:
     u = urlsplit(url)
     return pymysql.connect(host=u.hostname, port=u.port or 3306, user=unquote(u.username or ""),
                            password=unquote(u.password or ""), database=u.path.lstrip("/") or None,
-                           connect_timeout=5, autocommit=True, **kw)
+                           autocommit=True, **{"connect_timeout": 5, **kw})
 
 
 class Load(threading.Thread):
